@@ -1,0 +1,165 @@
+"""Avro payloads without a schema-registry server.
+
+Payloads use Avro *single-object encoding* (spec 1.9+): two marker bytes `C3 01`, the writer schema's
+8-byte CRC-64-AVRO fingerprint (little endian), then the binary body. The fingerprint names the writer schema,
+so a reader can resolve old versions against the current contract, and a record written with an unknown schema
+is told apart from a truncated or garbage one. Decoding never raises on bad data: it returns `Decoded` or
+`DecodeError`, so a dead-letter queue is just the error route.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint as _fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from services.kit.paths import avro_schema_dir
+
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = len(MAGIC) + 8
+_FINGERPRINT = struct.Struct("<Q")
+
+
+def schema_fingerprint(parsed: Any) -> int:
+    """CRC-64-AVRO of the schema's Parsing Canonical Form, as an unsigned int."""
+    return int(_fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"), 16)
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str  # the subject: file stem, e.g. "raw_event"
+    definition: dict[str, Any]
+    parsed: Any
+    fingerprint: int
+
+    @classmethod
+    def from_definition(cls, name: str, definition: Mapping[str, Any]) -> Schema:
+        definition = dict(definition)
+        parsed = fastavro.parse_schema(definition)
+        return cls(name, definition, parsed, schema_fingerprint(parsed))
+
+    @property
+    def header(self) -> bytes:
+        return MAGIC + _FINGERPRINT.pack(self.fingerprint)
+
+
+class SchemaRepository:
+    """The contracts in `schemas/avro/`: current version per subject, plus any known older writer versions."""
+
+    def __init__(self, schemas: Iterable[Schema] = ()) -> None:
+        self.current: dict[str, Schema] = {}
+        self.by_fingerprint: dict[int, Schema] = {}
+        for schema in schemas:
+            self.add(schema)
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> SchemaRepository:
+        directory = directory or avro_schema_dir()
+        files = sorted(directory.glob("*.avsc"))
+        if not files:
+            raise FileNotFoundError(f"no Avro schemas (*.avsc) in {directory}")
+        repo = cls()
+        for path in files:
+            try:
+                repo.add(Schema.from_definition(path.stem, json.loads(path.read_text())))
+            except (ValueError, fastavro.schema.SchemaParseException) as error:
+                raise ValueError(f"{path}: not a valid Avro schema: {error}") from error
+        return repo
+
+    def add(self, schema: Schema, *, current: bool = True) -> None:
+        if current:
+            self.current[schema.name] = schema
+        self.by_fingerprint[schema.fingerprint] = schema
+
+    def add_writer_version(self, name: str, definition: Mapping[str, Any]) -> None:
+        """Register an older version that readers of `name` must still decode (from the schema registry)."""
+        self.add(Schema.from_definition(name, definition), current=False)
+
+    def __getitem__(self, name: str) -> Schema:
+        try:
+            return self.current[name]
+        except KeyError:
+            raise KeyError(f"unknown Avro schema {name!r}; known: {sorted(self.current)}") from None
+
+
+class AvroSerializer:
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self._header = schema.header
+
+    def __call__(self, record: Mapping[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        buffer.write(self._header)
+        fastavro.schemaless_writer(buffer, self.schema.parsed, record)
+        return buffer.getvalue()
+
+
+class DecodeErrorCode(StrEnum):
+    EMPTY = "EMPTY_PAYLOAD"
+    NOT_AVRO = "NOT_AVRO_SINGLE_OBJECT"
+    UNKNOWN_SCHEMA = "UNKNOWN_WRITER_SCHEMA"
+    INCOMPATIBLE_SCHEMA = "INCOMPATIBLE_WRITER_SCHEMA"
+    CORRUPT = "CORRUPT_OR_TRUNCATED"
+    TRAILING_BYTES = "TRAILING_BYTES"
+    TOO_LARGE = "PAYLOAD_TOO_LARGE"
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    record: dict[str, Any]
+    writer: Schema
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeError:
+    code: DecodeErrorCode
+    message: str
+
+
+class AvroDeserializer:
+    """Decodes payloads of one subject into the current (reader) schema, resolving known older writers."""
+
+    def __init__(self, repository: SchemaRepository, subject: str, max_bytes: int = 1_000_000) -> None:
+        self.repository = repository
+        self.reader = repository[subject]
+        self.max_bytes = max_bytes
+
+    def __call__(self, payload: bytes | None) -> Decoded | DecodeError:
+        if not payload:
+            return DecodeError(DecodeErrorCode.EMPTY, "empty payload")
+        if len(payload) > self.max_bytes:
+            return DecodeError(DecodeErrorCode.TOO_LARGE, f"{len(payload)} bytes > limit {self.max_bytes}")
+        if len(payload) < HEADER_SIZE or payload[:2] != MAGIC:
+            return DecodeError(DecodeErrorCode.NOT_AVRO, "missing the Avro single-object marker C3 01")
+        (fp,) = _FINGERPRINT.unpack_from(payload, 2)
+        writer = self.repository.by_fingerprint.get(fp)
+        if writer is None:
+            return DecodeError(DecodeErrorCode.UNKNOWN_SCHEMA, f"writer schema fingerprint {fp:016x} is unknown")
+        if writer.name != self.reader.name:
+            return DecodeError(
+                DecodeErrorCode.INCOMPATIBLE_SCHEMA,
+                f"written as {writer.name!r}, expected {self.reader.name!r}",
+            )
+        body = io.BytesIO(payload)
+        body.seek(HEADER_SIZE)
+        try:
+            if writer is self.reader:
+                record = fastavro.schemaless_reader(body, writer.parsed, None)
+            else:
+                record = fastavro.schemaless_reader(body, writer.parsed, self.reader.parsed)
+        except (EOFError, StopIteration) as error:
+            return DecodeError(DecodeErrorCode.CORRUPT, f"truncated: {error or 'unexpected end of data'}")
+        except Exception as error:  # fastavro raises many types on corrupt input (ValueError, UnicodeError, ...)
+            return DecodeError(DecodeErrorCode.CORRUPT, f"{type(error).__name__}: {error}")
+        if body.tell() != len(payload):
+            return DecodeError(DecodeErrorCode.TRAILING_BYTES, f"{len(payload) - body.tell()} bytes after the record")
+        return Decoded(record, writer)  # type: ignore[arg-type]

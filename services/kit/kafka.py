@@ -1,0 +1,258 @@
+"""Thin wrappers over confluent-kafka with the platform's defaults.
+
+Producers are idempotent, batched and compressed; consumers never auto-commit (a service commits what it has
+durably handed on). The defaults also suit the local Tansu broker: short session timeouts, because its group
+coordinator holds a JoinGroup for half the session timeout. Nothing here relies on Kafka transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from services.kit.config import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def client_config(settings: ServiceSettings, client_id: str | None = None) -> dict[str, Any]:
+    """Connection settings shared by producers, consumers and admin clients."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "security.protocol": settings.kafka_security_protocol,
+        "client.id": client_id or settings.service_name,
+    }
+    if settings.kafka_sasl_mechanism:
+        config |= {
+            "sasl.mechanism": settings.kafka_sasl_mechanism,
+            "sasl.username": settings.kafka_sasl_username or "",
+            "sasl.password": settings.kafka_sasl_password or "",
+        }
+    return config
+
+
+class DeliveryFailed(RuntimeError):
+    """Some records could not be delivered; the caller must not commit their source offsets."""
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    per_topic: dict[str, int] = field(default_factory=dict)
+
+
+class KafkaProducer:
+    """Idempotent producer with delivery accounting.
+
+    `produce` never drops: when librdkafka's queue is full it serves delivery callbacks until there is room.
+    `flush` raises `DeliveryFailed` if any record since the previous flush failed, so a caller that commits
+    source offsets only after `flush` returns keeps at-least-once delivery.
+    """
+
+    def __init__(self, base_config: Mapping[str, Any], **overrides: Any) -> None:
+        config = {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 20,
+            "batch.size": 1_000_000,
+            "compression.type": "zstd",
+            "queue.buffering.max.messages": 200_000,
+            "message.timeout.ms": 120_000,
+            **base_config,
+            **overrides,
+        }
+        self._producer = Producer(config)
+        self.stats = DeliveryStats()
+        self._failed_since_flush = 0
+        self._lock = threading.Lock()
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        with self._lock:
+            if error is None:
+                self.stats.delivered += 1
+                topic = message.topic()
+                self.stats.per_topic[topic] = self.stats.per_topic.get(topic, 0) + 1
+            else:
+                self.stats.failed += 1
+                self._failed_since_flush += 1
+                self.stats.last_error = str(error)
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if on_delivery is None:
+            kwargs["on_delivery"] = self._on_delivery
+        else:
+
+            def both(error: KafkaError | None, message: Message) -> None:
+                self._on_delivery(error, message)
+                on_delivery(error, message)
+
+            kwargs["on_delivery"] = both
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                return
+            except BufferError:
+                # Local queue full: backpressure from the broker. Wait for deliveries instead of dropping.
+                self._producer.poll(0.05)
+
+    def poll(self, timeout: float = 0) -> int:
+        return self._producer.poll(timeout)
+
+    def pending(self) -> int:
+        return len(self._producer)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        remaining = self._producer.flush(timeout)
+        with self._lock:
+            failed, self._failed_since_flush = self._failed_since_flush, 0
+        if remaining:
+            raise DeliveryFailed(f"{remaining} records still undelivered after {timeout:.0f}s")
+        if failed:
+            raise DeliveryFailed(f"{failed} records failed delivery; last error: {self.stats.last_error}")
+
+
+def consumer_config(base_config: Mapping[str, Any], group_id: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        # Short timeouts: fast failover, and Tansu's coordinator waits session.timeout/2 before a join completes.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 300_000,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.min.bytes": 1,
+        "fetch.wait.max.ms": 100,
+        **base_config,
+        **overrides,
+    }
+
+
+class KafkaConsumer:
+    """Consumer with explicit commits and per-partition pause/resume for backpressure."""
+
+    def __init__(self, base_config: Mapping[str, Any], group_id: str, topics: Sequence[str], **overrides: Any):
+        self._consumer = Consumer(consumer_config(base_config, group_id, **overrides))
+        self.topics = list(topics)
+        self._consumer.subscribe(self.topics)
+
+    def consume(self, max_messages: int = 1000, timeout: float = 0.5) -> list[Message]:
+        """Good messages only; partition EOF events are skipped, real errors raise."""
+        messages = self._consumer.consume(max_messages, timeout)
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(error)
+        return good
+
+    def commit(self, offsets: Iterable[TopicPartition] | None = None) -> None:
+        """Synchronous commit: after this returns, a restart resumes after the committed offsets."""
+        if offsets is None:
+            self._consumer.commit(asynchronous=False)
+        else:
+            self._consumer.commit(offsets=list(offsets), asynchronous=False)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        self._consumer.pause(list(partitions))
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self._consumer.resume(list(partitions))
+
+    def assignment(self) -> list[TopicPartition]:
+        return self._consumer.assignment()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
+    """The offsets to commit after `messages`: highest offset + 1 per partition."""
+    highest: dict[tuple[str, int], int] = {}
+    for message in messages:
+        key = (message.topic(), message.partition())
+        highest[key] = max(highest.get(key, -1), message.offset())
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in highest.items()]
+
+
+def wait_for_broker(base_config: Mapping[str, Any], timeout: float = 30.0) -> None:
+    """Block until the cluster answers a metadata request, or raise with the bootstrap address."""
+    admin = AdminClient(dict(base_config))
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=2)
+            return
+        except KafkaException as error:
+            last = error
+            time.sleep(0.3)
+    raise ConnectionError(f"Kafka at {base_config.get('bootstrap.servers')} did not answer in {timeout:.0f}s: {last}")
+
+
+def topic_exists(base_config: Mapping[str, Any], topic: str, timeout: float = 10.0) -> bool:
+    metadata = AdminClient(dict(base_config)).list_topics(timeout=timeout)
+    return topic in metadata.topics and metadata.topics[topic].error is None
+
+
+def count_messages(base_config: Mapping[str, Any], topic: str, timeout: float = 60.0) -> int:
+    """Count a topic's records by reading every partition to its end.
+
+    Watermark queries (ListOffsets) are wrong on the local broker, but the high watermark a fetch returns is
+    right, so partition-EOF marks the true end. Reads from the start: meant for summaries and tests.
+    """
+    admin = AdminClient(dict(base_config))
+    metadata = admin.list_topics(topic, timeout=10)
+    partitions = list(metadata.topics[topic].partitions)
+    consumer = Consumer(
+        {
+            **base_config,
+            "group.id": "lp-counter",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        count = 0
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < len(partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"counting {topic}: partitions {sorted(set(partitions) - done)} not read to end")
+            for message in consumer.consume(10_000, 0.5):
+                error = message.error()
+                if error is None:
+                    count += 1
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    done.add(message.partition())
+                else:
+                    raise KafkaException(error)
+        return count
+    finally:
+        consumer.close()

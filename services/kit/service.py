@@ -1,0 +1,108 @@
+"""The life of a service process: configure, start, loop until SIGTERM, then flush and commit.
+
+A service subclasses `Service` and fills in `start`, `step` and `stop`. `run()` owns everything around them:
+logging, tracing, the health endpoint, signal handling and exit codes, so every service behaves the same on
+`kubectl delete pod` or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Generic, TypeVar
+
+from services.kit.config import ServiceSettings
+from services.kit.health import Health, HealthServer
+from services.kit.logs import configure_logging
+from services.kit.tracing import setup_tracing, shutdown_tracing
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+class Service(Generic[SettingsT]):
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings = settings
+        self.log = logging.getLogger(settings.service_name)
+        self.health = Health()
+        self.stopping = threading.Event()
+        self.tracer = setup_tracing(
+            settings.service_name,
+            settings.otel_exporter_otlp_endpoint,
+            settings.otel_traces_file,
+            settings.otel_sample_ratio,
+        )
+        self.http: HealthServer | None = None
+
+    # --- to fill in -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect to dependencies; raise to fail start-up (exit 1 with the message)."""
+
+    def step(self) -> bool:
+        """One unit of work. Return False when the work is finished (bounded runs); True to go on."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Flush and commit; called once, after the last `step`, within `shutdown_timeout_s`."""
+
+    # --- the frame ----------------------------------------------------------------------------------------
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if signum is not None:
+            self.log.info("received %s: finishing", signal.Signals(signum).name)
+        self.stopping.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.http = HealthServer(self.health, self.settings.http_port).start()
+        self.log.info("health endpoint on :%d", self.http.port, extra={"http_port": self.http.port})
+        exit_code = 0
+        try:
+            self.start()
+            self.health.set_ready(True)
+            while not self.stopping.is_set():
+                self.health.beat()
+                if not self.step():
+                    break
+        except Exception:
+            self.log.exception("failed")
+            exit_code = 1
+        finally:
+            self.health.set_ready(False, "shutting down")
+            watchdog = threading.Timer(self.settings.shutdown_timeout_s, _hard_exit, args=(self.log,))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                self.stop()
+            except Exception:
+                self.log.exception("shutdown failed")
+                exit_code = 1
+            finally:
+                watchdog.cancel()
+                shutdown_tracing()
+                self.http.stop()
+        self.log.info("stopped", extra={"exit_code": exit_code})
+        return exit_code
+
+
+def _hard_exit(log: logging.Logger) -> None:
+    log.error("shutdown took longer than SHUTDOWN_TIMEOUT_S: exiting without a clean flush")
+    logging.shutdown()
+    import os
+
+    os._exit(3)
+
+
+def main_for(service_cls: type[Service[SettingsT]], settings_cls: type[SettingsT]) -> int:
+    """The usual `__main__`: load settings from the environment (exit 2 if invalid), log, run."""
+    from services.kit.config import load_settings
+
+    settings = load_settings(settings_cls)
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    return service_cls(settings).run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run a service module, e.g. python -m services.generator")
