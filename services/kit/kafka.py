@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 
 from services.kit.config import ServiceSettings
+from services.kit.metrics import LatencyRecorder
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class DeliveryStats:
     failed: int = 0
     last_error: str | None = None
     per_topic: dict[str, int] = field(default_factory=dict)
+    latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # produce() to broker ack
 
 
 class KafkaProducer:
@@ -83,6 +85,9 @@ class KafkaProducer:
                 self.stats.delivered += 1
                 topic = message.topic()
                 self.stats.per_topic[topic] = self.stats.per_topic.get(topic, 0) + 1
+                latency = message.latency()
+                if latency is not None:
+                    self.stats.latency.observe(latency)
             else:
                 self.stats.failed += 1
                 self._failed_since_flush += 1
@@ -116,6 +121,13 @@ class KafkaProducer:
             except BufferError:
                 # Local queue full: backpressure from the broker. Wait for deliveries instead of dropping.
                 self._producer.poll(0.05)
+
+    def warm_up(self, topic: str, timeout: float = 10.0) -> None:
+        """Fetch the topic's metadata now, so the first records do not wait for it (and fail fast if absent)."""
+        metadata = self._producer.list_topics(topic, timeout=timeout)
+        entry = metadata.topics.get(topic)
+        if entry is None or entry.error is not None:
+            raise KafkaException(entry.error if entry else f"topic {topic!r} not found")
 
     def poll(self, timeout: float = 0) -> int:
         return self._producer.poll(timeout)
@@ -219,40 +231,61 @@ def topic_exists(base_config: Mapping[str, Any], topic: str, timeout: float = 10
     return topic in metadata.topics and metadata.topics[topic].error is None
 
 
-def count_messages(base_config: Mapping[str, Any], topic: str, timeout: float = 60.0) -> int:
-    """Count a topic's records by reading every partition to its end.
+def scan_topic(
+    base_config: Mapping[str, Any],
+    topic: str,
+    start: Mapping[int, int] | None = None,
+    on_message: Callable[[Message], None] | None = None,
+    timeout: float = 120.0,
+) -> dict[int, int]:
+    """Read every partition of `topic` from `start` (default: the beginning) to its end.
 
+    Returns the end offset (next offset to be written) per partition and hands each record to `on_message`.
     Watermark queries (ListOffsets) are wrong on the local broker, but the high watermark a fetch returns is
-    right, so partition-EOF marks the true end. Reads from the start: meant for summaries and tests.
+    right, so partition EOF marks the true end. Meant for summaries, checks and tests, not for hot paths.
     """
-    admin = AdminClient(dict(base_config))
-    metadata = admin.list_topics(topic, timeout=10)
-    partitions = list(metadata.topics[topic].partitions)
+    metadata = AdminClient(dict(base_config)).list_topics(topic, timeout=10)
+    if topic not in metadata.topics or metadata.topics[topic].error is not None:
+        raise KeyError(f"topic {topic!r} does not exist")
+    partitions = sorted(metadata.topics[topic].partitions)
+    begin = {p: (start or {}).get(p, OFFSET_BEGINNING) for p in partitions}
     consumer = Consumer(
         {
             **base_config,
-            "group.id": "lp-counter",
+            "group.id": "lp-scanner",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.wait.max.ms": 50,
         }
     )
+    ends: dict[int, int] = {}
     try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        count = 0
-        done: set[int] = set()
+        consumer.assign([TopicPartition(topic, p, begin[p]) for p in partitions])
         deadline = time.monotonic() + timeout
-        while len(done) < len(partitions):
+        while len(ends) < len(partitions):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"counting {topic}: partitions {sorted(set(partitions) - done)} not read to end")
+                raise TimeoutError(f"reading {topic}: partitions {sorted(set(partitions) - set(ends))} not at end")
             for message in consumer.consume(10_000, 0.5):
                 error = message.error()
                 if error is None:
-                    count += 1
+                    if on_message is not None:
+                        on_message(message)
                 elif error.code() == KafkaError._PARTITION_EOF:
-                    done.add(message.partition())
+                    ends[message.partition()] = message.offset()
                 else:
                     raise KafkaException(error)
-        return count
+        return ends
     finally:
         consumer.close()
+
+
+def count_messages(base_config: Mapping[str, Any], topic: str, since: Mapping[int, int] | None = None) -> int:
+    """Records in `topic` (after the per-partition offsets `since`, when given), counted one by one."""
+    counted = 0
+
+    def count(_message: Message) -> None:
+        nonlocal counted
+        counted += 1
+
+    scan_topic(base_config, topic, start=since, on_message=count)
+    return counted
