@@ -1,0 +1,257 @@
+"""`make run`: the whole platform on one machine, end to end, then a summary.
+
+Starts the embedded stack (or reuses one `make up` left running), applies the topic and schema declarations
+from deploy/k8s, starts every service as its own process, drives a bounded workload, shows progress, checks
+the result and writes `.local/run-summary.json`. Everything it started is stopped on the way out, also on
+Ctrl-C or when a part fails; the message then names the part and its log file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Message
+
+from services.generator.app import FAULT_HEADER
+from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
+from services.kit.kafka import scan_topic
+from services.kit.paths import repo_root
+from services.operator.apply import apply_declarations
+from services.operator.resources import load_declarations
+from services.stack.components import ComponentError
+from services.stack.processes import ServiceProcess
+from services.stack.settings import StackSettings, pick_free_ports
+from services.stack.stack import LocalStack, StackError
+
+
+class PartFailed(RuntimeError):
+    def __init__(self, part: str, log_path: Path, detail: str) -> None:
+        super().__init__(f"{part} failed: {detail}\n  log: {log_path}")
+        self.part, self.log_path = part, log_path
+
+
+@dataclass
+class DemoRun:
+    stack: LocalStack
+    events: int
+    rate: float
+    seed: int
+    bad_share: float
+    out: Callable[[str], None] = print
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.stack.state_dir
+
+    def kafka(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.stack.bootstrap_servers}
+
+    # --- phases ---------------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        started = datetime.now(UTC)
+        t0 = time.monotonic()
+        root = repo_root()
+        self.out("applying topic and schema declarations from deploy/k8s ...")
+        report = apply_declarations(root / "deploy" / "k8s", self.stack.bootstrap_servers)
+        self.out(str(report))
+        topics = [t.topic_name for t in load_declarations(root / "deploy" / "k8s").topics]
+        before = {topic: scan_topic(self.kafka(), topic) for topic in topics}
+        reports = self.state_dir / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        (generator_port,) = pick_free_ports(1)
+        generator_report = reports / "generator.json"
+        generator_report.unlink(missing_ok=True)
+        self.services = [
+            ServiceProcess(
+                "generator",
+                "services.generator",
+                self.stack.log_dir,
+                env={
+                    "EVENTS": str(self.events),
+                    "RATE": str(self.rate),
+                    "SEED": str(self.seed),
+                    "BAD_EVENT_SHARE": str(self.bad_share),
+                    "REPORT_FILE": str(generator_report),
+                    "OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl"),
+                },
+                http_port=generator_port,
+                bounded=True,
+            ),
+        ]
+        for service in self.services:
+            service.start(self.stack.env())
+            self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
+        self._watch(t0)
+        for service in self.services:
+            if service.bounded:
+                continue
+            code = service.stop()
+            if code not in (0, None):
+                raise PartFailed(service.name, service.log_path, f"exited with {code} on SIGTERM")
+        return self._summarise(started, t0, before, json.loads(generator_report.read_text()))
+
+    def _watch(self, t0: float) -> None:
+        """Progress until every bounded service has finished; fail fast if any part dies."""
+        generator = self.services[0]
+        interactive = sys.stdout.isatty()
+        last_line = 0.0
+        while True:
+            try:
+                self.stack.check()
+            except ComponentError as error:
+                raise PartFailed(error.component, error.log_path or self.stack.log_dir, str(error)) from None
+            pending = False
+            for service in self.services:
+                code = service.exit_code()
+                if code is None:
+                    pending = pending or service.bounded
+                elif code != 0 or not service.bounded:
+                    raise PartFailed(service.name, service.log_path, f"exited with {code}\n{service.log_tail()}")
+            metrics = generator.metrics()
+            produced = int(sum(v for k, v in metrics.items() if k == "lp_generator_events_total"))
+            elapsed = time.monotonic() - t0
+            line = (
+                f"[{elapsed:6.1f}s] events.raw {produced:>8}/{self.events} "
+                f"({produced / elapsed if elapsed else 0:,.0f}/s)  "
+                f"postgres {int(metrics.get('lp_generator_oltp_rows_total', 0)):>7} rows written"
+            )
+            if interactive:
+                print("\r" + line, end="", flush=True)
+            elif time.monotonic() - last_line >= 5:
+                self.out(line)
+                last_line = time.monotonic()
+            if not pending:
+                if interactive:
+                    print()
+                return
+            time.sleep(0.5)
+
+    # --- summary --------------------------------------------------------------------------------------
+    def _summarise(
+        self, started: datetime, t0: float, before: dict[str, dict[int, int]], generator: dict[str, Any]
+    ) -> dict[str, Any]:
+        decode = AvroDeserializer(SchemaRepository.load(), "raw_event")
+        purchases: set[str] = set()
+
+        def collect_purchase(message: Message) -> None:
+            if any(key == FAULT_HEADER for key, _ in message.headers() or ()):
+                return
+            result = decode(message.value())
+            if isinstance(result, Decoded) and result.record["event_type"] == "purchase":
+                purchases.add(result.record["transaction_id"])
+
+        topics: dict[str, int] = {}
+        for topic, start in before.items():
+            counter = _Counter(collect_purchase if topic == "events.raw" else None)
+            scan_topic(self.kafka(), topic, start=start, on_message=counter)
+            topics[topic] = counter.count
+        with psycopg.connect(self.stack.postgres_dsn, autocommit=True) as connection:
+            stores = {
+                f"postgres.{table}": connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("users", "products", "transactions")
+            }
+            found = connection.execute(
+                "SELECT count(*) FROM transactions WHERE transaction_id = ANY(%s::uuid[])", (list(purchases),)
+            ).fetchone()[0]
+        checks = {
+            "events.raw has every produced event": topics.get("events.raw") == generator["events_produced"],
+            "generator produced the requested events": generator["events_produced"] == self.events,
+            "every purchase event has its PostgreSQL transaction": found == len(purchases),
+        }
+        return {
+            "started_at": started.isoformat(timespec="seconds"),
+            "duration_s": round(time.monotonic() - t0, 2),
+            "params": {"events": self.events, "rate": self.rate, "seed": self.seed, "bad_share": self.bad_share},
+            "events_produced": generator["events_produced"],
+            "events_by_kind": generator["events_by_kind"],
+            "topics": topics,
+            "stores": stores,
+            "latency_ms": {"generator->events.raw (produce to ack)": generator["produce_latency_ms"]},
+            "purchases": {"events": len(purchases), "postgres_rows_found": found},
+            "checks": checks,
+            "ok": all(checks.values()),
+            "logs": str(self.stack.log_dir),
+        }
+
+
+class _Counter:
+    def __init__(self, then: Callable[[Message], None] | None) -> None:
+        self.count = 0
+        self.then = then
+
+    def __call__(self, message: Message) -> None:
+        self.count += 1
+        if self.then is not None:
+            self.then(message)
+
+
+def print_summary(summary: dict[str, Any], path: Path) -> None:
+    print(f"\nrun summary ({path}):")
+    print(f"  events produced   {summary['events_produced']}  {summary['events_by_kind']}")
+    for topic, count in summary["topics"].items():
+        print(f"  topic {topic:<24} {count} messages this run")
+    for store, rows in summary["stores"].items():
+        print(f"  store {store:<24} {rows} rows")
+    for stage, figures in summary["latency_ms"].items():
+        print(f"  latency {stage}: {figures}")
+    for check, ok in summary["checks"].items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {check}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.stack.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=60_000, help="events to generate (default 60000)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bad-share", type=float, default=0.02, help="share of deliberately bad events")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.rate < 0 or not 0 <= args.bad_share <= 1:
+        parser.error("need EVENTS >= 1, RATE >= 0 and 0 <= bad share <= 1")
+
+    settings = StackSettings()
+    existing = LocalStack.from_state(settings.state_dir)
+    reuse = existing is not None and existing.detached and existing.is_running()
+    stack = existing if reuse and existing else LocalStack(settings)
+    run = DemoRun(stack, args.events, args.rate, args.seed, args.bad_share)
+    try:
+        if reuse:
+            print(f"using the stack `make up` started ({stack.state_file})")
+        else:
+            print(f"starting the local stack (state and logs in {stack.state_dir}) ...")
+            stack.start()
+        summary = run.execute()
+    except PartFailed as error:
+        print(f"\nERROR: {error}", file=sys.stderr)
+        return 1
+    except ComponentError as error:
+        print(f"\nERROR: {error}", file=sys.stderr)
+        return 1
+    except StackError as error:
+        print(f"\nERROR: local stack: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        for service in run.services:
+            service.stop()
+        if not reuse:
+            stack.stop()
+    path = stack.state_dir / "run-summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, path)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

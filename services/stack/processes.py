@@ -1,0 +1,94 @@
+"""Platform services as child processes of a local run: one log file each, stopped with SIGTERM like a pod."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.stack.components import process_create_time, stop_process_group
+
+
+@dataclass
+class ServiceProcess:
+    """`python -m <module>` with the stack's environment plus its own; `bounded` ones exit when done."""
+
+    name: str
+    module: str
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    http_port: int = 0
+    bounded: bool = False
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self, base_env: dict[str, str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **base_env,
+            "SERVICE_NAME": self.name,
+            "HTTP_PORT": str(self.http_port),
+            **self.env,
+        }
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: Ctrl-C reaches it only through us, in order
+            )
+
+    def exit_code(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            stop_process_group(
+                self.popen.pid, create_time=process_create_time(self.popen.pid), timeout=timeout, reap=self.popen
+            )
+        return self.popen.poll()
+
+    def metrics(self) -> dict[str, float]:
+        """Sum of each metric's samples on the service's /metrics (empty if it does not answer yet)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=1) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    def wait_healthy(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exit_code() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.2)
+        return False
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
