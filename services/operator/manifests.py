@@ -1,0 +1,204 @@
+"""Generate the EventSchema custom resources from ``schemas/avro/*.avsc`` and the kustomization listing.
+
+The ``.avsc`` files are the source of truth; ``deploy/k8s/schemas/<name>.yaml`` embeds each one so that
+the cluster (and local mode) applies exactly what is in the repository. ``--check`` is the CI gate that
+fails when someone edited a schema without regenerating. The compatibility mode is the one thing that
+lives only in the CR: regeneration keeps whatever ``spec.compatibility`` the existing file declares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import yaml
+
+from services.operator.avro_compat import Compatibility
+from services.operator.avro_compat import parse as parse_avro
+from services.operator.resources import API_VERSION, DEFAULT_COMPATIBILITY, KIND_SCHEMA
+
+AVRO_DIR = Path("schemas/avro")
+K8S_DIR = Path("deploy/k8s")
+SCHEMA_CR_DIR = K8S_DIR / "schemas"
+KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
+KUSTOMIZED_DIRS = ("crds", "topics", "schemas")
+GENERATED_FROM = "lambdapipeline.io/generated-from"
+PART_OF_LABELS = {"app.kubernetes.io/part-of": "lambda-pipeline"}
+FIX_HINT = "run `make manifests`"
+
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ManifestError(ValueError):
+    """An ``.avsc`` file cannot be turned into a manifest."""
+
+
+@dataclass
+class ManifestsReport:
+    written: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
+    unchanged: list[Path] = field(default_factory=list)
+    out_of_sync: list[str] = field(default_factory=list)  # check mode: what differs
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.out_of_sync
+
+
+def resource_name_for(avsc: Path) -> str:
+    """``raw_event.avsc`` -> ``raw-event`` (a DNS-1123 label, as Kubernetes requires)."""
+    name = avsc.stem.lower().replace("_", "-").replace(".", "-")
+    if not _DNS_LABEL_RE.match(name):
+        raise ManifestError(f"{avsc}: cannot derive a DNS-1123 resource name from the file name ({name!r})")
+    return name
+
+
+def subject_for(avsc: Path) -> str:
+    """``raw_event.avsc`` -> ``raw_event``: the registry subject is the file stem."""
+    return avsc.stem
+
+
+def load_avsc(path: Path) -> dict[str, Any]:
+    """Read and validate one ``.avsc`` (key order kept, so the generated YAML follows the file)."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path}: invalid JSON: {error}") from error
+    if not isinstance(schema, dict):
+        raise ManifestError(f"{path}: the top-level schema must be an object (record, enum or fixed)")
+    try:
+        fastavro.parse_schema(schema, _write_hint=False)
+        parse_avro(schema)
+    except Exception as error:  # fastavro raises assorted types; any of them means an invalid schema
+        raise ManifestError(f"{path}: not a valid Avro schema: {error}") from error
+    return schema
+
+
+def render_schema_manifest(avsc: Path, repo_root: Path, compatibility: Compatibility) -> str:
+    """The EventSchema CR (YAML text) for one ``.avsc`` file."""
+    relative = avsc.resolve().relative_to(repo_root.resolve()).as_posix()
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": KIND_SCHEMA,
+        "metadata": {
+            "name": resource_name_for(avsc),
+            "labels": dict(PART_OF_LABELS),
+            "annotations": {GENERATED_FROM: relative},
+        },
+        "spec": {
+            "subject": subject_for(avsc),
+            "compatibility": compatibility.value,
+            "sourceFile": relative,
+            "schema": load_avsc(avsc),
+        },
+    }
+    header = (
+        f"# GENERATED from {relative} by `make manifests`: edit the .avsc, not this file.\n"
+        "# Only spec.compatibility is yours to change here; regeneration keeps it.\n"
+    )
+    return header + _dump(document)
+
+
+def render_kustomization(k8s_dir: Path, include: set[Path], exclude: set[Path]) -> str:
+    """The kustomization listing every CRD, topic and schema file (kustomize has no globs).
+
+    ``include`` adds files about to be generated; ``exclude`` drops generated files about to be removed.
+    """
+    existing = {
+        path
+        for directory in KUSTOMIZED_DIRS
+        if (k8s_dir / directory).is_dir()
+        for path in (k8s_dir / directory).iterdir()
+        if path.suffix in (".yaml", ".yml")
+    }
+    resources = [path.relative_to(k8s_dir).as_posix() for path in (existing | include) - exclude]
+    document = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        # Grouped CRDs, topics, schemas for the reader; kustomize orders CRDs first on output anyway.
+        "resources": sorted(resources, key=lambda r: (KUSTOMIZED_DIRS.index(r.split("/")[0]), r)),
+    }
+    header = "# GENERATED by `make manifests`: lists every file in crds/, topics/ and schemas/.\n"
+    return header + _dump(document)
+
+
+def expected_manifests(repo_root: Path) -> dict[Path, str]:
+    """Every generated file (absolute path) with the content it must have."""
+    avsc_files = sorted((repo_root / AVRO_DIR).glob("*.avsc"))
+    names: dict[str, Path] = {}
+    expected: dict[Path, str] = {}
+    for avsc in avsc_files:
+        name = resource_name_for(avsc)
+        if name in names:
+            raise ManifestError(f"{avsc} and {names[name]} both map to the resource name {name!r}")
+        names[name] = avsc
+        target = repo_root / SCHEMA_CR_DIR / f"{name}.yaml"
+        expected[target] = render_schema_manifest(avsc, repo_root, _existing_compatibility(target))
+    orphans = set(_generated_orphans(repo_root, set(expected)))
+    expected[repo_root / KUSTOMIZATION] = render_kustomization(repo_root / K8S_DIR, set(expected), orphans)
+    return expected
+
+
+def sync_manifests(repo_root: Path, *, check: bool = False) -> ManifestsReport:
+    """Write (or, with ``check``, only compare) the generated files; generated orphans are removed."""
+    report = ManifestsReport()
+    expected = expected_manifests(repo_root)
+    for path, content in expected.items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == content:
+            report.unchanged.append(path)
+        elif check:
+            state = "is missing" if current is None else "is out of date"
+            report.out_of_sync.append(f"{path.relative_to(repo_root)} {state}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+            report.written.append(path)
+    for orphan in _generated_orphans(repo_root, set(expected)):
+        if check:
+            report.out_of_sync.append(f"{orphan.relative_to(repo_root)} was generated from a deleted .avsc")
+        else:
+            orphan.unlink()
+            report.removed.append(orphan)
+    return report
+
+
+def declared_compatibility(repo_root: Path, avsc: Path) -> Compatibility:
+    """The compatibility mode the subject's generated EventSchema CR declares (BACKWARD if none)."""
+    return _existing_compatibility(repo_root / SCHEMA_CR_DIR / f"{resource_name_for(avsc)}.yaml")
+
+
+def _existing_compatibility(target: Path) -> Compatibility:
+    if not target.exists():
+        return DEFAULT_COMPATIBILITY
+    try:
+        document = yaml.safe_load(target.read_text(encoding="utf-8"))
+        return Compatibility(document["spec"]["compatibility"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return DEFAULT_COMPATIBILITY
+
+
+def _generated_orphans(repo_root: Path, expected: set[Path]) -> list[Path]:
+    directory = repo_root / SCHEMA_CR_DIR
+    if not directory.is_dir():
+        return []
+    orphans = []
+    for path in sorted(directory.glob("*.y*ml")):
+        if path in expected:
+            continue
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            continue
+        annotations = ((document or {}).get("metadata") or {}).get("annotations") or {}
+        if GENERATED_FROM in annotations:  # hand-written CRs are left alone
+            orphans.append(path)
+    return orphans
+
+
+def _dump(document: Any) -> str:
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=False)

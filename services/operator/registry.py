@@ -1,0 +1,244 @@
+"""A registry-less schema store: every schema version is a record in the Kafka topic ``_lp_schemas``.
+
+One partition keeps a total order; key = subject, value = JSON
+``{subject, version, schema, fingerprint, compatibility, registered_at}``. The topic must keep records
+forever and must NOT be compacted (compaction would keep only the latest version of each subject and
+lose the history that transitive checks need).
+
+Reading never trusts watermarks (Tansu's ListOffsets "latest" is wrong): the store assigns the partition
+without a consumer group, from the beginning, and reads until librdkafka reports partition EOF.
+
+Writes assume a single writer at a time (the operator, or local mode at start), which is what the
+deployment guarantees; the version number is the subject's history length + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import fastavro
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from services.operator.avro_compat import Compatibility, Incompatibility, check_compatibility
+from services.operator.resources import TopicSpec
+
+SCHEMAS_TOPIC = "_lp_schemas"
+SCHEMAS_TOPIC_SPEC = TopicSpec(
+    name="lp-schemas",
+    topic_name=SCHEMAS_TOPIC,
+    partitions=1,
+    replication_factor=3,
+    config={"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+    description="Internal: every registered schema version (lambda-pipeline registry-less schema store).",
+)
+
+
+class SchemaIncompatibleError(Exception):
+    """A new schema version breaks the subject's compatibility mode."""
+
+    def __init__(self, subject: str, mode: Compatibility, problems: list[Incompatibility]) -> None:
+        self.subject, self.mode, self.problems = subject, mode, problems
+        reasons = "\n  ".join(str(problem) for problem in problems)
+        super().__init__(f"schema for subject {subject!r} is not {mode.value} compatible:\n  {reasons}")
+
+
+class SchemaStoreError(Exception):
+    """The store could not be read or written (broker unreachable, timeout, corrupt record)."""
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    subject: str
+    version: int
+    schema: dict[str, Any]
+    fingerprint: str  # CRC-64-AVRO of the Parsing Canonical Form, hex
+    compatibility: str
+    registered_at: str  # ISO-8601 UTC
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> SchemaVersion:
+        data = json.loads(payload)
+        return cls(
+            subject=data["subject"],
+            version=int(data["version"]),
+            schema=data["schema"],
+            fingerprint=data["fingerprint"],
+            compatibility=data["compatibility"],
+            registered_at=data["registered_at"],
+        )
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    subject: str
+    version: int
+    fingerprint: str
+    registered: bool  # False: an identical schema was already the latest version
+
+    @property
+    def action(self) -> str:
+        return "registered" if self.registered else "unchanged"
+
+
+def fingerprint(schema: Mapping[str, Any] | list[Any] | str) -> str:
+    """CRC-64-AVRO fingerprint (hex) of the schema's Parsing Canonical Form."""
+    parsed = fastavro.parse_schema(_plain(schema), _write_hint=False)
+    return fastavro.schema.fingerprint(fastavro.schema.to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+
+
+def schema_identity(schema: Any) -> str:
+    """What makes two schemas "the same version": everything except ``doc``.
+
+    The fingerprint alone is not enough: the Parsing Canonical Form drops defaults, aliases and logical
+    types, which all change how data resolves, so a change to them must be a new version.
+    """
+    return json.dumps(_without_docs(_plain(schema)), sort_keys=True, separators=(",", ":"))
+
+
+class KafkaSchemaStore:
+    """Schema versions per subject, kept in ``topic``; see the module docstring."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        topic: str = SCHEMAS_TOPIC,
+        timeout: float = 30.0,
+        client_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.timeout = timeout
+        self._client_config = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
+
+    def read_all(self) -> dict[str, list[SchemaVersion]]:
+        """Every subject's versions, oldest first, read from the beginning of the topic to its end."""
+        if not self._topic_exists():
+            return {}
+        consumer = Consumer(
+            {
+                **self._client_config,
+                # Required by the client but unused: assign() fetches without joining or committing.
+                "group.id": "lp-schema-store-reader",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                # At the end of the log a fetch waits this long for new data before EOF is reported.
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        history: dict[str, list[SchemaVersion]] = {}
+        deadline = time.monotonic() + self.timeout
+        try:
+            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+            while True:
+                if time.monotonic() > deadline:
+                    raise SchemaStoreError(f"timed out reading {self.topic} to its end after {self.timeout}s")
+                message = consumer.poll(0.5)
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
+                    if error.retriable():
+                        continue
+                    raise SchemaStoreError(f"reading {self.topic}: {error}")
+                if message.value() is None:
+                    continue  # tombstone: never written by the store, tolerated
+                try:
+                    version = SchemaVersion.from_json(message.value())
+                except (ValueError, KeyError, TypeError) as decode_error:
+                    raise SchemaStoreError(
+                        f"{self.topic} offset {message.offset()}: unreadable record: {decode_error}"
+                    ) from decode_error
+                history.setdefault(version.subject, []).append(version)
+        finally:
+            consumer.close()
+        return history
+
+    def versions(self, subject: str) -> list[SchemaVersion]:
+        return self.read_all().get(subject, [])
+
+    def register(
+        self,
+        subject: str,
+        schema: Mapping[str, Any],
+        compatibility: Compatibility | str = Compatibility.BACKWARD,
+        *,
+        history: list[SchemaVersion] | None = None,
+    ) -> RegisterResult:
+        """Append ``schema`` as the subject's next version unless it is already the latest one.
+
+        Raises ``SchemaIncompatibleError`` (nothing written) when the change breaks ``compatibility``.
+        ``history`` avoids re-reading the topic when the caller already has it.
+        """
+        mode = Compatibility(compatibility)
+        versions = history if history is not None else self.versions(subject)
+        new_fingerprint = fingerprint(schema)
+        if versions:
+            latest = versions[-1]
+            if latest.fingerprint == new_fingerprint and schema_identity(latest.schema) == schema_identity(schema):
+                return RegisterResult(subject, latest.version, new_fingerprint, registered=False)
+        problems = check_compatibility(
+            schema, [v.schema for v in versions], mode, labels=[f"version {v.version}" for v in versions]
+        )
+        if problems:
+            raise SchemaIncompatibleError(subject, mode, problems)
+        record = SchemaVersion(
+            subject=subject,
+            version=(versions[-1].version + 1) if versions else 1,
+            schema=_plain(schema),
+            fingerprint=new_fingerprint,
+            compatibility=mode.value,
+            registered_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        )
+        self._append(record)
+        return RegisterResult(subject, record.version, new_fingerprint, registered=True)
+
+    def _append(self, record: SchemaVersion) -> None:
+        producer = Producer({**self._client_config, "acks": "all", "enable.idempotence": True})
+        delivery_errors: list[KafkaError] = []
+
+        def on_delivery(error: KafkaError | None, _message: Any) -> None:
+            if error is not None:
+                delivery_errors.append(error)
+
+        producer.produce(self.topic, key=record.subject.encode(), value=record.to_json(), on_delivery=on_delivery)
+        pending = producer.flush(self.timeout)
+        if pending or delivery_errors:
+            reason = delivery_errors[0] if delivery_errors else f"not delivered within {self.timeout}s"
+            raise SchemaStoreError(f"writing {record.subject} v{record.version} to {self.topic}: {reason}")
+
+    def _topic_exists(self) -> bool:
+        admin = AdminClient(self._client_config)
+        try:
+            # All topics, not list_topics(topic=...): a named metadata request may auto-create the topic.
+            metadata = admin.list_topics(timeout=self.timeout)
+        except KafkaException as error:
+            raise SchemaStoreError(f"cannot reach Kafka at {self.bootstrap_servers}: {error}") from error
+        topic = metadata.topics.get(self.topic)
+        return topic is not None and topic.error is None and bool(topic.partitions)
+
+
+def _plain(schema: Any) -> Any:
+    """A JSON-only deep copy (YAML-loaded mappings, tuples) so hashing and dumping behave the same."""
+    return json.loads(json.dumps(schema))
+
+
+def _without_docs(node: Any) -> Any:
+    if isinstance(node, dict):
+        # Defaults are data, not schema: a "doc" key inside one is kept.
+        return {key: value if key == "default" else _without_docs(value) for key, value in node.items() if key != "doc"}
+    if isinstance(node, list):
+        return [_without_docs(item) for item in node]
+    return node

