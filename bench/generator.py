@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.harness import BenchContext, Result
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
+from services.kit.kafka import PRODUCER_DEFAULTS
 
 
 def _create_topic(bootstrap: str, name: str, partitions: int = 16) -> None:
@@ -27,17 +28,7 @@ def bare_produce_rate(bootstrap: str, payloads: list[tuple[str | None, bytes]]) 
     """The ceiling: the same client with the same producer settings, no model, no PostgreSQL, no tracing."""
     topic = f"bench.ceiling.{int(time.time() * 1000)}"
     _create_topic(bootstrap, topic)
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 20,
-            "batch.size": 1_000_000,
-            "compression.type": "zstd",
-            "queue.buffering.max.messages": 200_000,
-        }
-    )
+    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
     started = time.perf_counter()
     for key, value in payloads:
         while True:

