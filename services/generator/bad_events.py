@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.generator.model import Event, Product, User, random_ipv4, uuid4_str
-
-RAW_EVENT_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "avro" / "raw_event.avsc"
+from services.kit.paths import avro_schema_dir
 
 BAD_KINDS = (
     "null_ids",
@@ -59,9 +58,9 @@ class BadEvent:
     writer_schema: dict[str, Any] | None
 
 
-def load_raw_event_schema(path: Path = RAW_EVENT_SCHEMA_PATH) -> dict[str, Any]:
+def load_raw_event_schema(path: Path | None = None) -> dict[str, Any]:
     """The raw_event.avsc contract as a JSON dict (not parsed by fastavro, so it can be copied and edited)."""
-    return json.loads(path.read_text())
+    return json.loads((path or avro_schema_dir() / "raw_event.avsc").read_text())
 
 
 def rogue_writer_schema(raw_schema: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from services.generator.model import Product, StatusChange, Transaction, User
+from services.kit.paths import repo_root
 
-OLTP_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "postgres" / "oltp.sql"
 TABLES = ("users", "products", "transactions")
 # Serialises concurrent apply_schema calls (two generators starting together would race on CREATE ... IF NOT EXISTS).
 _SCHEMA_LOCK_KEY = 0x6C705F6F6C7470  # "lp_oltp"
@@ -223,9 +223,9 @@ class OltpWriter:
             raise
 
     # -- schema -------------------------------------------------------------------------------------------------------
-    def apply_schema(self, path: Path = OLTP_SCHEMA_PATH) -> None:
+    def apply_schema(self, path: Path | None = None) -> None:
         """Create tables, indexes and replica identity; idempotent and safe to run concurrently."""
-        ddl = path.read_text()
+        ddl = (path or repo_root() / "schemas" / "postgres" / "oltp.sql").read_text()
         with self._transaction() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
             cursor.execute(ddl)  # type: ignore[arg-type]  # trusted file; no parameters, several statements
