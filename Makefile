@@ -54,6 +54,7 @@ lint: $(STAMP) ## ruff, generated manifests in sync, Avro compatibility against 
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m services.operator manifests --check
 	$(PY) -m services.operator schema-check
+	$(PY) -m services.ingest.codegen --check
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -10,13 +10,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import generator
+from bench import generator, ingest
 from bench.harness import BenchContext, Benchmark, Result, default_paths, write_results
 from services.stack.settings import StackSettings
 from services.stack.stack import local_stack
 
 BENCHMARKS: dict[str, Benchmark] = {
     "generator": generator.run,
+    "ingest": ingest.run,
 }
 
 

@@ -22,6 +22,7 @@ import fastavro
 from fastavro.schema import fingerprint as _fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
+from services.kit.avro_fast import compile_plan
 from services.kit.paths import avro_schema_dir
 
 MAGIC = b"\xc3\x01"
@@ -92,11 +93,30 @@ class SchemaRepository:
 
 
 class AvroSerializer:
+    """Encodes records of one schema as single-object payloads.
+
+    Flat records go through a compiled encoder (`avro_fast`, same bytes, several times faster); anything it
+    does not take, fastavro encodes or rejects with its usual error.
+    """
+
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self._header = schema.header
+        self.plan = compile_plan(schema.definition)  # None: the schema's shape needs fastavro
 
     def __call__(self, record: Mapping[str, Any]) -> bytes:
+        if self.plan is not None:
+            parts = [self._header]
+            append = parts.append
+            try:
+                for name, write in self.plan:
+                    write(record[name], append)
+                return b"".join(parts)
+            except (TypeError, KeyError, ValueError, OverflowError, IndexError):
+                pass  # fastavro decides: it encodes what it accepts (same bytes) and explains what it does not
+        return self.encode_with_fastavro(record)
+
+    def encode_with_fastavro(self, record: Mapping[str, Any]) -> bytes:
         buffer = io.BytesIO()
         buffer.write(self._header)
         fastavro.schemaless_writer(buffer, self.schema.parsed, record)
