@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ import psycopg
 from confluent_kafka import Message
 
 from services.generator.app import FAULT_HEADER
+from services.generator.model import Simulation
+from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
 from services.kit.kafka import scan_topic
 from services.kit.paths import repo_root
@@ -68,7 +71,8 @@ class DemoRun:
         before = {topic: scan_topic(self.kafka(), topic) for topic in topics}
         reports = self.state_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
-        (generator_port,) = pick_free_ports(1)
+        generator_port, ingest_http_port, ingest_grpc_port = pick_free_ports(3)
+        self.ingest_target = f"127.0.0.1:{ingest_grpc_port}"
         generator_report = reports / "generator.json"
         generator_report.unlink(missing_ok=True)
         self.services = [
@@ -87,18 +91,48 @@ class DemoRun:
                 http_port=generator_port,
                 bounded=True,
             ),
+            ServiceProcess(
+                "ingest",
+                "services.ingest",
+                self.stack.log_dir,
+                env={"GRPC_PORT": str(ingest_grpc_port), "GRPC_BIND_HOST": "127.0.0.1"},
+                http_port=ingest_http_port,
+            ),
         ]
         for service in self.services:
             service.start(self.stack.env())
             self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
         self._watch(t0)
+        ingest = self._publish_through_api()
         for service in self.services:
             if service.bounded:
                 continue
             code = service.stop()
             if code not in (0, None):
                 raise PartFailed(service.name, service.log_path, f"exited with {code} on SIGTERM")
-        return self._summarise(started, t0, before, json.loads(generator_report.read_text()))
+        return self._summarise(started, t0, before, json.loads(generator_report.read_text()), ingest)
+
+    def _publish_through_api(self) -> dict[str, Any]:
+        """What an external producer does: batches through the gRPC ingest API, a few of them malformed."""
+        count = max(100, self.events // 20)
+        simulation = Simulation(self.seed + 1, n_users=200, n_products=100)
+        records = []
+        for index in range(count):
+            record = simulation.next_event(datetime.now(UTC)).to_record()
+            if index % 50 == 7:
+                record["event_id"] = None  # refused at the door: MISSING_FIELD
+            records.append(record)
+        accepted, rejected = 0, Counter[str]()
+        self.out(f"publishing {count} events through the ingest API at {self.ingest_target} ...")
+        with IngestClient(self.ingest_target) as client:
+            client.wait_until_serving(timeout_s=30)
+            for start in range(0, count, 500):
+                for result in client.publish(records[start : start + 500]):
+                    if result.accepted:
+                        accepted += 1
+                    else:
+                        rejected[result.reason_code or "?"] += 1
+        return {"sent": count, "accepted": accepted, "rejected": dict(rejected)}
 
     def _watch(self, t0: float) -> None:
         """Progress until every bounded service has finished; fail fast if any part dies."""
@@ -138,13 +172,19 @@ class DemoRun:
 
     # --- summary --------------------------------------------------------------------------------------
     def _summarise(
-        self, started: datetime, t0: float, before: dict[str, dict[int, int]], generator: dict[str, Any]
+        self,
+        started: datetime,
+        t0: float,
+        before: dict[str, dict[int, int]],
+        generator: dict[str, Any],
+        ingest: dict[str, Any],
     ) -> dict[str, Any]:
         decode = AvroDeserializer(SchemaRepository.load(), "raw_event")
         purchases: set[str] = set()
 
         def collect_purchase(message: Message) -> None:
-            if any(key == FAULT_HEADER for key, _ in message.headers() or ()):
+            headers = dict(message.headers() or ())
+            if FAULT_HEADER in headers or headers.get("producer") != b"generator":
                 return
             result = decode(message.value())
             if isinstance(result, Decoded) and result.record["event_type"] == "purchase":
@@ -164,7 +204,11 @@ class DemoRun:
                 "SELECT count(*) FROM transactions WHERE transaction_id = ANY(%s::uuid[])", (list(purchases),)
             ).fetchone()[0]
         checks = {
-            "events.raw has every produced event": topics.get("events.raw") == generator["events_produced"],
+            "events.raw has every produced and every accepted event": topics.get("events.raw")
+            == generator["events_produced"] + ingest["accepted"],
+            "ingest API accepted every well-formed event": ingest["accepted"] + sum(ingest["rejected"].values())
+            == ingest["sent"]
+            and set(ingest["rejected"]) <= {"MISSING_FIELD"},
             "generator produced the requested events": generator["events_produced"] == self.events,
             "every purchase event has its PostgreSQL transaction": found == len(purchases),
         }
@@ -174,6 +218,7 @@ class DemoRun:
             "params": {"events": self.events, "rate": self.rate, "seed": self.seed, "bad_share": self.bad_share},
             "events_produced": generator["events_produced"],
             "events_by_kind": generator["events_by_kind"],
+            "ingest_api": ingest,
             "topics": topics,
             "stores": stores,
             "latency_ms": {"generator->events.raw (produce to ack)": generator["produce_latency_ms"]},
@@ -198,6 +243,8 @@ class _Counter:
 def print_summary(summary: dict[str, Any], path: Path) -> None:
     print(f"\nrun summary ({path}):")
     print(f"  events produced   {summary['events_produced']}  {summary['events_by_kind']}")
+    api = summary["ingest_api"]
+    print(f"  ingest API        {api['accepted']} accepted, rejected {api['rejected'] or 'none'}")
     for topic, count in summary["topics"].items():
         print(f"  topic {topic:<24} {count} messages this run")
     for store, rows in summary["stores"].items():

@@ -44,7 +44,9 @@ def test_make_run_twice_then_nothing_left(stack_state_dir):
         assert done.returncode == 0, f"run {attempt}:\n{done.stdout.decode()[-2000:]}\n{done.stderr.decode()[-4000:]}"
         summary = json.loads((settings.state_dir / "run-summary.json").read_text())
         assert summary["events_produced"] == 2000
-        assert summary["topics"]["events.raw"] == 2000
+        api = summary["ingest_api"]
+        assert api["sent"] == 100 and api["rejected"] == {"MISSING_FIELD": 2}  # every 50th from index 7 has no id
+        assert summary["topics"]["events.raw"] == 2000 + api["accepted"] == 2098
         assert summary["ok"] is True and all(summary["checks"].values())
         assert summary["stores"]["postgres.users"] >= 1000
         assert summary["stores"]["postgres.transactions"] >= summary["purchases"]["events"] > 0
