@@ -23,6 +23,7 @@ WORKDIR /app
 # The contracts and declarations the services and the operator read at run time (services.kit.paths).
 COPY schemas ./schemas
 COPY deploy/k8s ./deploy/k8s
+COPY deploy/debezium ./deploy/debezium
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["python", "-m"]

@@ -55,6 +55,7 @@ lint: $(STAMP) ## ruff, generated manifests in sync, Avro compatibility against 
 	$(PY) -m services.operator manifests --check
 	$(PY) -m services.operator schema-check
 	$(PY) -m services.ingest.codegen --check
+	$(PY) -m services.cdc server-properties --check
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import generator, ingest
+from bench import cdc, generator, ingest
 from bench.harness import BenchContext, Benchmark, Result, default_paths, write_results
 from services.stack.settings import StackSettings
 from services.stack.stack import local_stack
@@ -18,6 +18,7 @@ from services.stack.stack import local_stack
 BENCHMARKS: dict[str, Benchmark] = {
     "generator": generator.run,
     "ingest": ingest.run,
+    "cdc": cdc.run,
 }
 
 

@@ -33,6 +33,12 @@ _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 _SUBJECT_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 _MAX_PARTITIONS = 10_000
+# How a topic's record values are encoded. Avro single-object encoding (the fingerprint header plus binary Avro)
+# is the platform default; "json" means the value is the plain JSON rendering of the Avro record named by
+# valueSchema (unions not wrapped, as Debezium writes its envelopes), so the schema is the contract but not the codec.
+VALUE_ENCODING_AVRO = "avro-single-object"
+VALUE_ENCODING_JSON = "json"
+VALUE_ENCODINGS = (VALUE_ENCODING_AVRO, VALUE_ENCODING_JSON)
 
 
 class DeclarationError(ValueError):
@@ -66,6 +72,7 @@ class TopicSpec:
     description: str = ""
     namespace: str | None = None
     origin: Path | None = None
+    value_encoding: str = VALUE_ENCODING_AVRO
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,16 @@ class _SpecChecker:
 
 def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> TopicSpec | None:
     checker.unknown_fields(
-        {"topicName", "partitions", "replicationFactor", "config", "keySchema", "valueSchema", "description"}
+        {
+            "topicName",
+            "partitions",
+            "replicationFactor",
+            "config",
+            "keySchema",
+            "valueSchema",
+            "valueEncoding",
+            "description",
+        }
     )
     topic_name = checker.string("topicName", required=True, pattern=_TOPIC_NAME_RE)
     if topic_name in (".", ".."):
@@ -209,6 +225,9 @@ def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> To
     key_schema = checker.string("keySchema", required=False, pattern=_DNS_SUBDOMAIN_RE)
     value_schema = checker.string("valueSchema", required=False, pattern=_DNS_SUBDOMAIN_RE)
     description = checker.string("description", required=False) or ""
+    value_encoding = checker.string("valueEncoding", required=False) or VALUE_ENCODING_AVRO
+    if value_encoding not in VALUE_ENCODINGS:
+        checker.fail("valueEncoding", f"{value_encoding!r} is not one of {list(VALUE_ENCODINGS)}")
     if topic_name is None or partitions is None or replication_factor is None:
         return None
     return TopicSpec(
@@ -222,6 +241,7 @@ def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> To
         description=description,
         namespace=namespace,
         origin=origin,
+        value_encoding=value_encoding,
     )
 
 

@@ -22,8 +22,10 @@ from typing import Any
 import psycopg
 from confluent_kafka import Message
 
+from services.cdc.app import TOMBSTONE_OP
 from services.generator.app import FAULT_HEADER
 from services.generator.model import Simulation
+from services.generator.oltp import OltpWriter
 from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
 from services.kit.kafka import scan_topic
@@ -67,50 +69,118 @@ class DemoRun:
         self.out("applying topic and schema declarations from deploy/k8s ...")
         report = apply_declarations(root / "deploy" / "k8s", self.stack.bootstrap_servers)
         self.out(str(report))
+        if not report.ok:
+            raise PartFailed("declarations", self.stack.log_dir, "some topics or schemas could not be applied")
         topics = [t.topic_name for t in load_declarations(root / "deploy" / "k8s").topics]
         before = {topic: scan_topic(self.kafka(), topic) for topic in topics}
+        with OltpWriter.connect(self.stack.postgres_dsn) as oltp:
+            oltp.apply_schema()  # CDC's preflight wants the tables it captures
         reports = self.state_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
-        generator_port, ingest_http_port, ingest_grpc_port = pick_free_ports(3)
+        for stale in reports.glob("*.json"):
+            stale.unlink()
+        generator_port, ingest_http_port, ingest_grpc_port, cdc_port = pick_free_ports(4)
         self.ingest_target = f"127.0.0.1:{ingest_grpc_port}"
-        generator_report = reports / "generator.json"
-        generator_report.unlink(missing_ok=True)
-        self.services = [
-            ServiceProcess(
-                "generator",
-                "services.generator",
-                self.stack.log_dir,
-                env={
-                    "EVENTS": str(self.events),
-                    "RATE": str(self.rate),
-                    "SEED": str(self.seed),
-                    "BAD_EVENT_SHARE": str(self.bad_share),
-                    "REPORT_FILE": str(generator_report),
-                    "OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl"),
-                },
-                http_port=generator_port,
-                bounded=True,
-            ),
-            ServiceProcess(
-                "ingest",
-                "services.ingest",
-                self.stack.log_dir,
-                env={"GRPC_PORT": str(ingest_grpc_port), "GRPC_BIND_HOST": "127.0.0.1"},
-                http_port=ingest_http_port,
-            ),
-        ]
-        for service in self.services:
-            service.start(self.stack.env())
-            self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
-        self._watch(t0)
-        ingest = self._publish_through_api()
+        traces = {"OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl")}
+        cdc = ServiceProcess(
+            "cdc",
+            "services.cdc",
+            self.stack.log_dir,
+            env={
+                "CDC_OFFSETS_FILE": str(self.state_dir / "cdc" / "offsets.dat"),
+                "CDC_HEARTBEAT_INTERVAL_MS": "1000",
+                "REPORT_FILE": str(reports / "cdc.json"),
+                **traces,
+            },
+            http_port=cdc_port,
+        )
+        generator = ServiceProcess(
+            "generator",
+            "services.generator",
+            self.stack.log_dir,
+            env={
+                "EVENTS": str(self.events),
+                "RATE": str(self.rate),
+                "SEED": str(self.seed),
+                "BAD_EVENT_SHARE": str(self.bad_share),
+                "REPORT_FILE": str(reports / "generator.json"),
+                **traces,
+            },
+            http_port=generator_port,
+            bounded=True,
+        )
+        ingest = ServiceProcess(
+            "ingest",
+            "services.ingest",
+            self.stack.log_dir,
+            env={"GRPC_PORT": str(ingest_grpc_port), "GRPC_BIND_HOST": "127.0.0.1", **traces},
+            http_port=ingest_http_port,
+        )
+        self._start(cdc)
+        self._wait_for_metric(cdc, "lp_cdc_streaming", 1.0, timeout=180)  # JVM start + snapshot
+        tables_before = postgres_table_stats(self.stack.postgres_dsn)
+        self._start(generator)
+        self._start(ingest)
+        self._watch(time.monotonic())
+        api = self._publish_through_api()
+        self._wait_for_cdc(cdc)
         for service in self.services:
             if service.bounded:
                 continue
             code = service.stop()
             if code not in (0, None):
                 raise PartFailed(service.name, service.log_path, f"exited with {code} on SIGTERM")
-        return self._summarise(started, t0, before, json.loads(generator_report.read_text()), ingest)
+        changes = {
+            table: {op: after[i] - tables_before.get(table, (0, 0, 0))[i] for i, op in enumerate("cud")}
+            for table, after in postgres_table_stats(self.stack.postgres_dsn).items()
+        }
+        return self._summarise(
+            started,
+            t0,
+            before,
+            json.loads((reports / "generator.json").read_text()),
+            api,
+            json.loads((reports / "cdc.json").read_text()),
+            changes,
+        )
+
+    def _start(self, service: ServiceProcess) -> None:
+        self.services.append(service)
+        service.start(self.stack.env())
+        self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
+
+    def _wait_for_metric(self, service: ServiceProcess, metric: str, value: float, timeout: float) -> None:
+        self.out(f"waiting for {service.name} ({metric} = {value:g}) ...")
+        deadline = time.monotonic() + timeout
+        while service.metrics().get(metric) != value:
+            code = service.exit_code()
+            if code is not None:
+                raise PartFailed(service.name, service.log_path, f"exited with {code}\n{service.log_tail()}")
+            if time.monotonic() > deadline:
+                raise PartFailed(service.name, service.log_path, f"{metric} not {value:g} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def _wait_for_cdc(self, cdc: ServiceProcess, timeout: float = 120) -> None:
+        """Until the replication slot confirms everything written so far: then every change is in Kafka.
+
+        The slot only confirms a position after Debezium committed it, which happens after our flush to Kafka.
+        """
+        with psycopg.connect(self.stack.postgres_dsn, autocommit=True) as connection:
+            (target,) = connection.execute("SELECT pg_current_wal_lsn()").fetchone()
+            self.out(f"waiting for CDC to confirm WAL position {target} ...")
+            deadline = time.monotonic() + timeout
+            while True:
+                row = connection.execute(
+                    "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                    (target, CDC_SLOT),
+                ).fetchone()
+                if row and row[0]:
+                    return
+                if cdc.exit_code() is not None:
+                    raise PartFailed(cdc.name, cdc.log_path, f"exited with {cdc.exit_code()}\n{cdc.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise PartFailed(cdc.name, cdc.log_path, f"slot {CDC_SLOT} did not reach {target} in {timeout}s")
+                time.sleep(0.5)
 
     def _publish_through_api(self) -> dict[str, Any]:
         """What an external producer does: batches through the gRPC ingest API, a few of them malformed."""
@@ -134,9 +204,9 @@ class DemoRun:
                         rejected[result.reason_code or "?"] += 1
         return {"sent": count, "accepted": accepted, "rejected": dict(rejected)}
 
-    def _watch(self, t0: float) -> None:
+    def _watch(self, since: float) -> None:
         """Progress until every bounded service has finished; fail fast if any part dies."""
-        generator = self.services[0]
+        generator = next(service for service in self.services if service.name == "generator")
         interactive = sys.stdout.isatty()
         last_line = 0.0
         while True:
@@ -153,7 +223,7 @@ class DemoRun:
                     raise PartFailed(service.name, service.log_path, f"exited with {code}\n{service.log_tail()}")
             metrics = generator.metrics()
             produced = int(sum(v for k, v in metrics.items() if k == "lp_generator_events_total"))
-            elapsed = time.monotonic() - t0
+            elapsed = time.monotonic() - since
             line = (
                 f"[{elapsed:6.1f}s] events.raw {produced:>8}/{self.events} "
                 f"({produced / elapsed if elapsed else 0:,.0f}/s)  "
@@ -178,6 +248,8 @@ class DemoRun:
         before: dict[str, dict[int, int]],
         generator: dict[str, Any],
         ingest: dict[str, Any],
+        cdc: dict[str, Any],
+        postgres_changes: dict[str, dict[str, int]],
     ) -> dict[str, Any]:
         decode = AvroDeserializer(SchemaRepository.load(), "raw_event")
         purchases: set[str] = set()
@@ -212,6 +284,16 @@ class DemoRun:
             "generator produced the requested events": generator["events_produced"] == self.events,
             "every purchase event has its PostgreSQL transaction": found == len(purchases),
         }
+        for table, changed in postgres_changes.items():
+            captured = cdc["events_by_table"].get(table, {})
+            checks[f"CDC captured every change of {table} (c/u/d {changed})"] = all(
+                captured.get(op, 0) == changed[op] for op in "cud"
+            )
+            tombstones = captured.get(TOMBSTONE_OP, 0)
+            checks[f"cdc.postgres.{table} holds every captured event"] = (
+                topics.get(f"cdc.postgres.{table}")
+                == sum(n for op, n in captured.items() if op != TOMBSTONE_OP) + tombstones
+            )
         return {
             "started_at": started.isoformat(timespec="seconds"),
             "duration_s": round(time.monotonic() - t0, 2),
@@ -219,14 +301,33 @@ class DemoRun:
             "events_produced": generator["events_produced"],
             "events_by_kind": generator["events_by_kind"],
             "ingest_api": ingest,
+            "cdc": {"events_by_table": cdc["events_by_table"], "events": cdc["events"]},
             "topics": topics,
             "stores": stores,
-            "latency_ms": {"generator->events.raw (produce to ack)": generator["produce_latency_ms"]},
+            "latency_ms": {
+                "generator->events.raw (produce to ack)": generator["produce_latency_ms"],
+                "cdc->cdc.postgres.* (produce to ack)": cdc["produce_latency_ms"],
+            },
             "purchases": {"events": len(purchases), "postgres_rows_found": found},
             "checks": checks,
             "ok": all(checks.values()),
             "logs": str(self.stack.log_dir),
         }
+
+
+CDC_SLOT = "lp_cdc"  # CdcSettings.cdc_slot_name's default
+CAPTURED_TABLES = ("users", "products", "transactions")
+
+
+def postgres_table_stats(dsn: str) -> dict[str, tuple[int, int, int]]:
+    """Rows inserted, updated, deleted per captured table since the statistics were reset (server counters)."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
+            "WHERE schemaname = 'public' AND relname = ANY(%s)",
+            (list(CAPTURED_TABLES),),
+        ).fetchall()
+    return {name: (ins, upd, dele) for name, ins, upd, dele in rows}
 
 
 class _Counter:
@@ -243,6 +344,8 @@ class _Counter:
 def print_summary(summary: dict[str, Any], path: Path) -> None:
     print(f"\nrun summary ({path}):")
     print(f"  events produced   {summary['events_produced']}  {summary['events_by_kind']}")
+    for table, ops in summary["cdc"]["events_by_table"].items():
+        print(f"  CDC {table:<13} {ops}")
     api = summary["ingest_api"]
     print(f"  ingest API        {api['accepted']} accepted, rejected {api['rejected'] or 'none'}")
     for topic, count in summary["topics"].items():

@@ -52,4 +52,10 @@ def test_make_run_twice_then_nothing_left(stack_state_dir):
         assert summary["stores"]["postgres.transactions"] >= summary["purchases"]["events"] > 0
         assert summary["purchases"]["postgres_rows_found"] == summary["purchases"]["events"]
         assert set(summary["latency_ms"]["generator->events.raw (produce to ack)"]) == {"p50", "p95", "p99"}
+        cdc = summary["cdc"]["events_by_table"]
+        if attempt == 1:  # a fresh database: every row the generator wrote is an insert CDC captured
+            assert cdc["users"]["c"] == 1000 and cdc["products"]["c"] == 500
+            assert cdc["transactions"]["c"] == summary["stores"]["postgres.transactions"]
+        else:  # same seed again: nothing new in PostgreSQL, no second snapshot
+            assert all(op not in ops for ops in cdc.values() for op in ("r", "c"))
         assert stack_processes(str(settings.state_dir), f"127.0.0.1:{settings.broker_port}") == []

@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from services.operator.__main__ import main
 from services.operator.apply import ApplyReport, apply_declarations
 from services.operator.registry import SCHEMAS_TOPIC, KafkaSchemaStore, SchemaIncompatibleError, fingerprint
-from services.operator.resources import DeclarationError
+from services.operator.resources import DeclarationError, load_declarations
 from services.stack import LocalStack, StackSettings
 from services.stack.settings import pick_free_ports
 
@@ -68,9 +68,13 @@ def topic_config(servers: str, topic: str) -> dict[str, str]:
 def test_repository_declarations_apply_and_evolve(bootstrap: str, tmp_path: Path) -> None:
     root = copy_declarations(tmp_path / "k8s")
 
+    declared = load_declarations(root)
     first = apply_declarations(root, bootstrap)
     assert first.ok, first.table()
-    assert actions(first) == {SCHEMAS_TOPIC: "created", "raw_event": "registered", "events.raw": "created"}
+    expected = {SCHEMAS_TOPIC: "created"}
+    expected |= {schema.subject: "registered" for schema in declared.schemas}
+    expected |= {topic.topic_name: "created" for topic in declared.topics}
+    assert actions(first) == expected
     assert partitions(bootstrap, "events.raw") == 16
     assert partitions(bootstrap, SCHEMAS_TOPIC) == 1
     config = topic_config(bootstrap, "events.raw")
@@ -78,7 +82,7 @@ def test_repository_declarations_apply_and_evolve(bootstrap: str, tmp_path: Path
 
     second = apply_declarations(root, bootstrap)
     assert second.ok, second.table()
-    assert actions(second) == {SCHEMAS_TOPIC: "unchanged", "raw_event": "unchanged", "events.raw": "unchanged"}
+    assert actions(second) == dict.fromkeys(expected, "unchanged")
 
     # A config change is applied in place.
     topic_file = root / "topics/events-raw.yaml"
@@ -118,7 +122,8 @@ def test_repository_declarations_apply_and_evolve(bootstrap: str, tmp_path: Path
     edit(schema_file, retype_quantity)
     refused = apply_declarations(root, bootstrap)
     assert not refused.ok
-    (schema_result,) = refused.schemas
+    (schema_result,) = [result for result in refused.schemas if result.subject == "raw_event"]
+    assert all(result.action == "unchanged" for result in refused.schemas if result is not schema_result)
     assert schema_result.action == "error" and "not BACKWARD compatible" in schema_result.message
     assert any("RawEvent.quantity" in problem for problem in schema_result.problems)
     assert "RawEvent.quantity" in refused.table()

@@ -1,12 +1,21 @@
 import json
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from services.kit.tracing import extract_context, inject_headers, setup_tracing, shutdown_tracing, trace_id_of
+from services.kit.tracing import (
+    JsonLinesSpanExporter,
+    extract_context,
+    inject_headers,
+    setup_tracing,
+    trace_id_of,
+)
 
 
 def test_context_round_trips_through_kafka_headers(tmp_path):
-    tracer = setup_tracing("test-producer", traces_file=str(tmp_path / "spans.jsonl"))
+    # The provider is process-wide (another test may have installed it): attach our exporter to whichever it is.
+    tracer = setup_tracing("test-producer")
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(tmp_path / "s.jsonl")))
     with tracer.start_as_current_span("produce") as span:
         headers = inject_headers([("event-type", b"purchase")])
         producer_trace = f"{span.get_span_context().trace_id:032x}"
@@ -18,8 +27,10 @@ def test_context_round_trips_through_kafka_headers(tmp_path):
         assert f"{child.get_span_context().trace_id:032x}" == producer_trace
     # no header: a fresh, unrelated context
     assert trace_id_of(extract_context([("x", b"y")])) is None
-    trace.get_tracer_provider().force_flush()
-    spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
-    assert {s["name"] for s in spans} >= {"produce", "consume"}
-    assert {s["trace_id"] for s in spans} == {producer_trace}
-    shutdown_tracing()
+    spans = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    ours = [s for s in spans if s["name"] in ("produce", "consume")]
+    assert {s["name"] for s in ours} == {"produce", "consume"}
+    assert {s["trace_id"] for s in ours} == {producer_trace}
+    consume = next(s for s in ours if s["name"] == "consume")
+    produce = next(s for s in ours if s["name"] == "produce")
+    assert consume["parent_id"] == produce["span_id"]

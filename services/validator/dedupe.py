@@ -1,0 +1,72 @@
+"""Bounded, in-memory memory of keys already accepted, for DUPLICATE_ALLOW_ONE rules.
+
+Deliberately **not durable**: Faust table recovery is unreliable on the local broker (Tansu), and a changelog
+of millions of event ids would cost more than it saves. It catches the common case (a producer or a replay
+re-sending a record within minutes, on the same partition since events are keyed by user_id); the sinks
+being idempotent on `event_id` make the end result exactly-once whatever slips through (after a restart, a
+rebalance, or beyond the window).
+
+Bounds: an entry expires once the newest event time seen is more than the rule's window past it, and the
+oldest entries are evicted beyond `max_entries`. The effective window is therefore
+min(window, max_entries / event rate).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from datetime import datetime, timedelta
+
+DEFAULT_MAX_ENTRIES = 1_000_000
+
+
+class DedupeStore:
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        # (namespace, key) -> expiry (event time + window). Insertion order ~ event-time order, so expiry and
+        # the size bound both evict from the front in O(1).
+        self._entries: OrderedDict[tuple[str, Hashable], datetime] = OrderedDict()
+        self._watermark: datetime | None = None  # newest event time remembered
+        self.evicted_by_size = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def seen(self, namespace: str, key: Hashable, event_time: datetime) -> bool:
+        """Whether `key` was remembered and its window still covers `event_time`."""
+        expiry = self._entries.get((namespace, key))
+        return expiry is not None and event_time <= expiry
+
+    def remember(
+        self, namespace: str, key: Hashable, event_time: datetime, window: timedelta, *, now: datetime | None = None
+    ) -> None:
+        """Record `key` as accepted (the first one wins: an existing entry keeps its expiry). The watermark never
+        passes `now`, so one event stamped far in the future cannot expire everything else."""
+        entries = self._entries
+        entry = (namespace, key)
+        if entry not in entries:
+            entries[entry] = event_time + window
+        advance = event_time if now is None or event_time <= now else now
+        if self._watermark is None or advance > self._watermark:
+            self._watermark = advance
+            self._expire(advance)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+            self.evicted_by_size += 1
+
+    def _expire(self, watermark: datetime) -> None:
+        entries = self._entries
+        while entries:
+            first = next(iter(entries))
+            if entries[first] >= watermark:
+                return
+            del entries[first]
+            self.expired += 1
+
+    def clear(self) -> None:
+        """Forget everything (e.g. when the partitions this worker owns change)."""
+        self._entries.clear()
+        self._watermark = None
