@@ -10,24 +10,17 @@ import time
 from datetime import UTC, datetime
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.harness import BenchContext, Result
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
-from services.kit.kafka import PRODUCER_DEFAULTS
-
-
-def _create_topic(bootstrap: str, name: str, partitions: int = 16) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: the futures die with the client
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(timeout=30)
+from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 
 
 def bare_produce_rate(bootstrap: str, payloads: list[tuple[str | None, bytes]]) -> float:
     """The ceiling: the same client with the same producer settings, no model, no PostgreSQL, no tracing."""
     topic = f"bench.ceiling.{int(time.time() * 1000)}"
-    _create_topic(bootstrap, topic)
+    create_topics({"bootstrap.servers": bootstrap}, {topic: 16})
     producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
     started = time.perf_counter()
     for key, value in payloads:
@@ -54,7 +47,7 @@ def run(ctx: BenchContext) -> list[Result]:
     ceiling = bare_produce_rate(bootstrap, payloads)
 
     topic = f"bench.generator.{int(time.time() * 1000)}"
-    _create_topic(bootstrap, topic)
+    create_topics({"bootstrap.servers": bootstrap}, {topic: 16})
     report = ctx.work_dir / "generator-report.json"
     env = {
         **os.environ,

@@ -12,8 +12,6 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
 from bench.generator import bare_produce_rate
 from bench.harness import BenchContext, Result
 from services.generator.model import Simulation
@@ -22,17 +20,11 @@ from services.ingest.contract import SOURCE, record_to_event
 from services.ingest.launcher import IngestProcess
 from services.ingest.v1 import ingest_pb2 as pb
 from services.kit.avro import AvroSerializer, SchemaRepository
-from services.kit.kafka import count_messages
+from services.kit.kafka import count_messages, create_topics
 from services.kit.metrics import LatencyRecorder
 
 BATCH = 500
 CLIENT_THREADS = 4
-
-
-def create_topic(bootstrap: str, name: str, partitions: int = 16) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: the futures die with the client
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(timeout=30)
 
 
 def run(ctx: BenchContext) -> list[Result]:
@@ -50,7 +42,7 @@ def run(ctx: BenchContext) -> list[Result]:
         for i in range(0, events, BATCH)
     ]
     topic = f"bench.ingest.{int(time.time() * 1000)}"
-    create_topic(bootstrap, topic)  # 16 partitions, like events.raw
+    create_topics({"bootstrap.servers": bootstrap}, {topic: 16})  # like events.raw
     latency = LatencyRecorder()
     accepted = 0
     lock = threading.Lock()

@@ -22,7 +22,7 @@ from services.generator.model import Simulation, StatusChange, Transaction
 from services.generator.oltp import OltpWriter
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.config import ServiceSettings
-from services.kit.kafka import KafkaProducer, client_config, topic_exists, wait_for_broker
+from services.kit.kafka import KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
@@ -64,12 +64,7 @@ class Generator(Service[GeneratorSettings]):
     def start(self) -> None:
         s = self.settings
         kafka = client_config(s)
-        wait_for_broker(kafka)
-        if not topic_exists(kafka, s.events_topic):
-            raise RuntimeError(
-                f"topic {s.events_topic!r} does not exist: apply the declarations first "
-                "(python -m services.operator apply)"
-            )
+        require_topics(kafka, s.events_topic)
         schemas = SchemaRepository.load()
         self.serialize = AvroSerializer(schemas["raw_event"])
         self.rogue_serializers: dict[str, AvroSerializer] = {}

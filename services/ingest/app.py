@@ -28,7 +28,7 @@ from services.ingest.v1 import ingest_pb2 as pb
 from services.ingest.v1 import ingest_pb2_grpc as pb_grpc
 from services.kit.avro import SchemaRepository
 from services.kit.config import ServiceSettings
-from services.kit.kafka import DeliveryFailed, KafkaProducer, client_config, topic_exists, wait_for_broker
+from services.kit.kafka import DeliveryFailed, KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
@@ -229,12 +229,7 @@ class IngestService(Service[IngestSettings]):
     def start(self) -> None:
         s = self.settings
         kafka = client_config(s)
-        wait_for_broker(kafka)
-        if not topic_exists(kafka, s.events_topic):
-            raise RuntimeError(
-                f"topic {s.events_topic!r} does not exist: apply the declarations first "
-                "(python -m services.operator apply)"
-            )
+        require_topics(kafka, s.events_topic)
         self.gate = EventGate(SchemaRepository.load()["raw_event"], s.max_event_bytes)
         self.backlog = Backlog(s.max_pending, s.max_pending_bytes, s.stall_after_s)
         self.producer = KafkaProducer(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.kit.config import ServiceSettings
 from services.kit.metrics import LatencyRecorder
@@ -235,6 +235,30 @@ def wait_for_broker(base_config: Mapping[str, Any], timeout: float = 30.0) -> No
 def topic_exists(base_config: Mapping[str, Any], topic: str, timeout: float = 10.0) -> bool:
     metadata = AdminClient(dict(base_config)).list_topics(timeout=timeout)
     return topic in metadata.topics and metadata.topics[topic].error is None
+
+
+class MissingTopicError(RuntimeError):
+    """A topic a service needs is not declared on the cluster (services never create topics themselves)."""
+
+
+def require_topics(base_config: Mapping[str, Any], *topics: str, timeout: float = 30.0) -> None:
+    """Wait for the broker, then fail start-up with a clear message if any topic is missing."""
+    wait_for_broker(base_config, timeout)
+    existing = AdminClient(dict(base_config)).list_topics(timeout=10).topics
+    missing = [t for t in topics if t not in existing or existing[t].error is not None]
+    if missing:
+        raise MissingTopicError(
+            f"topic(s) {', '.join(repr(t) for t in missing)} do not exist: apply the declarations first "
+            "(python -m services.operator apply)"
+        )
+
+
+def create_topics(base_config: Mapping[str, Any], partitions: Mapping[str, int], timeout: float = 30.0) -> None:
+    """Create topics with replication 1 (tests and benchmarks; the platform's own topics are declared)."""
+    admin = AdminClient(dict(base_config))  # keep a reference: the futures die with the client
+    futures = admin.create_topics([NewTopic(name, count, 1) for name, count in partitions.items()])
+    for future in futures.values():
+        future.result(timeout=timeout)
 
 
 def scan_topic(

@@ -15,20 +15,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.generator.app import FAULT_HEADER
 from services.kit.avro import AvroDeserializer, Decoded, DecodeError, SchemaRepository
-from services.kit.kafka import scan_topic
+from services.kit.kafka import create_topics, scan_topic
 
 pytestmark = pytest.mark.integration
 
 
 def new_topic(bootstrap: str, partitions: int = 4) -> str:
     name = f"test.events.{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: the futures die with the client
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(timeout=30)
+    create_topics({"bootstrap.servers": bootstrap}, {name: partitions})
     return name
 
 

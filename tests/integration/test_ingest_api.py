@@ -20,13 +20,12 @@ import grpc
 import psutil
 import pytest
 from confluent_kafka import Message
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.generator.model import Simulation
 from services.ingest.client import IngestClient, IngestError
 from services.ingest.launcher import IngestProcess
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
-from services.kit.kafka import scan_topic
+from services.kit.kafka import create_topics, scan_topic
 from services.stack import LocalStack, StackSettings
 
 pytestmark = pytest.mark.integration
@@ -36,9 +35,7 @@ MAX_BATCH_EVENTS = 600
 
 def new_topic(bootstrap: str, partitions: int = 4) -> str:
     name = f"test.ingest.{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: the futures die with the client
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(timeout=30)
+    create_topics({"bootstrap.servers": bootstrap}, {name: partitions})
     return name
 
 
