@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -358,6 +359,10 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"  [{'ok' if ok else 'FAILED'}] {check}")
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.stack.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60_000, help="events to generate (default 60000)")
@@ -368,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 1 or args.rate < 0 or not 0 <= args.bad_share <= 1:
         parser.error("need EVENTS >= 1, RATE >= 0 and 0 <= bad share <= 1")
 
+    # Our own handlers, installed before the stack starts: the stack then leaves SIGINT/SIGTERM to us, and the
+    # `finally` below stops the services before the stack they depend on.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = StackSettings()
     existing = LocalStack.from_state(settings.state_dir)
     reuse = existing is not None and existing.detached and existing.is_running()

@@ -40,7 +40,7 @@ class ServiceProcess:
             "HTTP_PORT": str(self.http_port),
             **self.env,
         }
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("wb") as log:  # one run per log: a tail shows this run only
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 env=env,
