@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -59,3 +60,57 @@ def test_make_run_twice_then_nothing_left(stack_state_dir):
         else:  # same seed again: nothing new in PostgreSQL, no second snapshot
             assert all(op not in ops for ops in cdc.values() for op in ("r", "c"))
         assert stack_processes(str(settings.state_dir), f"127.0.0.1:{settings.broker_port}") == []
+
+
+def start_demo(settings: StackSettings, events: int = 100_000) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LP_STATE_DIR": str(settings.state_dir)}
+    env |= {f"LP_{name.upper()}": str(getattr(settings, name)) for name in StackSettings.port_fields()}
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.stack.demo", "--events", str(events), "--rate", "500"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_generator(settings: StackSettings, timeout: float = 180) -> int:
+    """The generator's pid once it has produced something (its log says it is generating)."""
+    import time
+
+    log = settings.state_dir / "logs" / "generator.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and '"msg": "generating"' in log.read_text(errors="replace"):
+            for pid in stack_processes("services.generator"):
+                return int(pid.split(":")[0])
+        time.sleep(0.5)
+    raise AssertionError("the generator never started")
+
+
+def test_ctrl_c_stops_everything(stack_state_dir):
+    settings = StackSettings.with_free_ports(state_dir=stack_state_dir)
+    demo = start_demo(settings)
+    try:
+        wait_for_generator(settings)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert b"interrupted: stopping everything" in demo.stderr.read()
+    assert stack_processes(str(settings.state_dir), f"127.0.0.1:{settings.broker_port}", "services.generator") == []
+
+
+def test_a_failing_part_is_named_with_its_log_and_everything_stops(stack_state_dir):
+    settings = StackSettings.with_free_ports(state_dir=stack_state_dir)
+    demo = start_demo(settings)
+    try:
+        os.kill(wait_for_generator(settings), signal.SIGKILL)
+        assert demo.wait(timeout=60) == 1
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    stderr = demo.stderr.read().decode()
+    assert "generator failed: exited with -9" in stderr
+    assert f"log: {settings.state_dir / 'logs' / 'generator.log'}" in stderr
+    assert stack_processes(str(settings.state_dir), f"127.0.0.1:{settings.broker_port}", "services.generator") == []
