@@ -129,7 +129,10 @@ class KafkaProducer:
                 self._producer.poll(0.05)
 
     def warm_up(self, topic: str, timeout: float = 10.0) -> None:
-        """Fetch the topic's metadata now, so the first records do not wait for it (and fail fast if absent)."""
+        """Fetch the topic's metadata now, so the first records do not wait for it.
+
+        Call `require_topics` first: a metadata request naming a missing topic makes Tansu create it.
+        """
         metadata = self._producer.list_topics(topic, timeout=timeout)
         entry = metadata.topics.get(topic)
         if entry is None or entry.error is not None:
@@ -274,7 +277,8 @@ def scan_topic(
     Watermark queries (ListOffsets) are wrong on the local broker, but the high watermark a fetch returns is
     right, so partition EOF marks the true end. Meant for summaries, checks and tests, not for hot paths.
     """
-    metadata = AdminClient(dict(base_config)).list_topics(topic, timeout=10)
+    # All topics, not this one by name: Tansu creates any topic a metadata request names.
+    metadata = AdminClient(dict(base_config)).list_topics(timeout=10)
     if topic not in metadata.topics or metadata.topics[topic].error is not None:
         raise KeyError(f"topic {topic!r} does not exist")
     partitions = sorted(metadata.topics[topic].partitions)

@@ -1,0 +1,706 @@
+"""The validator's streaming runtime on Faust: consume, process in batches, produce, commit after the acks.
+
+    python -m services.validator.stream_app --processor package.module:function
+
+runs a worker that consumes INPUT_TOPICS with consumer group CONSUMER_GROUP, hands each fetched batch to the
+processor (see `services.validator.runtime.Processor`) and produces what it returns. An input offset is
+committed only after every output of its batch has been acknowledged by the broker (acks=all): delivery is
+at least once, and a crash replays at most the records after the last commit.
+
+Why not Faust agents: a Faust agent gets one event at a time through the conductor, a channel queue and the
+stream iterator, and `Consumer._drain_messages` awaits `mode.Service.wait_first` (four tasks) per message.
+On the 2-core reference machine that is ~230 us of event-loop work per record, ~4k records/s for a consume-only
+agent, while the goal is 10k/s with production. So the worker keeps Faust's App, Worker, aiokafka consumer
+thread, group membership and rebalance protocol, commit scheduling and producer, and replaces the per-message
+path by `BatchConsumer`: each fetch goes to the `BatchRunner` whole. docs/validator-runtime.md has the
+measurements and the source references behind every guarantee.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, cast
+from zlib import crc32
+
+import faust
+from confluent_kafka.admin import AdminClient
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from mode import Service
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.kit.config import load_settings
+from services.kit.health import Health, HealthServer
+from services.kit.kafka import client_config, wait_for_broker
+from services.kit.logs import configure_logging
+from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
+from services.validator.runtime import (
+    Batch,
+    InputRecord,
+    Output,
+    Processor,
+    StreamRuntimeSettings,
+    TopicsMissing,
+    headers_with_trace,
+    load_processor,
+    required_output_topics,
+    resolve_input_topics,
+    run_processor,
+)
+
+log = logging.getLogger("services.validator.stream_app")
+# Faust's and mode's services log each start and stop at INFO under their class's module name; these keep the
+# runtime's own services in the "faust" hierarchy, which `main` quiets, whatever module runs as __main__.
+_FAUST_LOG = logging.getLogger("faust.lp_runtime")
+
+RECORDS = Counter("lp_validator_runtime_records_total", "Input records processed (outputs acknowledged)", ["topic"])
+OUTPUTS = Counter("lp_validator_runtime_outputs_total", "Output records acknowledged by the broker", ["topic"])
+DEAD_LETTERS = Counter(
+    "lp_validator_runtime_dead_letters_total", "Records dead-lettered by the runtime (stage process)", ["topic"]
+)
+FALLBACKS = Counter(
+    "lp_validator_runtime_batch_fallbacks_total", "Batches whose processing raised, retried record by record", ["topic"]
+)
+BATCH_SECONDS = Histogram(
+    "lp_validator_runtime_batch_seconds", "Batch processed to every output acknowledged", buckets=LATENCY_BUCKETS
+)
+IN_FLIGHT = Gauge("lp_validator_runtime_in_flight_batches", "Batches produced, not yet acknowledged")
+ASSIGNED = Gauge("lp_validator_runtime_assigned_partitions", "Input partitions assigned to this worker")
+
+MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
+GC_GEN0_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
+EXIT_SHUTDOWN_TIMEOUT = 3  # as the kit's Service: SIGTERM work took longer than SHUTDOWN_TIMEOUT_S
+_REQUEST_OVERHEAD = 1024  # produce request and batch headers around a single record
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge a batch's outputs: the worker stops without committing its inputs."""
+
+
+# --- the consumer: whole fetches to the runner, commits from delivered offsets -------------------------------------
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with two replacements (everything else, rebalancing included, is Faust's).
+
+    1. `_drain_messages` (the fetcher task) hands each fetch, as `InputRecord`s, to the `BatchRunner` instead of
+       sending every message through `wait_first` + conductor + stream.
+    2. The commit offset of a partition is the runner's *delivered* offset (last offset of a batch whose outputs
+       were all acknowledged, + 1) instead of Faust's per-message ack ledger (`_new_offset`): a partition's
+       records are processed in offset order by one task, so everything below that offset is delivered.
+       Faust's commit loop (every `broker_commit_interval`, on rebalance and on stop) commits it.
+    """
+
+    logger = _FAUST_LOG
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._delivered: dict[TP, int] = {}
+
+    @property
+    def runner(self) -> BatchRunner:
+        return cast(RuntimeApp, self.app).runner
+
+    async def _drain_messages(self, fetcher: Service) -> None:  # type: ignore[override]
+        consumer_stopped = self._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        try:
+            while not (consumer_stopped() or fetcher_stopped()):
+                batch = await self._fetch()
+                if batch is not None:
+                    await self.runner.submit(batch, self.suspend_flow)
+                else:
+                    await asyncio.sleep(0)
+        except self.consumer_stopped_errors:
+            if not self.app.should_stop:
+                raise
+        except asyncio.CancelledError:
+            if not self.app.should_stop:
+                raise
+
+    async def _fetch(self) -> Batch | None:
+        """One fetch as a Batch of aiokafka's own records: Faust's `getmany` with its checks made once per fetch,
+        not per record (per record it looks up the highwater, updates the monitor and builds a message object,
+        which together cost more than the pass-through processing of the record)."""
+        fetched, active = await self._wait_next_records(1.0)  # waits while a rebalance has the flow stopped
+        if not fetched or self.should_stop:
+            return None
+        if not self.flow_active:
+            # A rebalance began during the fetch: the fetch position moved past records we drop, so seek back
+            # to the committed offsets, as getmany does. (Faust seeks there again before the flow resumes.)
+            await self.perform_seek()
+            return None
+        generation = self.app.consumer_generation_id
+        monitor = self.app.monitor
+        by_topic: dict[str, list[InputRecord]] = {}
+        next_offsets: dict[tuple[str, int], int] = {}
+        size = 0
+        for tp, records in fetched.items():
+            if not records:
+                continue
+            if active is not None and tp not in active and tp not in self._buffered_partitions:
+                # Paused meanwhile: leave its records for later. getmany would drop them and move on; the
+                # delivered offset must not pass over records nobody processed, so seek back to them instead.
+                await self.seek(tp, records[0].offset)
+                continue
+            by_topic.setdefault(tp.topic, []).extend(records)  # aiokafka fetches each partition in offset order
+            next_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+            size += len(records)
+            if monitor is not None:
+                monitor.track_tp_end_offset(tp, self.highwater(tp))
+        if not size or generation != self.app.consumer_generation_id or not self.flow_active:
+            return None
+        return Batch(by_topic, next_offsets, size)
+
+    def mark_delivered(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Called by the runner once every output of a batch is acknowledged: these offsets may be committed."""
+        now = monotonic()
+        inbound = self.app.monitor.stream_inbound_time if self.app.monitor is not None else {}
+        for (topic, partition), offset in offsets.items():
+            tp = self._new_topicpartition(topic, partition)
+            if offset > self._delivered.get(tp, -1):
+                self._delivered[tp] = offset
+            inbound[tp] = now  # keeps Faust's livelock warnings ("stream idle") truthful
+
+    # Faust's commit path: force_commit -> _filter_tps_with_pending_acks -> _filter_committable_offsets ->
+    # _new_offset + _should_commit (offset > committed) -> _commit_offsets (producer.flush, commit).
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+        return (tp for tp in list(self._delivered) if topics is None or tp in topics or tp.topic in topics)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        return self._delivered.get(tp)
+
+    async def wait_empty(self) -> None:
+        """Faust calls this on rebalance (revoke) and on stop before committing: batches not started are dropped
+        (their partitions are re-read from the commit by whoever owns them next), batches being processed or
+        produced are finished, then the delivered offsets are committed."""
+        await self.runner.drain()
+        # Consumer.commit returns without committing when another commit (the timer's) is in progress: wait
+        # for that one first, so the offsets delivered by the drained batches are committed here, not skipped.
+        while await self.maybe_wait_for_commit_to_finish():
+            pass
+        await self.commit_and_end_transactions()
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self.runner.health.set_ready(False, "rebalancing")
+        await super().on_partitions_revoked(revoked)  # runs the app's handler: wait_empty, commit
+        for tp in revoked:
+            self._delivered.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        await super().on_partitions_assigned(assigned, generation_id)
+        ASSIGNED.set(len(assigned))
+        log.info("assigned %d partitions", len(assigned), extra={"partitions": sorted(map(str, assigned))})
+        self.runner.health.set_ready(True)
+
+
+class BatchTransport(faust_aiokafka.Transport):
+    Consumer = BatchConsumer
+
+
+class RuntimeApp(faust.App):
+    """A Faust app whose consumer is `BatchConsumer`; `runner` is attached by `create_app`."""
+
+    logger = _FAUST_LOG
+    runner: BatchRunner
+
+    def _new_transport(self) -> BatchTransport:
+        return BatchTransport(self.conf.broker_consumer, self)
+
+    def on_init_dependencies(self) -> Iterable[Any]:
+        # Started after (and stopped before) the producer and the consumer.
+        return [*super().on_init_dependencies(), self.runner]
+
+
+# --- the runner: process, produce, acknowledge -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A batch whose outputs are handed to the producer, waiting for the broker's acknowledgements."""
+
+    acks: list[asyncio.Future[Any]]
+    offsets: dict[tuple[str, int], int]
+    records: dict[str, int]
+    outputs: dict[str, int]
+    started: float
+    span: Span
+
+
+class BatchRunner(Service):
+    """Takes fetched batches in order; per batch: process (per topic), produce, await acks, mark delivered.
+
+    Up to `max_in_flight_batches` batches wait for acks while the next one is processed; they complete in
+    order, so a partition's delivered offset only moves over records whose outputs are all acknowledged. A
+    failed delivery crashes the worker (exit 1) without marking that batch or any later one delivered.
+    """
+
+    logger = _FAUST_LOG
+
+    def __init__(
+        self,
+        processor: Processor,
+        settings: StreamRuntimeSettings,
+        health: Health,
+        known_topics: Iterable[str],
+        tracer: trace.Tracer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.processor = processor
+        self.health = health
+        self.tracer = tracer or trace.get_tracer(__name__)
+        self.max_in_flight = settings.max_in_flight_batches
+        self.max_record_bytes = settings.producer_max_request_bytes - _REQUEST_OVERHEAD
+        self.app: RuntimeApp | None = None
+        self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=2)
+        self._in_flight: deque[_Flight] = deque()
+        self._starting = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failure: BaseException | None = None
+        self._known_topics = set(known_topics)
+        self._partition_counts: dict[str, int] = {}
+        self._null_key_turn = 0
+        self.processed = 0  # input records whose outputs are acknowledged (for tests and benchmarks)
+
+    # called by the consumer -----------------------------------------------------------------------------------
+    async def submit(self, batch: Batch, suspend_flow: asyncio.Event) -> None:
+        """Queue a fetch; waits while two batches are already queued. Dropped if a rebalance or stop suspends
+        the flow meanwhile (the partitions are then re-read from their committed offsets)."""
+        if self._failure is not None:
+            return
+        self._idle.clear()
+        if self._queue.full():
+            await self.wait_first(self._queue.put(batch), suspend_flow)
+        else:
+            self._queue.put_nowait(batch)
+        self._update_idle()
+
+    async def drain(self) -> None:
+        dropped = 0
+        while not self._queue.empty():
+            dropped += self._queue.get_nowait().size
+        if dropped:
+            log.info("dropped %d fetched records not yet processed (re-read after the commit)", dropped)
+        self._update_idle()
+        if not self.should_stop:
+            await self._idle.wait()
+
+    # the loop ------------------------------------------------------------------------------------------------
+    def _update_idle(self) -> None:
+        if self._queue.empty() and not self._starting and not self._in_flight:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def on_started(self) -> None:
+        # The worker allocates several objects per record, nearly all freed by reference counting, yet each
+        # 700 allocations start a cyclic-GC pass and every ~70k a full one over the whole heap (Faust, aiokafka,
+        # ...): a third of a pass-through worker's time. Freeze what start-up built (never collected again)
+        # and collect the young generation every 50k allocations instead.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+    @Service.timer(1.0)
+    async def _beat(self) -> None:
+        self.health.beat()  # liveness: the event loop is turning
+
+    @Service.task
+    async def _run(self) -> None:
+        while not self.should_stop and self._failure is None:
+            if self._in_flight and (len(self._in_flight) >= self.max_in_flight or self._queue.empty()):
+                await self._complete_oldest()
+                continue
+            self._update_idle()
+            batch = await self._queue.get()
+            self._starting = True
+            try:
+                self._in_flight.append(await self._start(batch))
+                IN_FLIGHT.set(len(self._in_flight))
+            except Exception as error:  # not a data problem (those are dead-lettered): an unknown topic, a bug
+                await self._fail(error)
+            finally:
+                self._starting = False
+                self._update_idle()
+
+    async def _start(self, batch: Batch) -> _Flight:
+        started = monotonic()
+        span = self._batch_span(batch)
+        span_context = span.get_span_context()
+        fallback_headers = inject_headers(None, trace.set_span_in_context(span)) if span_context.is_valid else []
+        batch_trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else None
+        outputs: list[Output] = []
+        counts: dict[str, int] = {}
+        try:
+            for topic, topic_records in batch.by_topic.items():
+                result = run_processor(self.processor, topic_records, self.max_record_bytes, trace_id=batch_trace_id)
+                outputs += result.outputs
+                counts[topic] = len(topic_records)
+                if result.batch_failed:
+                    FALLBACKS.labels(topic).inc()
+                    log.warning(
+                        "processing a batch of %s raised: processed record by record, %d dead-lettered",
+                        topic,
+                        result.dead_letters,
+                        extra={"topic": topic, "records": len(topic_records), "dead_letters": result.dead_letters},
+                    )
+                if result.dead_letters:
+                    DEAD_LETTERS.labels(topic).inc(result.dead_letters)
+            acks, per_topic = await self._produce(outputs, fallback_headers)
+        except BaseException:
+            span.end()
+            raise
+        span.set_attribute("lp.outputs", len(outputs))
+        return _Flight(acks, batch.next_offsets, counts, per_topic, started, span)
+
+    async def _complete_oldest(self) -> None:
+        flight = self._in_flight[0]
+        try:
+            await asyncio.gather(*flight.acks)
+        except Exception as error:
+            await self._fail(DeliveryFailed(f"outputs not acknowledged: {type(error).__name__}: {error}"))
+            return
+        self._in_flight.popleft()
+        IN_FLIGHT.set(len(self._in_flight))
+        self.consumer.mark_delivered(flight.offsets)
+        for topic, count in flight.records.items():
+            RECORDS.labels(topic).inc(count)
+            self.processed += count
+        for topic, count in flight.outputs.items():
+            OUTPUTS.labels(topic).inc(count)
+        BATCH_SECONDS.observe(monotonic() - flight.started)
+        flight.span.end()
+        self._update_idle()
+
+    async def _fail(self, error: BaseException) -> None:
+        """Stop processing for good: nothing from this batch on is marked delivered, so nothing of it is committed."""
+        self._failure = error
+        for flight in self._in_flight:
+            flight.span.end()
+        self._in_flight.clear()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._update_idle()
+        log.error("worker failing: %s (uncommitted records are processed again after a restart)", error)
+        self.health.set_ready(False, f"failed: {error}")
+        app = self.app
+        if app is not None:
+            await app.crash(error)
+
+    @property
+    def consumer(self) -> BatchConsumer:
+        assert self.app is not None
+        return cast(BatchConsumer, self.app.consumer)
+
+    # producing -------------------------------------------------------------------------------------------------
+    async def _produce(
+        self, outputs: Sequence[Output], fallback_headers: Sequence[tuple[str, bytes]]
+    ) -> tuple[list[asyncio.Future[Any]], dict[str, int]]:
+        """Hand `outputs` to aiokafka as one record batch per (topic, partition): its batch API costs a fraction
+        of `send()` per record (no per-record future, partitioner call and accumulator lookup)."""
+        assert self.app is not None
+        producer = self.app.producer._ensure_producer()
+        builders: dict[tuple[str, int], Any] = {}
+        acks: list[asyncio.Future[Any]] = []
+        per_topic: dict[str, int] = {}
+        self._null_key_turn += 1
+        for output in outputs:
+            topic = output.topic
+            count = self._partition_counts.get(topic)
+            if count is None:
+                count = await self._partition_count(producer, topic)
+            partition = self._partition_for(output.key, count)
+            headers = headers_with_trace(output, fallback_headers)
+            builder = builders.get((topic, partition))
+            if builder is None:
+                builder = builders[(topic, partition)] = producer.create_batch()
+            if builder.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
+                acks.append(await producer.send_batch(builder, topic, partition=partition))  # full: send it
+                builder = builders[(topic, partition)] = producer.create_batch()
+                builder.append(key=output.key, value=output.value, timestamp=None, headers=headers)
+            per_topic[topic] = per_topic.get(topic, 0) + 1
+        for (topic, partition), builder in builders.items():
+            acks.append(await producer.send_batch(builder, topic, partition=partition))
+        return acks, per_topic
+
+    def _partition_for(self, key: bytes | None, count: int) -> int:
+        if key is None:
+            return self._null_key_turn % count  # one partition per batch for unkeyed records (sticky)
+        # CRC-32 of the key, as librdkafka's default partitioner (the platform's confluent-kafka producers):
+        # the same key lands on the same partition number whoever produced it, at 0.3 us a key where the
+        # Java-compatible murmur2 of aiokafka (pure Python) takes 14 us.
+        return crc32(key) % count
+
+    async def _partition_count(self, producer: Any, topic: str) -> int:
+        # A metadata request naming a missing topic creates it on brokers with auto-create (the local one
+        # does), so a topic not seen at start is first looked up in the full, non-creating topic list.
+        if topic not in self._known_topics:
+            cluster = await producer.client.fetch_all_metadata()
+            if topic not in cluster.topics():
+                raise TopicsMissing(f"the processor wrote to topic {topic!r}, which does not exist")
+            self._known_topics.add(topic)
+        count = len(await producer.partitions_for(topic))
+        self._partition_counts[topic] = count
+        return count
+
+    # tracing -------------------------------------------------------------------------------------------------
+    def _batch_span(self, batch: Batch) -> Span:
+        """One span per batch: child of the first record's producer span, linked to the next ones (up to
+        MAX_SPAN_LINKS), so a one-record batch continues its trace and a full one points at its sources."""
+        parent: SpanContext | None = None
+        links: list[Link] = []
+        for record in (record for records in batch.by_topic.values() for record in records):
+            context = _remote_context(record.headers)
+            if context is None:
+                continue
+            if parent is None:
+                parent = context
+            else:
+                links.append(Link(context))
+                if len(links) >= MAX_SPAN_LINKS:
+                    break
+        ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+        return self.tracer.start_span(
+            "validator.process_batch",
+            context=ctx,
+            links=links,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.system": "kafka", "messaging.batch.message_count": batch.size},
+        )
+
+
+def _remote_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None:
+    """A W3C traceparent header as a remote SpanContext, parsed by hand (cheaper than the propagator)."""
+    for name, value in headers:
+        if name == "traceparent" and value:
+            parts = value.split(b"-")
+            if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+                return None
+            try:
+                trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+            except ValueError:
+                return None
+            if not trace_id or not span_id:
+                return None
+            return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+    return None
+
+
+# --- the app and the worker ----------------------------------------------------------------------------------------
+
+
+def _broker_credentials(settings: StreamRuntimeSettings) -> Any:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    context = ssl.create_default_context() if protocol in ("SSL", "SASL_SSL") else None
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password,
+        mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+        ssl_context=context,
+    )
+
+
+def create_app(
+    settings: StreamRuntimeSettings,
+    processor: Processor,
+    input_topics: Sequence[str],
+    *,
+    health: Health,
+    datadir: str,
+    known_topics: Iterable[str] = (),
+    tracer: trace.Tracer | None = None,
+) -> RuntimeApp:
+    """The Faust app: consumer group `settings.consumer_group` over `input_topics`, tuned for the local broker."""
+    app = RuntimeApp(
+        settings.consumer_group,
+        # Faust reads BROKER_URL, WEB_PORT, PROCESSING_GUARANTEE, ... from the environment and lets them win over
+        # arguments; env={} keeps StreamRuntimeSettings the only source of configuration.
+        env={},
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=_broker_credentials(settings),
+        datadir=datadir,  # Faust creates <datadir>/<app id>-data even with an in-memory store
+        store="memory://",  # no tables: their recovery loses data on the local broker
+        processing_guarantee="at_least_once",  # exactly_once needs Kafka transactions: broken on the local broker
+        topic_allow_declare=False,  # topics are declared by the operator, never by a worker
+        topic_disable_leader=True,  # no leader-election topic (it would have to be declared too)
+        web_enabled=False,  # /healthz /readyz /metrics come from the kit's HealthServer (own thread)
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",  # a new group starts at the beginning ("latest" is wrong locally)
+        # The local coordinator holds a JoinGroup for session_timeout / 2: short sessions, frequent heartbeats.
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_rebalance_timeout=max(20.0, 3 * settings.broker_session_timeout_s),
+        broker_commit_interval=settings.commit_interval_s,
+        broker_max_poll_records=settings.batch_max_records,
+        producer_acks=-1,  # acks=all: an acknowledged output is on every in-sync replica
+        producer_linger=settings.producer_linger_ms / 1000.0,
+        producer_max_batch_size=min(settings.producer_max_batch_bytes, settings.producer_max_request_bytes),
+        producer_max_request_size=settings.producer_max_request_bytes,
+        producer_compression_type=settings.producer_compression,
+        producer_request_timeout=settings.producer_request_timeout_s,
+    )
+    app.runner = BatchRunner(processor, settings, health, known_topics, tracer=tracer)
+    app.runner.app = app
+    for topic in input_topics:
+        app.topics.add(app.topic(topic, key_serializer="raw", value_serializer="raw"))  # subscribe, no agent
+    return app
+
+
+class RuntimeWorker(faust.Worker):
+    """Faust's worker (signal handling, start/stop order, exit codes) plus a shutdown deadline.
+
+    On SIGTERM or SIGINT Faust stops the app: the flow stops, the fetcher stops, `BatchConsumer.wait_empty`
+    finishes the batches in flight and commits, then the consumer commits once more and leaves the group and
+    the producer flushes. If that takes longer than `shutdown_timeout_s` the process exits with status 3."""
+
+    logger = _FAUST_LOG
+
+    def __init__(self, app: RuntimeApp, *, health: Health, shutdown_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.spinner = None  # Faust's terminal spinner writes escape codes to stdout
+        self.health = health
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._deadline: threading.Timer | None = None
+
+    def _on_sigterm(self) -> None:
+        self._begin_shutdown("SIGTERM")
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._begin_shutdown("SIGINT")
+        super()._on_sigint()
+
+    def _begin_shutdown(self, signal_name: str) -> None:
+        if self._deadline is not None:
+            return
+        log.info("received %s: finishing the batches in flight, committing, leaving the group", signal_name)
+        self.health.set_ready(False, "shutting down")
+        self._deadline = threading.Timer(self.shutdown_timeout_s, _exit_after_deadline)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+
+def _exit_after_deadline() -> None:
+    log.error("shutdown took longer than SHUTDOWN_TIMEOUT_S: exiting without a clean commit")
+    logging.shutdown()
+    os._exit(EXIT_SHUTDOWN_TIMEOUT)
+
+
+def _broker_topics(settings: StreamRuntimeSettings) -> set[str]:
+    """Every topic on the broker, from a metadata request that names none (so it creates none)."""
+    metadata = AdminClient(client_config(settings)).list_topics(timeout=10)
+    return {name for name, entry in metadata.topics.items() if entry.error is None}
+
+
+def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
+    """Check the broker and the topics, then run the worker until SIGTERM; returns the exit status."""
+    wait_for_broker(client_config(settings))
+    existing = _broker_topics(settings)
+    inputs = resolve_input_topics(settings.input_patterns(), existing)
+    missing = [t for t in required_output_topics(inputs, settings.declared_outputs()) if t not in existing]
+    if missing:
+        raise TopicsMissing(
+            "output topics missing on the broker: " + ", ".join(missing) + "; declare them first "
+            "(python -m services.operator apply)"
+        )
+    tracer = setup_tracing(
+        settings.service_name,
+        settings.otel_exporter_otlp_endpoint,
+        settings.otel_traces_file,
+        settings.otel_sample_ratio,
+    )
+    health = Health()
+    http = HealthServer(health, settings.http_port).start()
+    log.info(
+        "consuming %s as group %s; health endpoint on :%d",
+        ",".join(inputs),
+        settings.consumer_group,
+        http.port,
+        extra={"input_topics": inputs, "http_port": http.port},
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    datadir = tempfile.mkdtemp(prefix="lp-faust-")
+    app = create_app(settings, processor, inputs, health=health, datadir=datadir, known_topics=existing, tracer=tracer)
+    worker = RuntimeWorker(
+        app,
+        health=health,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        loop=loop,
+        quiet=True,
+        override_logging=False,  # the kit's JSON logging stays in place
+        redirect_stdouts=False,
+    )
+    status: int = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        worker.cancel_deadline()
+        health.set_ready(False, "stopped")
+        shutdown_tracing()
+        http.stop()
+        shutil.rmtree(datadir, ignore_errors=True)
+    log.info(
+        "stopped",
+        extra={"exit_code": status, "processed": app.runner.processed},
+    )
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.validator.stream_app",
+        description="Run the streaming runtime with a processor; configuration from the environment "
+        "(KAFKA_BOOTSTRAP_SERVERS, INPUT_TOPICS, CONSUMER_GROUP, ...: see StreamRuntimeSettings).",
+    )
+    parser.add_argument("--processor", required=True, help="package.module:function, or package.module:factory()")
+    args = parser.parse_args(argv)
+    settings = load_settings(StreamRuntimeSettings)
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    # Faust and mode log every service start and stop at INFO; the runtime logs what matters itself.
+    for chatty in ("faust", "mode"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        processor = load_processor(args.processor)
+    except (ImportError, AttributeError, ValueError, TypeError) as error:
+        log.error("cannot load processor %s: %s: %s", args.processor, type(error).__name__, error)
+        return 1
+    try:
+        return run(settings, processor)
+    except (TopicsMissing, ConnectionError) as error:
+        log.error("cannot start: %s", error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

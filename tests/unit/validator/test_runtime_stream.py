@@ -1,0 +1,250 @@
+"""The Faust side of the runtime without a broker: how BatchRunner produces, acknowledges and fails, and how
+BatchConsumer turns delivered offsets into commits."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from faust.types import TP
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.kit.health import Health
+from services.validator.runtime import Batch, InputRecord, Output, Record, StreamRuntimeSettings, TopicsMissing
+from services.validator.stream_app import BatchConsumer, BatchRunner, _remote_context
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class FakeBatch:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: list[tuple[Any, ...]] = []
+
+    def append(self, *, key: Any, value: Any, timestamp: Any, headers: Any) -> object | None:
+        if len(self.records) >= self.capacity:
+            return None
+        self.records.append((key, value, headers))
+        return object()
+
+
+class FakeProducer:
+    def __init__(self, partitions: dict[str, int], capacity: int = 1000) -> None:
+        self.partitions = partitions
+        self.capacity = capacity
+        self.sent: list[tuple[str, int, FakeBatch, asyncio.Future[Any]]] = []
+        self.client = self
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.capacity)
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.sent.append((topic, partition, batch, future))
+        return future
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.partitions[topic]))
+
+    async def fetch_all_metadata(self) -> Any:
+        topics = set(self.partitions)
+        return type("Cluster", (), {"topics": lambda self: topics})()
+
+    def ack_all(self) -> None:
+        for *_, future in self.sent:
+            if not future.done():
+                future.set_result(None)
+
+
+class FakeApp:
+    def __init__(self, producer: FakeProducer) -> None:
+        self.producer = type("FaustProducer", (), {"_ensure_producer": lambda _: producer})()
+        self.consumer = type("Consumer", (), {})()
+        self.delivered: list[dict[tuple[str, int], int]] = []
+        self.consumer.mark_delivered = self.delivered.append
+        self.crashes: list[BaseException] = []
+
+    async def crash(self, error: BaseException) -> None:
+        self.crashes.append(error)
+
+
+def make_runner(
+    processor: Any, partitions: dict[str, int], known: set[str] | None = None, capacity: int = 1000
+) -> tuple[BatchRunner, FakeApp, FakeProducer]:
+    settings = StreamRuntimeSettings(kafka_bootstrap_servers="k:9092", max_in_flight_batches=2)
+    tracer = TracerProvider().get_tracer("test")  # recording spans, without touching the global provider
+    runner = BatchRunner(processor, settings, Health(), known if known is not None else set(partitions), tracer)
+    producer = FakeProducer(partitions, capacity)
+    app = FakeApp(producer)
+    runner.app = app  # type: ignore[assignment]
+    return runner, app, producer
+
+
+def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coroutine)
+
+
+def copy_to(topic: str):
+    def process(batch: list[InputRecord]) -> list[Output]:
+        return [Output(topic, r.key, r.value, source=r) for r in batch]
+
+    return process
+
+
+def records(n: int, topic: str = "in", partitions: int = 3, **kw: Any) -> list[Record]:
+    return [Record(topic, i % partitions, i // partitions, b"key-%d" % i, b"v%d" % i, **kw) for i in range(n)]
+
+
+def test_outputs_go_out_as_one_record_batch_per_partition_keyed_like_librdkafka():
+    async def scenario() -> None:
+        runner, _, producer = make_runner(copy_to("out"), {"out": 4})
+        batch = Batch.of(records(40))
+        flight = await runner._start(batch)
+        by_partition = {partition: b for topic, partition, b, _ in producer.sent}
+        assert {topic for topic, *_ in producer.sent} == {"out"}
+        assert sum(len(b.records) for b in by_partition.values()) == 40
+        for partition, sent in by_partition.items():
+            assert all(zlib.crc32(key) % 4 == partition for key, _, _ in sent.records)
+        assert flight.offsets == batch.next_offsets and flight.records == {"in": 40} and flight.outputs == {"out": 40}
+
+    run(scenario())
+
+
+def test_a_full_record_batch_is_sent_and_a_new_one_started():
+    async def scenario() -> None:
+        runner, _, producer = make_runner(copy_to("out"), {"out": 1}, capacity=7)
+        await runner._start(Batch.of(records(20)))
+        assert [len(b.records) for _, _, b, _ in producer.sent] == [7, 7, 6]
+
+    run(scenario())
+
+
+def test_unkeyed_outputs_of_a_batch_share_one_partition():
+    async def scenario() -> None:
+        def unkeyed(batch: list[InputRecord]) -> list[Output]:
+            return [Output("out", None, r.value) for r in batch]
+
+        runner, _, producer = make_runner(unkeyed, {"out": 5})
+        await runner._start(Batch.of(records(10)))
+        await runner._start(Batch.of(records(10)))
+        assert [(partition, len(b.records)) for _, partition, b, _ in producer.sent] == [(1, 10), (2, 10)]
+
+    run(scenario())
+
+
+def test_outputs_carry_trace_context_from_their_source_or_the_batch_span():
+    async def scenario() -> None:
+        traced = Record("in", 0, 0, b"a", b"1", [("traceparent", TRACEPARENT)])
+        untraced = Record("in", 0, 1, b"b", b"2")
+        runner, _, producer = make_runner(copy_to("out"), {"out": 1})
+        await runner._start(Batch.of([traced, untraced]))
+        (_, _, sent, _) = producer.sent[0]
+        first, second = (dict(headers) for _, _, headers in sent.records)
+        assert first["traceparent"] == TRACEPARENT
+        # The batch span continues the first record's trace, so the untraced record's output joins it too.
+        trace_id, span_id = second["traceparent"].split(b"-")[1:3]
+        assert trace_id == TRACEPARENT.split(b"-")[1] and span_id != TRACEPARENT.split(b"-")[2]
+
+    run(scenario())
+
+
+def test_offsets_are_marked_delivered_only_after_every_ack_and_in_batch_order():
+    async def scenario() -> None:
+        runner, app, producer = make_runner(copy_to("out"), {"out": 2})
+        first = Batch.of(records(6, partitions=1))
+        second = Batch.of([Record("in", 0, 6 + i, b"k%d" % i, b"v") for i in range(6)])
+        runner._in_flight.append(await runner._start(first))
+        sent_by_first = len(producer.sent)
+        runner._in_flight.append(await runner._start(second))
+        for *_, future in producer.sent[sent_by_first:]:  # the second batch is acknowledged first
+            future.set_result(None)
+        completing = asyncio.ensure_future(runner._complete_oldest())
+        await asyncio.sleep(0.01)
+        assert not completing.done() and app.delivered == []  # waits for the first batch
+        producer.sent[0][3].set_result(None)
+        await asyncio.sleep(0.01)
+        assert app.delivered == [] and not completing.done()  # ... for all of its acks
+        producer.ack_all()
+        await completing
+        await runner._complete_oldest()
+        assert app.delivered == [{("in", 0): 6}, {("in", 0): 12}]
+        assert runner.processed == 12 and not runner._in_flight
+
+    run(scenario())
+
+
+def test_a_failed_delivery_crashes_without_marking_it_or_any_later_batch_delivered():
+    async def scenario() -> None:
+        runner, app, producer = make_runner(copy_to("out"), {"out": 1})
+        runner._in_flight.append(await runner._start(Batch.of(records(3))))
+        runner._in_flight.append(await runner._start(Batch.of(records(3))))
+        producer.sent[0][3].set_exception(TimeoutError("no ack"))
+        producer.sent[1][3].set_result(None)
+        await runner._complete_oldest()
+        assert app.delivered == [] and not runner._in_flight
+        assert [type(e).__name__ for e in app.crashes] == ["DeliveryFailed"]
+        assert "TimeoutError: no ack" in str(app.crashes[0])
+        assert runner._idle.is_set()  # a shutdown waiting on the runner is not held up
+        await runner.submit(Batch.of(records(1)), asyncio.Event())
+        assert runner._queue.empty()  # nothing more is taken on
+
+    run(scenario())
+
+
+def test_writing_to_a_missing_topic_fails_before_anything_names_it_to_the_broker():
+    async def scenario() -> None:
+        runner, _, producer = make_runner(copy_to("typo"), {"out": 1}, known=set())
+        with pytest.raises(TopicsMissing, match="'typo'"):
+            await runner._start(Batch.of(records(1)))
+        assert producer.sent == []
+
+    run(scenario())
+
+
+def test_drain_drops_queued_batches_and_waits_for_the_one_in_flight():
+    async def scenario() -> None:
+        runner, app, producer = make_runner(copy_to("out"), {"out": 1})
+        runner._in_flight.append(await runner._start(Batch.of(records(2))))
+        await runner.submit(Batch.of(records(5)), asyncio.Event())
+        draining = asyncio.ensure_future(runner.drain())
+        await asyncio.sleep(0.01)
+        assert runner._queue.empty() and not draining.done()
+        producer.ack_all()
+        await runner._complete_oldest()
+        await asyncio.wait_for(draining, 1)
+        assert len(app.delivered) == 1
+
+    run(scenario())
+
+
+def test_the_consumer_commits_the_delivered_offsets():
+    consumer = BatchConsumer.__new__(BatchConsumer)  # only the offset bookkeeping, no Faust app behind it
+    consumer._delivered = {}
+    consumer._new_topicpartition = TP  # type: ignore[method-assign]
+    consumer.app = type("App", (), {"monitor": None})()
+    consumer.mark_delivered({("in", 0): 10, ("in", 1): 4})
+    consumer.mark_delivered({("in", 0): 7})  # never backwards
+    assert consumer._new_offset(TP("in", 0)) == 10
+    assert consumer._new_offset(TP("in", 2)) is None
+    assert sorted(consumer._filter_tps_with_pending_acks()) == [TP("in", 0), TP("in", 1)]
+    assert list(consumer._filter_tps_with_pending_acks({"other"})) == []
+    assert list(consumer._filter_tps_with_pending_acks({TP("in", 1)})) == [TP("in", 1)]
+
+
+@pytest.mark.parametrize(
+    ("header", "valid"),
+    [
+        (TRACEPARENT, True),
+        (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", False),
+        (b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01", False),
+        (b"00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False),
+    ],
+)
+def test_remote_context_parses_traceparent(header, valid):
+    context = _remote_context([("other", b"x"), ("traceparent", header)])
+    assert (context is not None) == valid
+    if context is not None:
+        assert f"{context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736" and context.is_remote
