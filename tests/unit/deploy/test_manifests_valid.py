@@ -289,9 +289,10 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     by_kind: dict[str, list[str]] = {}
     for document in rendered:
         by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
-    assert by_kind["Deployment"] == ["lp-lambda-pipeline-generator"]
-    assert by_kind["Service"] == ["lp-lambda-pipeline-generator"]
-    assert "HorizontalPodAutoscaler" not in by_kind  # the seeded generator must not scale out
+    assert by_kind["Deployment"] == ["lp-lambda-pipeline-generator", "lp-lambda-pipeline-ingest"]
+    assert by_kind["Service"] == ["lp-lambda-pipeline-generator", "lp-lambda-pipeline-ingest"]
+    # the seeded generator must not scale out; the ingest API does
+    assert by_kind["HorizontalPodAutoscaler"] == ["lp-lambda-pipeline-ingest"]
     assert sorted(by_kind["CustomResourceDefinition"]) == [
         "eventschemas.lambdapipeline.io",
         "kafkatopics.lambdapipeline.io",
@@ -311,8 +312,22 @@ def test_chart_declarations_and_crds_are_the_repository_files() -> None:
 
 
 def generator_deployment(*extra: str) -> dict[str, Any]:
-    (deployment,) = [d for d in helm_template(*extra) if d["kind"] == "Deployment"]
+    (deployment,) = [
+        d for d in helm_template(*extra) if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("generator")
+    ]
     return deployment
+
+
+def test_ingest_api_exposes_grpc_and_scales() -> None:
+    rendered = helm_template()
+    (deployment,) = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("ingest")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["services.ingest"]
+    assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in container["ports"]
+    assert {"name": "GRPC_PORT", "value": "50051"} in container["env"]
+    (service,) = [d for d in rendered if d["kind"] == "Service" and d["metadata"]["name"].endswith("ingest")]
+    assert {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"} in service["spec"]["ports"]
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
 
 
 def test_generator_deployment() -> None:
@@ -368,7 +383,9 @@ def test_adding_a_service_is_a_values_entry(tmp_path: Path) -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in rendered}
     assert ("Deployment", "lp-lambda-pipeline-validator") in names
     assert ("Service", "lp-lambda-pipeline-validator") in names
-    (hpa,) = [d for d in rendered if d["kind"] == "HorizontalPodAutoscaler"]
+    (hpa,) = [
+        d for d in rendered if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"].endswith("validator")
+    ]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["maxReplicas"] == 16 and hpa["spec"]["minReplicas"] == 1
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
@@ -381,7 +398,7 @@ def test_adding_a_service_is_a_values_entry(tmp_path: Path) -> None:
 
 def test_a_service_can_be_disabled_and_needs_a_module() -> None:
     rendered = helm_template("--set", "services.generator.enabled=false")
-    assert not [d for d in rendered if d["kind"] in ("Deployment", "Service")]
+    assert not [d for d in rendered if d["kind"] in ("Deployment", "Service") and "generator" in d["metadata"]["name"]]
     completed = subprocess.run(
         [str(tool("helm")), "template", "lp", str(CHART_DIR), "--set", "services.broken.replicas=1"],
         capture_output=True,
