@@ -108,20 +108,21 @@ def load_processor(spec: str) -> Processor:
 
 
 # --- dead letters ----------------------------------------------------------------------------------------------
-# The same names and formats as `services.validator.deadletter` (the rule engine's dead letters), so one replay
-# tool reads both. Kept here so the runtime does not depend on the engine; swap for that module's import once
-# it is settled.
-HEADER_ERROR_CODE = "lp-dlq-error-code"
-HEADER_RULE = "lp-dlq-rule"
-HEADER_FIELD = "lp-dlq-field"
-HEADER_MESSAGE = "lp-dlq-message"
-HEADER_STAGE = "lp-dlq-stage"
-HEADER_ORIGINAL_TOPIC = "lp-dlq-original-topic"
-HEADER_ORIGINAL_PARTITION = "lp-dlq-original-partition"
-HEADER_ORIGINAL_OFFSET = "lp-dlq-original-offset"
-HEADER_TIME = "lp-dlq-time"
-HEADER_TRACE_ID = "lp-dlq-trace-id"
-HEADER_ATTEMPT = "lp-dlq-attempt"
+# The header names of `services.validator.deadletter`, so one replay tool reads every dead letter.
+from services.validator.deadletter import (  # noqa: E402
+    HEADER_ATTEMPT,
+    HEADER_ERROR_CODE,
+    HEADER_FIELD,
+    HEADER_MESSAGE,
+    HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION,
+    HEADER_ORIGINAL_TOPIC,
+    HEADER_RULE,
+    HEADER_STAGE,
+    HEADER_TIME,
+    HEADER_TRACE_ID,
+)
+
 DLQ_TOPIC_SUFFIX = ".dlq"
 STAGE_PROCESS = "process"
 PROCESSOR_EXCEPTION = "PROCESSOR_EXCEPTION"  # the processor raised for this record alone
