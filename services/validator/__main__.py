@@ -1,0 +1,52 @@
+"""`python -m services.validator` runs the validator service; `replay` and `load` are its tools (cli.py).
+
+python -m services.validator            # the streaming service (stream_app.run with app.make_processor)
+python -m services.validator replay ... # dead letters back to their original topic
+python -m services.validator load F...  # batch files through the same processor path
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from services.kit.config import load_settings
+from services.kit.logs import configure_logging
+from services.validator import app, stream_app
+from services.validator.runtime import StreamRuntimeSettings, TopicsMissing
+
+log = logging.getLogger("services.validator")
+
+
+def serve() -> int:
+    os.environ.setdefault("INPUT_TOPICS", app.INPUT_TOPICS)
+    os.environ.setdefault("OUTPUT_TOPICS", ",".join(app.output_topics()))
+    os.environ.setdefault("SERVICE_NAME", "validator")
+    settings = load_settings(StreamRuntimeSettings)
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    for chatty in ("faust", "mode"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    processor = app.make_processor()
+    try:
+        return stream_app.run(settings, processor)
+    except (TopicsMissing, ConnectionError) as error:
+        log.error("cannot start: %s", error)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("replay", "load"):
+        from services.validator import cli
+
+        return cli.main(args)
+    if args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

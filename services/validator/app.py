@@ -1,0 +1,216 @@
+"""The validator service: the rule engine's pipeline (`services.validator.pipeline`) as a streaming processor.
+
+`make_processor()` builds one `ValidatorProcessor` holding one RuleBook, RuleEngine, ReferenceStore and
+DedupeStore for every input topic, and `services.validator.stream_app` runs it (`python -m services.validator`):
+
+    cdc.postgres.users, .products  -> ReferenceStore (only a dead letter is produced, on ....dlq)
+    cdc.postgres.transactions      -> TransactionProcessor -> transactions.processed (+ status_history) | ....dlq
+    events.raw                     -> EventProcessor -> events.processed | events.raw.retry | events.raw.dlq
+    events.raw.retry               -> EventProcessor once `lp-retry-not-before` has passed; before that the
+                                      record is produced again to events.raw.retry unchanged (see below)
+
+Retry delay: the runtime offers no partition pause and a processor must not sleep on the event loop, so a
+record that is not yet due is re-emitted to `events.raw.retry` with its headers (hence its not-before)
+unchanged, and consumed again later. Cost: a not-yet-due record circulates through the broker until due
+(one produce per batch round trip); the retry topic carries only late-reference records, a small share.
+
+Replays (`python -m services.validator replay`) carry `lp-replay-id` and `lp-replay-source` (the dead letter's
+`<dlq topic>:<partition>:<offset>`) headers; the processor processes each replay source once per process
+(bounded memory) and the DUPLICATE_ALLOW_ONE rule on event_id catches a replay of an event already accepted.
+
+Reference data is per worker and in memory: with several workers each one sees only the CDC partitions it
+owns, so lookups may miss (and retry, then dead-letter) rows owned by another worker. Run one worker, or
+give users/products their own consumer group per worker (not done yet) before scaling out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from time import monotonic
+
+from prometheus_client import Counter
+
+from services.kit.avro import SchemaRepository
+from services.validator.deadletter import OriginalMessage
+from services.validator.dedupe import DedupeStore
+from services.validator.engine import RuleEngine
+from services.validator.pipeline import (
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TOPICS,
+    EventProcessor,
+    Output,
+    Route,
+    Topics,
+    TransactionProcessor,
+    apply_reference,
+    retry_wait_seconds,
+)
+from services.validator.references import ReferenceStore
+from services.validator.retry import RetryPolicy
+from services.validator.rulebook import DEFAULT_RULES_DIR, RuleBook
+from services.validator.runtime import InputRecord
+from services.validator.runtime import Output as RuntimeOutput
+
+log = logging.getLogger("services.validator.app")
+
+REFERENCE_TOPICS = ("cdc.postgres.users", "cdc.postgres.products")
+REPLAY_ID_HEADER = "lp-replay-id"
+REPLAY_SOURCE_HEADER = "lp-replay-source"
+MAX_REPLAY_SOURCES = 100_000
+
+RULE_CHECKED = Counter("lp_validator_rule_checked_total", "Records a rule was evaluated on", ["rule"])
+RULE_FAILED = Counter("lp_validator_rule_failed_total", "Records a rule failed on", ["rule"])
+ROUTED = Counter("lp_validator_routed_total", "Records produced by the validator, by route", ["route"])
+REFERENCE_APPLIED = Counter("lp_validator_reference_changes_total", "CDC reference changes", ["table", "result"])
+REPLAYS_DROPPED = Counter("lp_validator_replays_dropped_total", "Replayed records seen before (not processed again)")
+NOT_DUE = Counter("lp_validator_retry_not_due_total", "Retry records re-emitted because not yet due")
+
+INPUT_TOPICS = "events.raw,events.raw.retry,cdc.postgres.*"
+
+
+def output_topics(topics: Topics = DEFAULT_TOPICS) -> list[str]:
+    return [
+        topics.events_processed,
+        topics.events_retry,
+        topics.events_dead_letter,
+        topics.transactions_processed,
+        topics.status_history,
+        topics.transactions_dead_letter,
+        *(t + ".dlq" for t in REFERENCE_TOPICS),
+    ]
+
+
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+class ValidatorProcessor:
+    """A `runtime.Processor`: one topic's batch in, the pipeline's outputs out."""
+
+    def __init__(
+        self,
+        rulebook: RuleBook,
+        schemas: SchemaRepository,
+        *,
+        topics: Topics = DEFAULT_TOPICS,
+        references: ReferenceStore | None = None,
+        dedupe: DedupeStore | None = None,
+        reload_interval_s: float = 10.0,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self.topics = topics
+        self.rulebook = rulebook
+        self.references = references if references is not None else ReferenceStore()
+        self.engine = RuleEngine(rulebook, self.references, dedupe if dedupe is not None else DedupeStore())
+        self.events = EventProcessor(self.engine, schemas, topics=topics, retry_policy=retry_policy)
+        self.transactions = TransactionProcessor(self.engine, schemas, topics=topics)
+        self.reload_interval_s = reload_interval_s
+        self._next_reload = monotonic() + reload_interval_s
+        self._replayed: OrderedDict[bytes, None] = OrderedDict()
+        self._exported_rules: dict[str, tuple[int, int]] = {}
+        self._exported_refs: dict[tuple[str, str], int] = {}
+
+    # -- the processor ------------------------------------------------------------------------------------------
+    def __call__(self, batch: list[InputRecord]) -> list[RuntimeOutput]:
+        self._maybe_reload()
+        outputs: list[RuntimeOutput] = []
+        try:
+            for record in batch:
+                for out in self.process_one(record):
+                    ROUTED.labels(out.route.value).inc()
+                    outputs.append(RuntimeOutput(out.topic, out.key, out.value, out.headers, source=record))
+        finally:
+            self._export_metrics()
+        return outputs
+
+    process = __call__
+
+    def process_one(self, record: InputRecord, now: datetime | None = None) -> list[Output]:
+        topic = record.topic
+        message = OriginalMessage(
+            topic, record.partition, record.offset, record.key, record.value, list(record.headers)
+        )
+        if self._seen_replay(record.headers):
+            REPLAYS_DROPPED.inc()
+            return []
+        if topic in REFERENCE_TOPICS:
+            result = apply_reference(self.references, message, now or self.engine.clock())
+            return [result] if isinstance(result, Output) else []
+        if topic == self.topics.transactions_cdc:
+            return self.transactions.process(message)
+        if topic == self.topics.events_retry:
+            if retry_wait_seconds(record.headers, now or self.engine.clock()) > 0:
+                NOT_DUE.inc()
+                headers = [(k, v if v is not None else b"") for k, v in record.headers]
+                return [Output(Route.RETRY, topic, record.key, record.value, headers)]
+            return [self.events.process(message)]
+        if topic == self.topics.events_raw:
+            return [self.events.process(message)]
+        raise ValueError(f"the validator does not consume topic {topic!r}")
+
+    # -- replays ------------------------------------------------------------------------------------------------
+    def _seen_replay(self, headers: Sequence[tuple[str, bytes | None]]) -> bool:
+        source = _header(headers, REPLAY_SOURCE_HEADER)
+        if not source:
+            return False
+        if source in self._replayed:
+            return True
+        self._replayed[source] = None
+        while len(self._replayed) > MAX_REPLAY_SOURCES:
+            self._replayed.popitem(last=False)
+        return False
+
+    # -- housekeeping -------------------------------------------------------------------------------------------
+    def _maybe_reload(self) -> None:
+        if monotonic() < self._next_reload:
+            return
+        self._next_reload = monotonic() + self.reload_interval_s
+        result = self.rulebook.reload_if_changed()
+        if result is None:
+            return
+        if result.ok and result.changed:
+            log.info("rules reloaded", extra={"rules_version": result.version})
+        elif not result.ok:
+            log.error("rule reload failed, keeping %s: %s", result.version, result.error)
+
+    def _export_metrics(self) -> None:
+        for rule_id, counter in self.engine.rule_counters().items():
+            checked, failed = self._exported_rules.get(rule_id, (0, 0))
+            if counter.checked > checked:
+                RULE_CHECKED.labels(rule_id).inc(counter.checked - checked)
+            if counter.failed > failed:
+                RULE_FAILED.labels(rule_id).inc(counter.failed - failed)
+            self._exported_rules[rule_id] = (counter.checked, counter.failed)
+        for (table, result), count in self.references.results.items():
+            done = self._exported_refs.get((table, result), 0)
+            if count > done:
+                REFERENCE_APPLIED.labels(table, str(result)).inc(count - done)
+                self._exported_refs[(table, result)] = count
+
+
+def make_processor() -> ValidatorProcessor:
+    """The service's processor, configured from the environment: VALIDATOR_RULES_DIR (rule files),
+    VALIDATOR_RELOAD_INTERVAL_S (how often rule files are checked for changes, default 10),
+    VALIDATOR_RETRY_BASE_DELAY_S / VALIDATOR_RETRY_MAX_ATTEMPTS / VALIDATOR_RETRY_MAX_AGE_S (late-reference
+    retries; defaults 2 s doubling, 5 attempts, 300 s)."""
+    rules_dir = Path(os.environ.get("VALIDATOR_RULES_DIR") or DEFAULT_RULES_DIR)
+    interval = float(os.environ.get("VALIDATOR_RELOAD_INTERVAL_S") or 10.0)
+    default = DEFAULT_RETRY_POLICY
+    policy = RetryPolicy(
+        base_delay=timedelta(seconds=float(os.environ.get("VALIDATOR_RETRY_BASE_DELAY_S") or 0)) or default.base_delay,
+        max_attempts=int(os.environ.get("VALIDATOR_RETRY_MAX_ATTEMPTS") or default.max_attempts),
+        max_age=timedelta(seconds=float(os.environ.get("VALIDATOR_RETRY_MAX_AGE_S") or 0)) or default.max_age,
+        multiplier=default.multiplier,
+        max_delay=default.max_delay,
+    )
+    return ValidatorProcessor(
+        RuleBook(rules_dir), SchemaRepository.load(), reload_interval_s=interval, retry_policy=policy
+    )

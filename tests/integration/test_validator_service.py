@@ -1,0 +1,359 @@
+"""The validator service (`python -m services.validator`) and its tools against the local stack.
+
+The declared topics are fixed names shared by the whole session, so every record this test produces carries a
+`test-id` header (unique per record) and the checks only look at records with this run's ids: the service
+keeps original headers on processed, retry and dead-letter records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Message, Producer
+
+from services.generator.bad_events import BAD_KINDS, BadEventGenerator
+from services.generator.model import Simulation
+from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
+from services.kit.kafka import scan_topic
+from services.operator.apply import apply_declarations
+from services.validator.cdc import make_envelope
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEST_ID = "test-id"
+# The dead-letter code each bad kind must get (garbage and rogue-schema payloads fail to decode).
+EXPECTED_CODES = {
+    "null_ids": ("MISSING_FIELD", "event_required_ids"),
+    "negative_amount": ("OUT_OF_RANGE", "amount_not_negative"),
+    "unknown_user": ("REFERENCE_NOT_FOUND", "user_exists"),  # after the retries ran out
+    "duplicate": ("DUPLICATE", "event_id_unique"),
+    "future_timestamp": ("FUTURE_TIMESTAMP", "event_time_not_in_future"),
+    "wrong_types": ("UNKNOWN_WRITER_SCHEMA", ""),  # not Avro of a known schema: a decode error, no rule
+    "garbage_bytes": ("NOT_AVRO_SINGLE_OBJECT", ""),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def headers_of(message: Message) -> dict[str, bytes]:
+    return {k: (v or b"") for k, v in (message.headers() or [])}
+
+
+def read_ours(bootstrap: str, topic: str, ids: set[str]) -> list[Message]:
+    found: list[Message] = []
+
+    def keep(message: Message) -> None:
+        if headers_of(message).get(TEST_ID, b"").decode() in ids:
+            found.append(message)
+
+    scan_topic({"bootstrap.servers": bootstrap}, topic, on_message=keep)
+    return found
+
+
+def run_cli(env: dict[str, str], *args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.validator", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def without_validated_at(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "validated_at"}
+
+
+@pytest.fixture(scope="module")
+def declared(stack) -> str:
+    report = apply_declarations(REPO_ROOT / "deploy" / "k8s", stack.bootstrap_servers, cap_replication_factor=True)
+    assert report.ok, report.table()
+    return stack.bootstrap_servers
+
+
+@pytest.fixture
+def service(stack, declared, tmp_path: Path):
+    log_path = tmp_path / "validator.log"
+    port = free_port()
+    env = {
+        **os.environ,
+        **stack.env(),
+        "CONSUMER_GROUP": f"lp-validator-test-{uuid.uuid4().hex[:8]}",
+        "HTTP_PORT": str(port),
+        "LOG_FORMAT": "text",
+        "VALIDATOR_RETRY_BASE_DELAY_S": "0.5",
+        "VALIDATOR_RETRY_MAX_ATTEMPTS": "3",
+        "SHUTDOWN_TIMEOUT_S": "20",
+    }
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.validator"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        assert process.poll() is None, log_path.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_for(ready, 90, "the validator to be ready", log_path)
+    yield env, port, log_path, process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def seed_references(bootstrap: str, sim: Simulation) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for user in sim.users:
+        row = {k: v for k, v in asdict(user).items() if k != "shipping_address"}
+        envelope = make_envelope("r", "users", after=row, ts_ms=int(time.time() * 1000))
+        producer.produce(
+            "cdc.postgres.users", json.dumps(envelope, default=str).encode(), json.dumps({"user_id": user.user_id})
+        )
+    for product in sim.products:
+        envelope = make_envelope("r", "products", after=asdict(product), ts_ms=int(time.time() * 1000))
+        key = json.dumps({"product_id": product.product_id})
+        producer.produce("cdc.postgres.products", json.dumps(envelope, default=str).encode(), key)
+    assert producer.flush(30) == 0
+
+
+def test_service_routes_good_and_bad_events_load_and_replay(stack, service, tmp_path: Path) -> None:
+    env, port, log_path, process = service
+    bootstrap = stack.bootstrap_servers
+    started = datetime.now(UTC)
+    seed = int(uuid.uuid4().int % 1_000_000)
+    sim = Simulation(seed, n_users=40, n_products=30, start_time=started)
+    bad = BadEventGenerator(seed, sim.users, sim.products, share=0.0)
+    seed_references(bootstrap, sim)
+    time.sleep(2)  # the references first (events seen before them retry, which works too, only slower)
+
+    schemas = SchemaRepository.load()
+    serialize = AvroSerializer(schemas["raw_event"])
+    rogue: dict[str, AvroSerializer] = {}
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10})
+    good: dict[str, dict[str, Any]] = {}  # test id -> raw record
+    bad_kind: dict[str, str] = {}  # test id -> kind
+    bad_payload: dict[str, bytes] = {}
+    for i in range(300):
+        now = datetime.now(UTC)
+        event = sim.next_event(now)
+        test_id = uuid.uuid4().hex
+        record = event.to_record()
+        good[test_id] = record
+        bad.observe(event)
+        producer.produce("events.raw", serialize(record), event.key, headers=[(TEST_ID, test_id.encode())])
+        if i % 20 == 10:  # every kind, several times
+            kind = BAD_KINDS[(i // 20) % len(BAD_KINDS)]
+            made = bad.make(now, kind)
+            if made.payload is not None:
+                payload = made.payload
+            elif made.writer_schema is None:
+                payload = serialize(made.record)
+            else:
+                if made.kind not in rogue:
+                    rogue[made.kind] = AvroSerializer(Schema.from_definition(f"rogue_{kind}", made.writer_schema))
+                payload = rogue[made.kind](made.record)
+            bad_id = uuid.uuid4().hex
+            bad_kind[bad_id] = made.kind
+            bad_payload[bad_id] = payload
+            producer.produce("events.raw", payload, made.key, headers=[(TEST_ID, bad_id.encode())])
+    assert producer.flush(30) == 0
+    assert set(bad_kind.values()) == set(BAD_KINDS)
+
+    ids = set(good) | set(bad_kind)
+
+    def all_routed() -> bool:
+        assert process.poll() is None, log_path.read_text()[-4000:]
+        seen = {
+            headers_of(m)[TEST_ID].decode()
+            for t in ("events.processed", "events.raw.dlq")
+            for m in read_ours(bootstrap, t, ids)
+        }
+        return seen >= ids
+
+    wait_for(all_routed, 120, "every event to be processed or dead-lettered", log_path)
+    time.sleep(2)  # anything duplicated would show by now
+    processed = read_ours(bootstrap, "events.processed", ids)
+    dead = read_ours(bootstrap, "events.raw.dlq", ids)
+    processed_ids = Counter(headers_of(m)[TEST_ID].decode() for m in processed)
+    dead_ids = Counter(headers_of(m)[TEST_ID].decode() for m in dead)
+
+    # Every good event once in events.processed, never in the DLQ; every bad one once in the DLQ only.
+    assert {i: n for i, n in processed_ids.items() if n != 1} == {}
+    assert {i: n for i, n in dead_ids.items() if n != 1} == {}
+    assert set(processed_ids) == set(good)
+    assert set(dead_ids) == set(bad_kind)
+
+    decode_processed = AvroDeserializer(schemas, "processed_event")
+    stream_records: dict[str, dict[str, Any]] = {}
+    for message in processed:
+        decoded = decode_processed(message.value())
+        assert isinstance(decoded, Decoded), decoded
+        test_id = headers_of(message)[TEST_ID].decode()
+        assert decoded.record["event_id"] == good[test_id]["event_id"]
+        assert message.key() == good[test_id]["user_id"].encode()
+        stream_records[decoded.record["event_id"]] = decoded.record
+
+    codes_by_kind: dict[str, Counter[tuple[str, str]]] = defaultdict(Counter)
+    for message in dead:
+        headers = headers_of(message)
+        test_id = headers[TEST_ID].decode()
+        code = headers["lp-dlq-error-code"].decode()
+        rule = headers.get("lp-dlq-rule", b"").decode()
+        assert code, headers
+        assert message.value() == bad_payload[test_id]  # the original bytes, untouched
+        assert headers["lp-dlq-original-topic"] == b"events.raw"
+        codes_by_kind[bad_kind[test_id]][(code, rule)] += 1
+        if bad_kind[test_id] == "unknown_user":  # went through events.raw.retry until the retries ran out
+            assert headers["lp-dlq-attempt"] == b"3", headers
+    print("dead-letter codes by kind:", dict(codes_by_kind))
+    assert set(codes_by_kind) == set(BAD_KINDS)
+    for kind, counts in codes_by_kind.items():
+        assert set(counts) == {EXPECTED_CODES[kind]}, (kind, counts)
+    assert process.poll() is None  # garbage did not crash it
+
+    # `load`: the same good events from a JSONL file give the same processed payloads.
+    batch = tmp_path / "events.jsonl"
+    with batch.open("w") as out:
+        for record in good.values():
+            out.write(json.dumps(record, default=lambda v: v.isoformat()) + "\n")
+    summary = run_cli(env, "load", str(batch), "--source", "generator")
+    assert summary["routes"] == {"processed": len(good)}, summary
+    loaded: dict[str, dict[str, Any]] = {}
+
+    def from_file(message: Message) -> None:
+        if headers_of(message).get("lp-batch-origin", b"").decode().startswith(f"file:{batch}"):
+            decoded = decode_processed(message.value())
+            assert isinstance(decoded, Decoded)
+            loaded[decoded.record["event_id"]] = decoded.record
+
+    scan_topic({"bootstrap.servers": bootstrap}, "events.processed", on_message=from_file)
+    assert set(loaded) == set(stream_records)
+    for event_id, record in loaded.items():
+        assert without_validated_at(record) == without_validated_at(stream_records[event_id])
+
+    # `replay`: a subset of this run's dead letters goes back to events.raw, exactly those, processed once.
+    subset_code = "DUPLICATE"  # replayed, they are duplicates again: dead-lettered once more, each once
+    expected_subset = {
+        headers_of(m)[TEST_ID].decode() for m in dead if headers_of(m)["lp-dlq-error-code"].decode() == subset_code
+    }
+    assert expected_subset
+    since = started.isoformat()
+    dry = run_cli(env, "replay", "--code", subset_code, "--since", since, "--dry-run")
+    assert dry["would_replay"] == len(expected_subset), dry
+    replay_id = uuid.uuid4().hex
+    done = run_cli(env, "replay", "--code", subset_code, "--since", since, "--replay-id", replay_id)
+    assert done["replayed"] == len(expected_subset), done
+
+    def replayed_ids(topic: str) -> Counter[str]:
+        return Counter(
+            headers_of(m)[TEST_ID].decode()
+            for m in read_ours(bootstrap, topic, expected_subset)
+            if headers_of(m).get("lp-replay-id") == replay_id.encode()
+        )
+
+    assert replayed_ids("events.raw") == Counter(dict.fromkeys(expected_subset, 1))
+
+    def reprocessed() -> bool:
+        return sum((replayed_ids("events.raw.dlq") + replayed_ids("events.processed")).values()) >= len(expected_subset)
+
+    wait_for(reprocessed, 60, "the replayed records to be processed", log_path)
+    time.sleep(2)
+    again = replayed_ids("events.raw.dlq") + replayed_ids("events.processed")
+    assert again == Counter(dict.fromkeys(expected_subset, 1))  # each replayed record processed once
+
+    # A second replay takes the newer dead letters (the first ones are superseded): the same count, not double.
+    dry = run_cli(env, "replay", "--code", subset_code, "--since", since, "--dry-run")
+    assert dry["would_replay"] == len(expected_subset), dry
+
+    # cdc.postgres.transactions: the generator's purchases as CDC inserts and one status update each, plus an
+    # invalid row and a non-JSON value: transactions.processed + status_history, or the transactions DLQ.
+    transactions = [e.transaction for e in (sim.next_event(datetime.now(UTC)) for _ in range(3000)) if e.transaction]
+    transactions = transactions[:10]
+    assert transactions
+    cdc = Producer({"bootstrap.servers": bootstrap})
+    tx_ids: set[str] = set()
+    for lsn, tx in enumerate(transactions, start=1):
+        row = asdict(tx)
+        test_id = uuid.uuid4().hex
+        tx_ids.add(test_id)
+        key = json.dumps({"transaction_id": tx.transaction_id})
+        created = make_envelope("c", "transactions", after=row, lsn=lsn * 10, ts_ms=int(time.time() * 1000))
+        updated = make_envelope("u", "transactions", before=row, after={**row, "status": "cancelled"}, lsn=lsn * 10 + 1)
+        for envelope in (created, updated):
+            value = json.dumps(envelope, default=str).encode()
+            cdc.produce("cdc.postgres.transactions", value, key, headers=[(TEST_ID, test_id.encode())])
+    bad_tx = {"negative": uuid.uuid4().hex, "garbage": uuid.uuid4().hex}
+    negative = {**asdict(transactions[0]), "transaction_id": str(uuid.uuid4()), "quantity": -1}
+    value = json.dumps(make_envelope("c", "transactions", after=negative, lsn=1), default=str).encode()
+    cdc.produce("cdc.postgres.transactions", value, b"k", headers=[(TEST_ID, bad_tx["negative"].encode())])
+    cdc.produce("cdc.postgres.transactions", b"\x00not json", b"k", headers=[(TEST_ID, bad_tx["garbage"].encode())])
+    assert cdc.flush(30) == 0
+
+    def transactions_routed() -> bool:
+        seen = {headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "transactions.status_history", tx_ids)}
+        dead = read_ours(bootstrap, "cdc.postgres.transactions.dlq", set(bad_tx.values()))
+        return seen == tx_ids and len(dead) == 2
+
+    wait_for(transactions_routed, 60, "the transactions to be processed", log_path)
+    assert Counter(
+        headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "transactions.processed", tx_ids)
+    ) == Counter(dict.fromkeys(tx_ids, 2))
+    history = read_ours(bootstrap, "transactions.status_history", tx_ids)
+    assert len(history) == 2 * len(tx_ids)  # created (no old status) and the update to cancelled
+    tx_dead = {
+        headers_of(m)[TEST_ID].decode(): headers_of(m)["lp-dlq-error-code"].decode()
+        for m in read_ours(bootstrap, "cdc.postgres.transactions.dlq", set(bad_tx.values()))
+    }
+    print("transaction dead letters:", tx_dead)
+    assert tx_dead == {bad_tx["negative"]: "OUT_OF_RANGE", bad_tx["garbage"]: "CDC_BAD_ENVELOPE"}
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert "lp_validator_rule_checked_total{" in metrics
+    assert 'lp_validator_routed_total{route="processed"}' in metrics
