@@ -9,7 +9,6 @@ made meanwhile).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,8 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+from services.kit.durations import parse_duration as kit_parse_duration
 
 
 @dataclass(frozen=True)
@@ -37,11 +35,8 @@ class SlotInfo:
 
 
 def parse_duration(text: str) -> timedelta:
-    """`90s`, `30m`, `2h`, `1d`, `1w`, or plain seconds."""
-    match = _DURATION_RE.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 2h, 1d)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    """`90s`, `30m`, `2h`, `1d`, `1w`, or plain seconds (the `--older-than` flag)."""
+    return kit_parse_duration(text, unitless_seconds=True)
 
 
 def list_slots(conn: psycopg.Connection[Any]) -> list[SlotInfo]:

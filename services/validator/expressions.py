@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import ast
 import operator
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal, DecimalException, InvalidOperation
 from typing import Any
+
+from services.kit.durations import parse_duration
 
 MAX_SOURCE_LENGTH = 2000
 MAX_NODES = 300  # bounds evaluation cost: no loops exist, so cost is linear in the tree size
@@ -43,24 +44,6 @@ class MissingField(Exception):
 
 class EvaluationError(Exception):
     """The expression could not be computed for this record (type mismatch, division by zero, ...)."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: str | int | float | timedelta) -> timedelta:
-    """`'500ms'`, `'30s'`, `'5m'`, `'2h'`, `'1d'`, or a number of seconds."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 5m, 2h, 1d)")
-    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
 
 
 def _lower(value: str) -> str:
