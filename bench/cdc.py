@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg.conninfo import make_conninfo
 
 from bench.harness import BenchContext, Result
+from services.cdc.slots import drop_database_and_slots
 from services.generator.oltp import OltpWriter
 from services.stack.settings import pick_free_ports
 
@@ -48,18 +49,7 @@ def _database(admin_dsn: str, tag: str) -> str:
 
 
 def _drop_database(admin_dsn: str, tag: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for _ in range(100):
-            rows = conn.execute(
-                "SELECT slot_name, active FROM pg_replication_slots WHERE database = %s", (f"bench_cdc_{tag}",)
-            ).fetchall()
-            for slot, active in rows:
-                if not active:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            if not rows:
-                break
-            time.sleep(0.1)
-        conn.execute(f"DROP DATABASE IF EXISTS bench_cdc_{tag} WITH (FORCE)")
+    drop_database_and_slots(admin_dsn, f"bench_cdc_{tag}", attempts=100)
 
 
 def _insert(dsn: str, rows: int) -> float:

@@ -9,13 +9,14 @@ made meanwhile).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 
 from services.kit.durations import parse_duration as kit_parse_duration
 
@@ -146,3 +147,27 @@ def format_slots(slots: Iterable[SlotInfo], own_slot: str | None = None, now: da
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def drop_database_and_slots(admin_dsn: str, database: str, attempts: int = 50) -> None:
+    """Drop `database` with its replication slots (tests and benchmarks make throwaway ones).
+
+    A slot keeps its database alive, and an active one cannot be dropped: end its walsender first, then drop
+    the slot once the server has released it.
+    """
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        for (pid,) in conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE database = %s AND active_pid IS NOT NULL", (database,)
+        ).fetchall():
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(attempts):
+            rows = conn.execute(
+                "SELECT slot_name, active FROM pg_replication_slots WHERE database = %s", (database,)
+            ).fetchall()
+            for slot, active in rows:
+                if not active:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            if not rows:
+                break
+            time.sleep(0.1)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

@@ -32,6 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from fastavro.validation import validate
 from psycopg.conninfo import make_conninfo
 
+from services.cdc.slots import drop_database_and_slots
 from services.generator.oltp import OltpWriter
 from services.kit.kafka import scan_topic
 from services.stack import LocalStack, StackSettings
@@ -99,22 +100,7 @@ def new_database(admin_dsn: str) -> str:
 
 
 def drop_database(admin_dsn: str, dsn: str) -> None:
-    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for (pid,) in conn.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE database = %s AND active_pid IS NOT NULL", (name,)
-        ).fetchall():
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        for _ in range(50):  # slots keep the database alive; a terminated walsender releases its slot shortly
-            slots = conn.execute("SELECT slot_name, active FROM pg_replication_slots WHERE database = %s", (name,))
-            rows = slots.fetchall()
-            for slot, active in rows:
-                if not active:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            if not rows:
-                break
-            time.sleep(0.1)
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    drop_database_and_slots(admin_dsn, psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
 
 
 @pytest.fixture
