@@ -71,18 +71,26 @@ def setup_tracing(
             resource=Resource.create({"service.name": service_name}),
             sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
         )
-        if otlp_endpoint:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            endpoint = otlp_endpoint.rstrip("/")
-            if not endpoint.endswith("/v1/traces"):
-                endpoint += "/v1/traces"
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        if traces_file:
-            provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(traces_file)))
+        for processor in span_processors(otlp_endpoint, traces_file):
+            provider.add_span_processor(processor)
         trace.set_tracer_provider(provider)
         _provider = provider
     return trace.get_tracer(service_name)
+
+
+def span_processors(otlp_endpoint: str | None, traces_file: str | None) -> list[BatchSpanProcessor]:
+    """Where finished spans go: the OTLP/HTTP endpoint (Tempo) and/or a JSON-lines file."""
+    processors = []
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = otlp_endpoint.rstrip("/")
+        if not endpoint.endswith("/v1/traces"):
+            endpoint += "/v1/traces"
+        processors.append(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    if traces_file:
+        processors.append(BatchSpanProcessor(JsonLinesSpanExporter(traces_file)))
+    return processors
 
 
 def shutdown_tracing() -> None:

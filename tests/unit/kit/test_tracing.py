@@ -8,6 +8,7 @@ from services.kit.tracing import (
     extract_context,
     inject_headers,
     setup_tracing,
+    span_processors,
     trace_id_of,
 )
 
@@ -34,3 +35,15 @@ def test_context_round_trips_through_kafka_headers(tmp_path):
     consume = next(s for s in ours if s["name"] == "consume")
     produce = next(s for s in ours if s["name"] == "produce")
     assert consume["parent_id"] == produce["span_id"]
+
+
+def test_otlp_exporter_is_installed_and_targets_the_traces_path(tmp_path):
+    processors = span_processors("http://tempo.observability:4318/", str(tmp_path / "spans.jsonl"))
+    assert len(processors) == 2
+    otlp = processors[0].span_exporter
+    assert type(otlp).__name__ == "OTLPSpanExporter"
+    assert otlp._endpoint == "http://tempo.observability:4318/v1/traces"
+    assert isinstance(processors[1].span_exporter, JsonLinesSpanExporter)
+    for processor in processors:
+        processor.shutdown()
+    assert span_processors(None, None) == []
