@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.paths import repo_root
+
 HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_STATE_DIR = REPO_ROOT / ".local"
+DEFAULT_STATE_DIR = repo_root() / ".local"
 
 # `weed mini` dials its admin gRPC server at admin.port + 10000 whatever -admin.port.grpc says,
 # so the admin gRPC port is derived instead of configurable.
