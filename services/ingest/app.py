@@ -82,6 +82,12 @@ class IngestSettings(ServiceSettings):
     kafka_delivery_timeout_s: float = Field(
         30.0, gt=0, description="librdkafka gives up on an event after this (message.timeout.ms)."
     )
+    shutdown_refuse_s: float = Field(
+        1.0,
+        ge=0,
+        description="After SIGTERM, answer UNAVAILABLE this long before closing the listener, so clients move on "
+        "instead of having calls cut off (CANCELLED) by the transport shutting down.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> IngestSettings:
@@ -281,6 +287,9 @@ class IngestService(Service[IngestSettings]):
         began = time.monotonic()
         if hasattr(self, "grpc_server"):
             self.health_servicer.enter_graceful_shutdown()  # NOT_SERVING: balancers stop sending first
+            refuse_until = began + self.settings.shutdown_refuse_s
+            while time.monotonic() < refuse_until:  # calls get a clean UNAVAILABLE from the handler meanwhile
+                self.producer.poll(0.05)
             grace = min(self.settings.ack_timeout_s + 1, self.settings.shutdown_timeout_s / 2)
             stopped = self.grpc_server.stop(grace)  # refuse new calls; let those in progress finish
             while not stopped.is_set():
