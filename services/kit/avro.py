@@ -131,6 +131,7 @@ class DecodeErrorCode(StrEnum):
     CORRUPT = "CORRUPT_OR_TRUNCATED"
     TRAILING_BYTES = "TRAILING_BYTES"
     TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    INVALID_UTF8 = "INVALID_UTF8"  # a string field holds bytes that are not UTF-8 (Avro strings must be)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,8 @@ class AvroDeserializer:
                 record = fastavro.schemaless_reader(body, writer.parsed, self.reader.parsed)
         except (EOFError, StopIteration) as error:
             return DecodeError(DecodeErrorCode.CORRUPT, f"truncated: {error or 'unexpected end of data'}")
+        except UnicodeDecodeError as error:
+            return DecodeError(DecodeErrorCode.INVALID_UTF8, f"a string field is not UTF-8: {error}")
         except Exception as error:  # fastavro raises many types on corrupt input (ValueError, UnicodeError, ...)
             return DecodeError(DecodeErrorCode.CORRUPT, f"{type(error).__name__}: {error}")
         if body.tell() != len(payload):

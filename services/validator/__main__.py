@@ -15,21 +15,19 @@ from collections.abc import Sequence
 from services.kit.config import load_settings
 from services.kit.logs import configure_logging
 from services.validator import app, stream_app
-from services.validator.runtime import StreamRuntimeSettings, TopicsMissing
+from services.validator.runtime import TopicsMissing
 
 log = logging.getLogger("services.validator")
 
 
 def serve() -> int:
-    os.environ.setdefault("INPUT_TOPICS", app.INPUT_TOPICS)
     os.environ.setdefault("OUTPUT_TOPICS", ",".join(app.output_topics()))
-    os.environ.setdefault("SERVICE_NAME", "validator")
-    settings = load_settings(StreamRuntimeSettings)
+    settings = load_settings(app.ValidatorSettings)
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     for chatty in ("faust", "mode"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
-    processor = app.make_processor()
     try:
+        processor = app.make_processor(settings)  # reads users/products to their end first
         return stream_app.run(settings, processor)
     except (TopicsMissing, ConnectionError) as error:
         log.error("cannot start: %s", error)

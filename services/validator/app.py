@@ -18,15 +18,15 @@ Replays (`python -m services.validator replay`) carry `lp-replay-id` and `lp-rep
 `<dlq topic>:<partition>:<offset>`) headers; the processor processes each replay source once per process
 (bounded memory) and the DUPLICATE_ALLOW_ONE rule on event_id catches a replay of an event already accepted.
 
-Reference data is per worker and in memory: with several workers each one sees only the CDC partitions it
-owns, so lookups may miss (and retry, then dead-letter) rows owned by another worker. Run one worker, or
-give users/products their own consumer group per worker (not done yet) before scaling out.
+Reference data is per worker and in memory, complete in every worker: a `ReferenceFeed` reads all partitions of
+the users/products topics from the beginning, outside the consumer group, before the worker starts and while it
+runs (see reference_feed.py). The group's share of those topics is only checked, to dead-letter a malformed
+change once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -34,8 +34,10 @@ from pathlib import Path
 from time import monotonic
 
 from prometheus_client import Counter
+from pydantic import Field
 
 from services.kit.avro import SchemaRepository
+from services.kit.kafka import client_config
 from services.validator.deadletter import OriginalMessage
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
@@ -50,10 +52,11 @@ from services.validator.pipeline import (
     apply_reference,
     retry_wait_seconds,
 )
+from services.validator.reference_feed import ReferenceFeed
 from services.validator.references import ReferenceStore
 from services.validator.retry import RetryPolicy
 from services.validator.rulebook import DEFAULT_RULES_DIR, RuleBook
-from services.validator.runtime import InputRecord
+from services.validator.runtime import InputRecord, StreamRuntimeSettings
 from services.validator.runtime import Output as RuntimeOutput
 
 log = logging.getLogger("services.validator.app")
@@ -71,6 +74,39 @@ REPLAYS_DROPPED = Counter("lp_validator_replays_dropped_total", "Replayed record
 NOT_DUE = Counter("lp_validator_retry_not_due_total", "Retry records re-emitted because not yet due")
 
 INPUT_TOPICS = "events.raw,events.raw.retry,cdc.postgres.*"
+
+
+class ValidatorSettings(StreamRuntimeSettings):
+    """The streaming runtime's settings plus the validator's own (field `x` from variable `X`)."""
+
+    input_topics: str = Field(INPUT_TOPICS, description=StreamRuntimeSettings.model_fields["input_topics"].description)
+    validator_rules_dir: Path = Field(DEFAULT_RULES_DIR, description="Directory of the rule files (*.yaml).")
+    validator_reload_interval_s: float = Field(10.0, gt=0, description="How often rule files are checked for changes.")
+    validator_retry_base_delay_s: float = Field(
+        DEFAULT_RETRY_POLICY.base_delay.total_seconds(), gt=0, description="First late-reference retry delay (doubles)."
+    )
+    validator_retry_max_attempts: int = Field(
+        DEFAULT_RETRY_POLICY.max_attempts, ge=0, description="Late-reference retries before the dead-letter topic."
+    )
+    validator_retry_max_age_s: float = Field(
+        DEFAULT_RETRY_POLICY.max_age.total_seconds(), gt=0, description="No retry for records older than this."
+    )
+    validator_max_event_bytes: int = Field(
+        65_536, ge=1024, le=1_000_000, description="Larger raw events are dead-lettered as PAYLOAD_TOO_LARGE."
+    )
+    validator_reference_catch_up_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait at start to read the users/products topics to their end."
+    )
+
+    def retry_policy(self) -> RetryPolicy:
+        default = DEFAULT_RETRY_POLICY
+        return RetryPolicy(
+            base_delay=timedelta(seconds=self.validator_retry_base_delay_s),
+            max_attempts=self.validator_retry_max_attempts,
+            max_age=timedelta(seconds=self.validator_retry_max_age_s),
+            multiplier=default.multiplier,
+            max_delay=default.max_delay,
+        )
 
 
 def output_topics(topics: Topics = DEFAULT_TOPICS) -> list[str]:
@@ -105,18 +141,23 @@ class ValidatorProcessor:
         dedupe: DedupeStore | None = None,
         reload_interval_s: float = 10.0,
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        feed: ReferenceFeed | None = None,
+        max_event_bytes: int = 65_536,
     ) -> None:
         self.topics = topics
         self.rulebook = rulebook
-        self.references = references if references is not None else ReferenceStore()
+        self.feed = feed
+        self.references = feed.store if feed is not None else references if references is not None else ReferenceStore()
         self.engine = RuleEngine(rulebook, self.references, dedupe if dedupe is not None else DedupeStore())
-        self.events = EventProcessor(self.engine, schemas, topics=topics, retry_policy=retry_policy)
+        self.events = EventProcessor(
+            self.engine, schemas, topics=topics, retry_policy=retry_policy, max_event_bytes=max_event_bytes
+        )
         self.transactions = TransactionProcessor(self.engine, schemas, topics=topics)
         self.reload_interval_s = reload_interval_s
         self._next_reload = monotonic() + reload_interval_s
         self._replayed: OrderedDict[bytes, None] = OrderedDict()
         self._exported_rules: dict[str, tuple[int, int]] = {}
-        self._exported_refs: dict[tuple[str, str], int] = {}
+        self._exported_refs: dict[tuple[str, str], int] = {}  # when no feed counts them
 
     # -- the processor ------------------------------------------------------------------------------------------
     def __call__(self, batch: list[InputRecord]) -> list[RuntimeOutput]:
@@ -142,7 +183,8 @@ class ValidatorProcessor:
             REPLAYS_DROPPED.inc()
             return []
         if topic in REFERENCE_TOPICS:
-            result = apply_reference(self.references, message, now or self.engine.clock())
+            check_only = self.feed is not None  # the feed fills the store: only dead-letter unreadable changes
+            result = apply_reference(self.references, message, now or self.engine.clock(), check_only=check_only)
             return [result] if isinstance(result, Output) else []
         if topic == self.topics.transactions_cdc:
             return self.transactions.process(message)
@@ -189,6 +231,8 @@ class ValidatorProcessor:
             if counter.failed > failed:
                 RULE_FAILED.labels(rule_id).inc(counter.failed - failed)
             self._exported_rules[rule_id] = (counter.checked, counter.failed)
+        if self.feed is not None:
+            return  # the feed counts its changes itself (on its own thread)
         for (table, result), count in self.references.results.items():
             done = self._exported_refs.get((table, result), 0)
             if count > done:
@@ -196,21 +240,22 @@ class ValidatorProcessor:
                 self._exported_refs[(table, result)] = count
 
 
-def make_processor() -> ValidatorProcessor:
-    """The service's processor, configured from the environment: VALIDATOR_RULES_DIR (rule files),
-    VALIDATOR_RELOAD_INTERVAL_S (how often rule files are checked for changes, default 10),
-    VALIDATOR_RETRY_BASE_DELAY_S / VALIDATOR_RETRY_MAX_ATTEMPTS / VALIDATOR_RETRY_MAX_AGE_S (late-reference
-    retries; defaults 2 s doubling, 5 attempts, 300 s)."""
-    rules_dir = Path(os.environ.get("VALIDATOR_RULES_DIR") or DEFAULT_RULES_DIR)
-    interval = float(os.environ.get("VALIDATOR_RELOAD_INTERVAL_S") or 10.0)
-    default = DEFAULT_RETRY_POLICY
-    policy = RetryPolicy(
-        base_delay=timedelta(seconds=float(os.environ.get("VALIDATOR_RETRY_BASE_DELAY_S") or 0)) or default.base_delay,
-        max_attempts=int(os.environ.get("VALIDATOR_RETRY_MAX_ATTEMPTS") or default.max_attempts),
-        max_age=timedelta(seconds=float(os.environ.get("VALIDATOR_RETRY_MAX_AGE_S") or 0)) or default.max_age,
-        multiplier=default.multiplier,
-        max_delay=default.max_delay,
-    )
+def make_processor(settings: ValidatorSettings, *, follow_references: bool = True) -> ValidatorProcessor:
+    """The service's processor. `follow_references`: load users/products from their topics first and keep
+    following them (the service); without it the caller fills `processor.references` (tests, tools)."""
+    feed = None
+    if follow_references:
+        feed = ReferenceFeed(
+            ReferenceStore(),
+            client_config(settings, client_id=f"{settings.service_name}-references"),
+            REFERENCE_TOPICS,
+            on_change=lambda table, result: REFERENCE_APPLIED.labels(table, result).inc(),
+        ).start(settings.validator_reference_catch_up_timeout_s)
     return ValidatorProcessor(
-        RuleBook(rules_dir), SchemaRepository.load(), reload_interval_s=interval, retry_policy=policy
+        RuleBook(settings.validator_rules_dir),
+        SchemaRepository.load(),
+        reload_interval_s=settings.validator_reload_interval_s,
+        retry_policy=settings.retry_policy(),
+        feed=feed,
+        max_event_bytes=settings.validator_max_event_bytes,
     )

@@ -39,10 +39,10 @@ from confluent_kafka.admin import AdminClient
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.config import ServiceSettings, load_settings
 from services.kit.kafka import KafkaProducer, client_config, scan_topic, wait_for_broker
-from services.validator.app import REFERENCE_TOPICS, REPLAY_ID_HEADER, REPLAY_SOURCE_HEADER, make_processor
+from services.validator.app import REPLAY_ID_HEADER, REPLAY_SOURCE_HEADER, ValidatorSettings, make_processor
 from services.validator.batch import BATCH_SOURCE, BatchError, BatchStats, RecordCoercer, read_file
 from services.validator.deadletter import DeadLetter, NotADeadLetter, OriginalMessage, parse_dead_letter
-from services.validator.runtime import Record
+from services.validator.reference_feed import ReferenceFeedError
 
 Headers = list[tuple[str, bytes]]
 
@@ -152,11 +152,17 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
 # --- load ------------------------------------------------------------------------------------------------------
 
 
-def load(args: argparse.Namespace, settings: ServiceSettings) -> int:
+def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     config = client_config(settings, client_id="lp-validator-load")
     wait_for_broker(config)
     existing = _existing_topics(config)
-    processor = make_processor()
+    try:  # users/products read to their end first, as the service does; their dead letters are the service's job
+        processor = make_processor(settings, follow_references=not args.no_references)
+    except ReferenceFeedError as error:
+        print(f"cannot read reference data: {error}", file=sys.stderr)
+        return 1
+    if processor.feed is not None:
+        processor.feed.stop()
     events = processor.events
     needed = [
         events.topics.events_processed,
@@ -167,19 +173,6 @@ def load(args: argparse.Namespace, settings: ServiceSettings) -> int:
     if missing:
         print(f"topics missing: {', '.join(missing)} (python -m services.operator apply)", file=sys.stderr)
         return 1
-    references = 0
-    if not args.no_references:
-        for topic in REFERENCE_TOPICS:
-            if topic not in existing:
-                continue
-
-            def apply(message: Message, topic: str = topic) -> None:
-                nonlocal references
-                record = Record(topic, message.partition(), message.offset(), message.key(), message.value())
-                processor.process_one(record)  # into the reference store; its dead letters are the service's job
-                references += 1
-
-            scan_topic(config, topic, on_message=apply)
     raw = AvroSerializer(SchemaRepository.load()["raw_event"])
     coercer = RecordCoercer.for_raw_event(source=args.source)
     producer = KafkaProducer(config)
@@ -214,7 +207,7 @@ def load(args: argparse.Namespace, settings: ServiceSettings) -> int:
             "rows": stats.rows,
             "row_errors": stats.errors,
             "unknown_columns": dict(stats.unknown_columns),
-            "reference_changes_read": references,
+            "reference_changes_read": processor.feed.applied if processor.feed is not None else 0,
             "routes": dict(routes),
         }
     )
@@ -248,10 +241,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = load_settings(ServiceSettings)
     if args.command == "replay":
-        return replay(args, settings)
-    return load(args, settings)
+        return replay(args, load_settings(ServiceSettings))
+    return load(args, load_settings(ValidatorSettings))
 
 
 if __name__ == "__main__":

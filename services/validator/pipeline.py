@@ -94,11 +94,14 @@ class EventProcessor:
         *,
         topics: Topics = DEFAULT_TOPICS,
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        max_event_bytes: int = 65_536,
     ) -> None:
         self.engine = engine
         self.topics = topics
         self.retry_policy = retry_policy
-        self.decode = AvroDeserializer(schemas, "raw_event")
+        # Larger events are dead-lettered (PAYLOAD_TOO_LARGE) before decoding: no real event is near it, and it
+        # keeps one hostile record from becoming a processed record other stages choke on.
+        self.decode = AvroDeserializer(schemas, "raw_event", max_bytes=max_event_bytes)
         self.serialize = AvroSerializer(schemas["processed_event"])
 
     def process(self, message: OriginalMessage) -> Output:
@@ -214,10 +217,17 @@ class TransactionProcessor:
         return outputs
 
 
-def apply_reference(references: ReferenceStore, message: OriginalMessage, now: datetime) -> ApplyResult | Output:
-    """A message of cdc.postgres.users / .products into the store, or its dead letter if unreadable."""
+def apply_reference(
+    references: ReferenceStore, message: OriginalMessage, now: datetime, *, check_only: bool = False
+) -> ApplyResult | Output | None:
+    """A message of cdc.postgres.users / .products into the store, or its dead letter if unreadable.
+
+    `check_only`: a `ReferenceFeed` fills the store; only the dead letter of an unreadable change is wanted."""
     table = table_of_topic(message.topic)
     try:
+        if check_only:
+            references.check_envelope(table, message.key, message.value)
+            return None
         return references.apply_envelope(table, message.key, message.value)
     except CdcFormatError as error:
         dead = deadletter.from_exception(message, CdcFormatError.code, error, stage=Stage.DECODE, now=now)

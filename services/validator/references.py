@@ -86,6 +86,12 @@ class ReferenceStore:
             return self._count(table, self._tombstone(state, key_value))
         return self.apply_change(change, key_value)
 
+    def check_envelope(self, table: str, key: bytes | str | Mapping[str, Any] | None, envelope: Any) -> None:
+        """Parse one record of `cdc.postgres.<table>` without applying it; raises `CdcFormatError` if unreadable."""
+        spec = self._table(table).spec
+        parse_envelope(envelope, table, spec)
+        parse_key(key, spec.primary_key)
+
     def apply_change(self, change: ChangeEvent, key: str | None = None) -> ApplyResult:
         """Apply a parsed change; `key` defaults to the row's primary key."""
         state = self._table(change.table)

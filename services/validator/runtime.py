@@ -15,6 +15,7 @@ payload). What the runtime adds is the part no processor should have to get righ
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ PROCESSOR_OUTPUT_INVALID = "PROCESSOR_OUTPUT_INVALID"  # it returned something t
 MAX_MESSAGE_BYTES = 1024
 # Bookkeeping of an earlier dead letter or retry is dropped, so a replayed record carries no stale reason.
 _STALE_HEADER_PREFIXES = ("lp-dlq-", "lp-retry-")
+HEADER_VALUE_TRUNCATED_FROM = "lp-dlq-value-truncated-from"
+HEADER_VALUE_SHA256 = "lp-dlq-value-sha256"
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -158,8 +161,19 @@ def _truncate(text: str) -> bytes:
     return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
 
 
-def dead_letter(record: InputRecord, code: str, message: str, now: datetime, trace_id: str | None = None) -> Output:
-    """The record, key and value unchanged, on `<topic>.dlq` with the reason in `lp-dlq-*` headers."""
+def dead_letter(
+    record: InputRecord,
+    code: str,
+    message: str,
+    now: datetime,
+    trace_id: str | None = None,
+    max_record_bytes: int | None = None,
+) -> Output:
+    """The record, key and value unchanged, on `<topic>.dlq` with the reason in `lp-dlq-*` headers.
+
+    Last resort: if the dead letter would exceed `max_record_bytes` (an input within a few hundred bytes of the
+    broker's limit), its value is cut to fit and `lp-dlq-value-truncated-from` / `lp-dlq-value-sha256` say so:
+    a dead letter the broker refuses would stop the worker on every restart, losing far more."""
     kept: list[Header] = [
         (name, value if value is not None else b"")
         for name, value in record.headers
@@ -178,7 +192,16 @@ def dead_letter(record: InputRecord, code: str, message: str, now: datetime, tra
         (HEADER_TRACE_ID, (trace_id_from_headers(record.headers) or trace_id or "").encode()),
         (HEADER_ATTEMPT, b"0"),
     ]
-    return Output(dead_letter_topic(record.topic), record.key, record.value, kept, source=record)
+    value = record.value
+    if max_record_bytes is not None and value is not None:
+        overhead = len(record.key or b"") + sum(len(k) + len(v) for k, v in kept) + 256  # + the two headers below
+        if overhead + len(value) > max_record_bytes:
+            kept += [
+                (HEADER_VALUE_TRUNCATED_FROM, str(len(value)).encode()),
+                (HEADER_VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
+            ]
+            value = value[: max(0, max_record_bytes - overhead)]
+    return Output(dead_letter_topic(record.topic), record.key, value, kept, source=record)
 
 
 # --- running a processor -----------------------------------------------------------------------------------------
@@ -250,11 +273,13 @@ def run_processor(
         try:
             result.outputs += check_outputs(processor([record]), max_record_bytes)
         except InvalidOutput as error:
-            result.outputs.append(dead_letter(record, PROCESSOR_OUTPUT_INVALID, str(error), now(), trace_id))
+            result.outputs.append(
+                dead_letter(record, PROCESSOR_OUTPUT_INVALID, str(error), now(), trace_id, max_record_bytes)
+            )
             result.dead_letters += 1
         except Exception as error:
             text = f"{type(error).__name__}: {error}"
-            result.outputs.append(dead_letter(record, PROCESSOR_EXCEPTION, text, now(), trace_id))
+            result.outputs.append(dead_letter(record, PROCESSOR_EXCEPTION, text, now(), trace_id, max_record_bytes))
             result.dead_letters += 1
     return result
 

@@ -105,21 +105,10 @@ def declared(stack) -> str:
     return stack.bootstrap_servers
 
 
-@pytest.fixture
-def service(stack, declared, tmp_path: Path):
-    log_path = tmp_path / "validator.log"
-    port = free_port()
-    env = {
-        **os.environ,
-        **stack.env(),
-        "CONSUMER_GROUP": f"lp-validator-test-{uuid.uuid4().hex[:8]}",
-        "HTTP_PORT": str(port),
-        "LOG_FORMAT": "text",
-        "VALIDATOR_RETRY_BASE_DELAY_S": "0.5",
-        "VALIDATOR_RETRY_MAX_ATTEMPTS": "3",
-        "SHUTDOWN_TIMEOUT_S": "20",
-    }
-    with log_path.open("wb") as log_file:
+def start_validator(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m services.validator` with `env`, its output appended to `log_path`; returns once it is ready."""
+    port = int(env["HTTP_PORT"])
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.validator"],
             env=env,
@@ -137,7 +126,10 @@ def service(stack, declared, tmp_path: Path):
             return False
 
     wait_for(ready, 90, "the validator to be ready", log_path)
-    yield env, port, log_path, process
+    return process
+
+
+def stop_validator(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -145,6 +137,28 @@ def service(stack, declared, tmp_path: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def validator_env(stack, declared) -> dict[str, str]:
+    return {
+        **os.environ,
+        **stack.env(),
+        "CONSUMER_GROUP": f"lp-validator-test-{uuid.uuid4().hex[:8]}",
+        "HTTP_PORT": str(free_port()),
+        "LOG_FORMAT": "text",
+        "VALIDATOR_RETRY_BASE_DELAY_S": "0.5",
+        "VALIDATOR_RETRY_MAX_ATTEMPTS": "3",
+        "SHUTDOWN_TIMEOUT_S": "20",
+    }
+
+
+@pytest.fixture
+def service(validator_env: dict[str, str], tmp_path: Path):
+    log_path = tmp_path / "validator.log"
+    process = start_validator(validator_env, log_path)
+    yield validator_env, int(validator_env["HTTP_PORT"]), log_path, process
+    stop_validator(process)
 
 
 def seed_references(bootstrap: str, sim: Simulation) -> None:
@@ -357,3 +371,126 @@ def test_service_routes_good_and_bad_events_load_and_replay(stack, service, tmp_
         metrics = response.read().decode()
     assert "lp_validator_rule_checked_total{" in metrics
     assert 'lp_validator_routed_total{route="processed"}' in metrics
+
+
+def with_invalid_utf8(payload: bytes, marker: bytes) -> bytes:
+    """`payload` with the first two bytes of `marker` (an ASCII string field's content) replaced by non-UTF-8."""
+    at = payload.index(marker)
+    return payload[:at] + b"\xff\xfe" + payload[at + 2 :]
+
+
+def test_hostile_payloads_each_get_their_reason_and_nothing_crashes(stack, service) -> None:
+    """Invalid UTF-8, oversized, truncated, empty and null payloads, a bad total and a negative quantity."""
+    _env, _port, log_path, process = service
+    bootstrap = stack.bootstrap_servers
+    seed = int(uuid.uuid4().int % 1_000_000)
+    sim = Simulation(seed, n_users=20, n_products=20, start_time=datetime.now(UTC))
+    seed_references(bootstrap, sim)
+    serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
+
+    def good_record() -> dict[str, Any]:
+        return sim.next_event(datetime.now(UTC)).to_record()
+
+    marker = b"MARKER" + uuid.uuid4().hex.encode()
+    record = {**good_record(), "page_url": marker.decode()}
+    valid = serialize(record)
+    oversized = serialize({**good_record(), "properties": {"blob": "x" * 100_000}})
+    expected: dict[str, tuple[bytes | None, str]] = {  # test id -> (payload, dead-letter code)
+        uuid.uuid4().hex: (with_invalid_utf8(valid, marker), "INVALID_UTF8"),
+        uuid.uuid4().hex: (oversized, "PAYLOAD_TOO_LARGE"),
+        uuid.uuid4().hex: (valid[:-7], "CORRUPT_OR_TRUNCATED"),
+        uuid.uuid4().hex: (valid + b"\x00\x01", "TRAILING_BYTES"),
+        uuid.uuid4().hex: (b"", "EMPTY_PAYLOAD"),
+        uuid.uuid4().hex: (None, "EMPTY_PAYLOAD"),
+        uuid.uuid4().hex: (b"\xc3\x01" + bytes(range(256)) * 4, "UNKNOWN_WRITER_SCHEMA"),
+    }
+    good_ids = {uuid.uuid4().hex: good_record() for _ in range(20)}
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 2_000_000})
+    for test_id, (payload, _code) in expected.items():
+        producer.produce("events.raw", payload, b"hostile", headers=[(TEST_ID, test_id.encode())])
+    for test_id, good in good_ids.items():
+        producer.produce("events.raw", serialize(good), good["user_id"], headers=[(TEST_ID, test_id.encode())])
+
+    # CDC transactions: a total that does not add up, and a negative quantity (bad rows PostgreSQL let through).
+    base = next(e.transaction for e in (sim.next_event(datetime.now(UTC)) for _ in range(3000)) if e.transaction)
+    assert base is not None
+    bad_rows = {
+        uuid.uuid4().hex: ({**asdict(base), "transaction_id": str(uuid.uuid4()), "total": 1e9}, "TOTAL_MISMATCH"),
+        uuid.uuid4().hex: ({**asdict(base), "transaction_id": str(uuid.uuid4()), "quantity": -3}, "OUT_OF_RANGE"),
+    }
+    for test_id, (row, _code) in bad_rows.items():
+        value = json.dumps(make_envelope("c", "transactions", after=row, lsn=7), default=str).encode()
+        key = json.dumps({"transaction_id": row["transaction_id"]}).encode()
+        producer.produce("cdc.postgres.transactions", value, key, headers=[(TEST_ID, test_id.encode())])
+    assert producer.flush(30) == 0
+
+    event_ids = set(expected) | set(good_ids)
+
+    def routed() -> bool:
+        seen = {
+            headers_of(m)[TEST_ID].decode()
+            for t in ("events.processed", "events.raw.dlq")
+            for m in read_ours(bootstrap, t, event_ids)
+        }
+        tx_dead = read_ours(bootstrap, "cdc.postgres.transactions.dlq", set(bad_rows))
+        return seen >= event_ids and len(tx_dead) >= len(bad_rows)
+
+    wait_for(routed, 120, "every hostile record to be routed", log_path)
+    time.sleep(1)
+    codes = {
+        headers_of(m)[TEST_ID].decode(): headers_of(m)["lp-dlq-error-code"].decode()
+        for m in read_ours(bootstrap, "events.raw.dlq", event_ids)
+    }
+    assert codes == {test_id: code for test_id, (_payload, code) in expected.items()}
+    dead = read_ours(bootstrap, "events.raw.dlq", set(expected))
+    for message in dead:  # the original bytes, whatever they were
+        assert (message.value() or b"") == (expected[headers_of(message)[TEST_ID].decode()][0] or b"")
+        assert headers_of(message)["lp-dlq-message"], headers_of(message)
+    processed = Counter(headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "events.processed", event_ids))
+    assert processed == Counter(dict.fromkeys(good_ids, 1))
+    tx_codes = {
+        headers_of(m)[TEST_ID].decode(): (headers_of(m)["lp-dlq-error-code"].decode(), headers_of(m)["lp-dlq-rule"])
+        for m in read_ours(bootstrap, "cdc.postgres.transactions.dlq", set(bad_rows))
+    }
+    assert {k: v[0] for k, v in tx_codes.items()} == {k: code for k, (_row, code) in bad_rows.items()}
+    assert all(rule for _code, rule in tx_codes.values())  # a rule failed: it is named
+    assert process.poll() is None, log_path.read_text()[-4000:]  # nothing crashed it
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(stack, validator_env: dict[str, str], tmp_path: Path) -> None:
+    """SIGKILL while a load is processed, restart with the same group: every event processed (at least once),
+    and the restarted worker still knows every user and product (none wrongly dead-lettered as unknown)."""
+    bootstrap = stack.bootstrap_servers
+    log_path = tmp_path / "validator.log"
+    seed = int(uuid.uuid4().int % 1_000_000)
+    sim = Simulation(seed, n_users=300, n_products=100, start_time=datetime.now(UTC))
+    seed_references(bootstrap, sim)
+    process = start_validator(validator_env, log_path)
+    serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    ids: set[str] = set()
+    for _ in range(15_000):
+        event = sim.next_event(datetime.now(UTC))
+        test_id = uuid.uuid4().hex
+        ids.add(test_id)
+        producer.produce("events.raw", serialize(event.to_record()), event.key, headers=[(TEST_ID, test_id.encode())])
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+    def processed_ids() -> Counter[str]:
+        return Counter(headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "events.processed", ids))
+
+    try:
+        wait_for(lambda: len(processed_ids()) >= 1500, 120, "the first events to be processed", log_path)
+        process.kill()
+        process.wait(10)
+        assert len(processed_ids()) < len(ids), "all processed before the kill: the test proves nothing"
+        process = start_validator(validator_env, log_path)
+        wait_for(lambda: len(processed_ids()) >= len(ids), 240, "every event after the restart", log_path)
+        counts = processed_ids()
+        dead = read_ours(bootstrap, "events.raw.dlq", ids)
+        assert set(counts) == ids
+        assert not dead, Counter(headers_of(m)["lp-dlq-error-code"].decode() for m in dead)
+        print(f"replayed after kill -9 (at least once): {sum(counts.values()) - len(ids)} duplicates")
+    finally:
+        stop_validator(process)

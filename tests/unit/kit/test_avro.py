@@ -78,6 +78,14 @@ def test_random_garbage_never_raises(repo):
     assert isinstance(decode(os.urandom(500)), DecodeError)
 
 
+def test_invalid_utf8_in_a_string_field_has_its_own_code(repo):
+    payload = AvroSerializer(repo["raw_event"])(record(user_id="MARKER-user"))
+    at = payload.index(b"MARKER")
+    result = AvroDeserializer(repo, "raw_event")(payload[:at] + b"\xff\xfe" + payload[at + 2 :])
+    assert isinstance(result, DecodeError)
+    assert result.code == DecodeErrorCode.INVALID_UTF8
+
+
 def test_oversized_payload_is_rejected_before_decoding(repo):
     decode = AvroDeserializer(repo, "raw_event", max_bytes=100)
     payload = AvroSerializer(repo["raw_event"])(record(properties={"blob": "x" * 500}))

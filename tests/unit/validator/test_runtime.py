@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -177,6 +178,18 @@ def test_dead_letter_trace_id_falls_back_to_the_batch_span_and_messages_are_boun
     assert headers[HEADER_MESSAGE].endswith(b"...")
     headers[HEADER_MESSAGE].decode("utf-8")  # not cut inside a character
     assert dict(dead_letter(record(1), "CODE", "m", NOW).headers)[HEADER_TRACE_ID] == b""
+
+
+def test_a_dead_letter_too_large_for_the_broker_is_cut_to_fit_and_says_so():
+    value = bytes(range(256)) * 40  # 10 KiB
+    dead = dead_letter(record(value=value), PROCESSOR_OUTPUT_INVALID, "too big", NOW, max_record_bytes=4096)
+    headers = dict(dead.headers)
+    assert len(dead.value) + len(dead.key) + sum(len(k) + len(v) for k, v in dead.headers) <= 4096
+    assert value.startswith(dead.value) and dead.value
+    assert headers["lp-dlq-value-truncated-from"] == b"10240"
+    assert headers["lp-dlq-value-sha256"] == hashlib.sha256(value).hexdigest().encode()
+    fits = dead_letter(record(value=value), PROCESSOR_OUTPUT_INVALID, "fits", NOW, max_record_bytes=1_000_000)
+    assert fits.value == value and "lp-dlq-value-truncated-from" not in dict(fits.headers)
 
 
 def test_dead_letter_headers_read_back_with_the_engines_parser():
