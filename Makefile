@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 EVENTS ?= 60000
 RATE   ?= 1000
-SEED   ?= 42
+SEED   ?=
 
 .PHONY: help install run up down status test test-unit test-integration lint format manifests schema-check bench clean
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) ## create .venv and install the platform with its local stand-ins
 
 run: $(STAMP) ## start the local stack and every service, run a bounded demo (EVENTS, RATE, SEED), stop
-	$(PY) -m services.stack.demo --events $(EVENTS) --rate $(RATE) --seed $(SEED)
+	$(PY) -m services.stack.demo --events $(EVENTS) --rate $(RATE) $(if $(SEED),--seed $(SEED))
 
 up: $(STAMP) ## start the local stack in the background and keep it running (development)
 	$(PY) -m services.stack up

@@ -36,7 +36,8 @@ from services.cdc.connector import (
 from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, start_jvm
 from services.cdc.preflight import PreflightError, PreflightReport, connect, run_preflight
 from services.cdc.settings import CdcSettings
-from services.kit.kafka import KafkaProducer, client_config, topic_exists, wait_for_broker
+from services.cdc.slots import drop_slot
+from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
@@ -85,6 +86,12 @@ def prepare(settings: CdcSettings) -> CdcPlan:
         heartbeat = heartbeat_topic(properties)
     except (ConnectorConfigError, ValueError) as error:
         raise PreflightError(str(error)) from None
+    kafka = client_config(settings)
+    try:
+        wait_for_broker(kafka, timeout=15)
+    except ConnectionError as error:
+        raise PreflightError(str(error)) from None
+    forget_offsets_of_another_cluster(settings, properties["slot.name"], cluster_id(kafka))
     resume = settings.offsets_file.exists() and settings.offsets_file.stat().st_size > 0
     report = run_preflight(
         settings.postgres_dsn,
@@ -93,11 +100,6 @@ def prepare(settings: CdcSettings) -> CdcPlan:
         properties["slot.name"],
         offsets_present=resume,
     )
-    kafka = client_config(settings)
-    try:
-        wait_for_broker(kafka, timeout=15)
-    except ConnectionError as error:
-        raise PreflightError(str(error)) from None
     missing = [t for t in [*topics.values(), heartbeat] if not topic_exists(kafka, t)]
     if missing:
         raise PreflightError(
@@ -105,6 +107,28 @@ def prepare(settings: CdcSettings) -> CdcPlan:
             "(python -m services.operator apply)"
         )
     return CdcPlan(properties, topics, heartbeat, report, resume)
+
+
+def forget_offsets_of_another_cluster(settings: CdcSettings, slot: str, cluster: str) -> None:
+    """Start over (snapshot, new slot) if the offsets file was written while feeding another Kafka cluster.
+
+    The offsets say which changes already reached Kafka; on a different cluster (locally: a broker restarted
+    with an empty in-memory log) they did not, and resuming would leave the CDC topics without the rows
+    captured before, e.g. the validator's users and products. The cluster id is kept beside the offsets."""
+    marker = settings.offsets_file.with_name(settings.offsets_file.name + ".cluster")
+    recorded = marker.read_text().strip() if marker.exists() else None
+    if settings.offsets_file.exists() and recorded is not None and recorded != cluster:
+        logging.getLogger("services.cdc").warning(
+            "offsets belong to another Kafka cluster: starting over with a snapshot",
+            extra={"offsets_cluster": recorded, "kafka_cluster": cluster, "slot": slot},
+        )
+        settings.offsets_file.unlink()
+        with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+            if row is not None and (row[0] or drop_slot(conn, slot) is not None):
+                raise PreflightError(f"replication slot {slot} is in use by another process: cannot start over")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(cluster + "\n")
 
 
 class CdcService(Service[CdcSettings]):

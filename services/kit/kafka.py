@@ -323,3 +323,24 @@ def count_messages(base_config: Mapping[str, Any], topic: str, since: Mapping[in
 
     scan_topic(base_config, topic, start=since, on_message=count)
     return counted
+
+
+def committed_offsets(
+    base_config: Mapping[str, Any], group: str, partitions: Iterable[tuple[str, int]], timeout: float = 10.0
+) -> dict[tuple[str, int], int]:
+    """The offsets `group` has committed per (topic, partition); 0 where it has committed none.
+
+    Reads them without joining the group (an OffsetFetch), so it never disturbs the group's members."""
+    wanted = [TopicPartition(topic, partition) for topic, partition in partitions]
+    consumer = Consumer({**base_config, "group.id": group, "enable.auto.commit": False})
+    try:
+        found = consumer.committed(wanted, timeout=timeout)
+    finally:
+        consumer.close()
+    return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in found}
+
+
+def cluster_id(base_config: Mapping[str, Any], timeout: float = 10.0) -> str:
+    """The Kafka cluster's id. Positions (offsets) stored outside Kafka are only valid for the cluster that
+    issued them: the local broker gets a new id with each (in-memory) start, as its log starts empty."""
+    return str(AdminClient(dict(base_config)).list_topics(timeout=timeout).cluster_id or "")

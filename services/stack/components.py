@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -375,6 +376,10 @@ class KafkaBroker(Component):
             url,
             "--storage-engine",
             "memory://tansu/",
+            # A new id per start: the log starts empty, so positions kept elsewhere (CDC offsets, a sink's
+            # stored offsets, dedup tokens) can tell this log from the last one by `kit.kafka.cluster_id`.
+            "--cluster-id",
+            f"lp-local-{uuid.uuid4().hex[:12]}",
         ]
 
     def environment(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import sys
 import time
@@ -25,11 +26,12 @@ from confluent_kafka import Message
 
 from services.cdc.app import TOMBSTONE_OP
 from services.generator.app import FAULT_HEADER
+from services.generator.bad_events import BAD_KINDS
 from services.generator.model import Simulation
 from services.generator.oltp import OltpWriter
 from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
-from services.kit.kafka import scan_topic
+from services.kit.kafka import committed_offsets, scan_topic
 from services.kit.paths import repo_root
 from services.operator.apply import apply_declarations
 from services.operator.resources import load_declarations
@@ -80,7 +82,7 @@ class DemoRun:
         reports.mkdir(parents=True, exist_ok=True)
         for stale in reports.glob("*.json"):
             stale.unlink()
-        generator_port, ingest_http_port, ingest_grpc_port, cdc_port = pick_free_ports(4)
+        generator_port, ingest_http_port, ingest_grpc_port, cdc_port, validator_port = pick_free_ports(5)
         self.ingest_target = f"127.0.0.1:{ingest_grpc_port}"
         traces = {"OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl")}
         cdc = ServiceProcess(
@@ -117,14 +119,30 @@ class DemoRun:
             env={"GRPC_PORT": str(ingest_grpc_port), "GRPC_BIND_HOST": "127.0.0.1", **traces},
             http_port=ingest_http_port,
         )
+        validator = ServiceProcess(
+            "validator",
+            "services.validator",
+            self.stack.log_dir,
+            env={
+                "CONSUMER_GROUP": VALIDATOR_GROUP,
+                # Late references (a user's CDC row behind its first event) retry after 0.5, 1, 2, 4, 8 s:
+                # the demo drains in seconds, production keeps the 2 s default.
+                "VALIDATOR_RETRY_BASE_DELAY_S": "0.5",
+                **traces,
+            },
+            http_port=validator_port,
+        )
         self._start(cdc)
         self._wait_for_metric(cdc, "lp_cdc_streaming", 1.0, timeout=180)  # JVM start + snapshot
+        self._start(validator)
+        self._wait_ready(validator, timeout=180)  # reads users/products to their end first
         tables_before = postgres_table_stats(self.stack.postgres_dsn)
         self._start(generator)
         self._start(ingest)
         self._watch(time.monotonic())
         api = self._publish_through_api()
         self._wait_for_cdc(cdc)
+        self._wait_until_consumed(validator, VALIDATOR_GROUP, VALIDATOR_INPUTS, before)
         for service in self.services:
             if service.bounded:
                 continue
@@ -149,6 +167,54 @@ class DemoRun:
         self.services.append(service)
         service.start(self.stack.env())
         self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
+
+    def _wait_ready(self, service: ServiceProcess, timeout: float) -> None:
+        self.out(f"waiting for {service.name} to be ready ...")
+        if not service.wait_ready(timeout):
+            code = service.exit_code()
+            detail = f"exited with {code}\n{service.log_tail()}" if code is not None else f"not ready in {timeout:.0f}s"
+            raise PartFailed(service.name, service.log_path, detail)
+
+    def _wait_until_consumed(
+        self,
+        service: ServiceProcess,
+        group: str,
+        topics: tuple[str, ...],
+        since: dict[str, dict[int, int]],
+        timeout: float = 300,
+        quiet_s: float = 2.0,
+    ) -> None:
+        """Until `group` has committed every record of `topics` and they stopped growing for `quiet_s`.
+
+        Quiet matters for the validator: a record waiting for a retry is produced to events.raw.retry again
+        until it is due, so the retry topic only stops growing once every retry has been decided."""
+        self.out(f"waiting for {service.name} to consume {', '.join(topics)} ...")
+        ends = {topic: dict(since.get(topic, {})) for topic in topics}
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        while True:
+            grown = False
+            for topic in topics:
+                latest = scan_topic(self.kafka(), topic, start=ends[topic])
+                grown = grown or latest != ends[topic]
+                ends[topic] = latest
+            committed = committed_offsets(
+                self.kafka(), group, [(topic, p) for topic, parts in ends.items() for p in parts]
+            )
+            behind = sum(max(0, end - committed[(t, p)]) for t, parts in ends.items() for p, end in parts.items())
+            now = time.monotonic()
+            if behind or grown:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                return
+            code = service.exit_code()
+            if code is not None:
+                raise PartFailed(service.name, service.log_path, f"exited with {code}\n{service.log_tail()}")
+            if now > deadline:
+                raise PartFailed(service.name, service.log_path, f"{behind} records not consumed after {timeout:.0f}s")
+            time.sleep(0.5)
 
     def _wait_for_metric(self, service: ServiceProcess, metric: str, value: float, timeout: float) -> None:
         self.out(f"waiting for {service.name} ({metric} = {value:g}) ...")
@@ -187,9 +253,15 @@ class DemoRun:
         """What an external producer does: batches through the gRPC ingest API, a few of them malformed."""
         count = max(100, self.events // 20)
         simulation = Simulation(self.seed + 1, n_users=200, n_products=100)
+        # The shop's users and products (the generator's population, same seed, in PostgreSQL): an external
+        # producer refers to real ones, or the validator would rightly dead-letter its events as unknown.
+        shop = Simulation(self.seed)
         records = []
         for index in range(count):
             record = simulation.next_event(datetime.now(UTC)).to_record()
+            record["user_id"] = shop.users[index % len(shop.users)].user_id
+            if record["product_id"] is not None:
+                record["product_id"] = shop.products[index % len(shop.products)].product_id
             if index % 50 == 7:
                 record["event_id"] = None  # refused at the door: MISSING_FIELD
             records.append(record)
@@ -208,6 +280,7 @@ class DemoRun:
     def _watch(self, since: float) -> None:
         """Progress until every bounded service has finished; fail fast if any part dies."""
         generator = next(service for service in self.services if service.name == "generator")
+        validator = next((service for service in self.services if service.name == "validator"), None)
         interactive = sys.stdout.isatty()
         last_line = 0.0
         while True:
@@ -230,6 +303,8 @@ class DemoRun:
                 f"({produced / elapsed if elapsed else 0:,.0f}/s)  "
                 f"postgres {int(metrics.get('lp_generator_oltp_rows_total', 0)):>7} rows written"
             )
+            if validator is not None:
+                line += f"  validated {int(validator.metrics().get('lp_validator_routed_total', 0)):>8}"
             if interactive:
                 print("\r" + line, end="", flush=True)
             elif time.monotonic() - last_line >= 5:
@@ -263,9 +338,15 @@ class DemoRun:
             if isinstance(result, Decoded) and result.record["event_type"] == "purchase":
                 purchases.add(result.record["transaction_id"])
 
+        validation = ValidationTally(SchemaRepository.load())
+        collectors: dict[str, Callable[[Message], None]] = {"events.raw": collect_purchase}
+        collectors["events.processed"] = validation.processed
+        for topic in before:
+            if topic.endswith(".dlq"):
+                collectors[topic] = validation.dead_letter
         topics: dict[str, int] = {}
         for topic, start in before.items():
-            counter = _Counter(collect_purchase if topic == "events.raw" else None)
+            counter = _Counter(collectors.get(topic))
             scan_topic(self.kafka(), topic, start=start, on_message=counter)
             topics[topic] = counter.count
         with psycopg.connect(self.stack.postgres_dsn, autocommit=True) as connection:
@@ -284,6 +365,23 @@ class DemoRun:
             and set(ingest["rejected"]) <= {"MISSING_FIELD"},
             "generator produced the requested events": generator["events_produced"] == self.events,
             "every purchase event has its PostgreSQL transaction": found == len(purchases),
+        }
+        injected = sum(generator["events_by_kind"].get(kind, 0) for kind in BAD_KINDS)
+        cdc_transactions = sum(
+            n for op, n in cdc["events_by_table"].get("transactions", {}).items() if op != TOMBSTONE_OP
+        )
+        checks |= {
+            "validator: every event of events.raw processed or dead-lettered, once": topics.get("events.processed", 0)
+            + topics.get("events.raw.dlq", 0)
+            + topics.get("events.raw.retry.dlq", 0)
+            == topics.get("events.raw"),
+            "validator: every injected bad event dead-lettered": validation.injected_dead == injected,
+            "validator: no good event dead-lettered": validation.good_dead == 0,
+            "validator: every CDC transaction change processed or dead-lettered": topics.get(
+                "transactions.processed", 0
+            )
+            + topics.get("cdc.postgres.transactions.dlq", 0)
+            == cdc_transactions,
         }
         for table, changed in postgres_changes.items():
             captured = cdc["events_by_table"].get(table, {})
@@ -310,6 +408,7 @@ class DemoRun:
                 "cdc->cdc.postgres.* (produce to ack)": cdc["produce_latency_ms"],
             },
             "purchases": {"events": len(purchases), "postgres_rows_found": found},
+            "validator": validation.summary(topics),
             "checks": checks,
             "ok": all(checks.values()),
             "logs": str(self.stack.log_dir),
@@ -317,6 +416,14 @@ class DemoRun:
 
 
 CDC_SLOT = "lp_cdc"  # CdcSettings.cdc_slot_name's default
+VALIDATOR_GROUP = "lp-validator"
+VALIDATOR_INPUTS = (
+    "events.raw",
+    "events.raw.retry",
+    "cdc.postgres.users",
+    "cdc.postgres.products",
+    "cdc.postgres.transactions",
+)
 CAPTURED_TABLES = ("users", "products", "transactions")
 
 
@@ -329,6 +436,43 @@ def postgres_table_stats(dsn: str) -> dict[str, tuple[int, int, int]]:
             (list(CAPTURED_TABLES),),
         ).fetchall()
     return {name: (ins, upd, dele) for name, ins, upd, dele in rows}
+
+
+class ValidationTally:
+    """What the validator made of this run, read back from its output topics (not from its own report)."""
+
+    def __init__(self, schemas: SchemaRepository) -> None:
+        self.decode_processed = AvroDeserializer(schemas, "processed_event")
+        self.flagged: Counter[str] = Counter()  # warn rules, from quality_flags of processed events
+        self.dead: Counter[str] = Counter()  # "topic: CODE (rule)"
+        self.injected_dead = 0  # dead letters of events the generator broke on purpose
+        self.good_dead = 0  # dead letters of events the generator meant to be good
+
+    def processed(self, message: Message) -> None:
+        result = self.decode_processed(message.value())
+        if isinstance(result, Decoded):
+            self.flagged.update(result.record["quality_flags"])
+
+    def dead_letter(self, message: Message) -> None:
+        headers = dict(message.headers() or ())
+        code = (headers.get("lp-dlq-error-code") or b"?").decode()
+        rule = (headers.get("lp-dlq-rule") or b"").decode()
+        self.dead[f"{message.topic()}: {code}" + (f" ({rule})" if rule else "")] += 1
+        if FAULT_HEADER in headers:
+            self.injected_dead += 1
+        elif headers.get("producer") == b"generator":
+            self.good_dead += 1
+
+    def summary(self, topics: dict[str, int]) -> dict[str, Any]:
+        return {
+            "processed": {t: topics.get(t, 0) for t in ("events.processed", "transactions.processed")},
+            "status_changes": topics.get("transactions.status_history", 0),
+            "retries_produced": topics.get("events.raw.retry", 0),
+            "dead_lettered": dict(sorted(self.dead.items())),
+            "dead_lettered_injected_faults": self.injected_dead,
+            "dead_lettered_good_generator_events": self.good_dead,
+            "flagged_by_warn_rules": dict(sorted(self.flagged.items())),
+        }
 
 
 class _Counter:
@@ -353,6 +497,12 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"  topic {topic:<24} {count} messages this run")
     for store, rows in summary["stores"].items():
         print(f"  store {store:<24} {rows} rows")
+    validator = summary["validator"]
+    print(f"  validator         processed {validator['processed']}, status changes {validator['status_changes']}")
+    for reason, count in validator["dead_lettered"].items():
+        print(f"    dead-lettered   {count:>7}  {reason}")
+    for rule, count in validator["flagged_by_warn_rules"].items():
+        print(f"    flagged (warn)  {count:>7}  {rule}")
     for stage, figures in summary["latency_ms"].items():
         print(f"  latency {stage}: {figures}")
     for check, ok in summary["checks"].items():
@@ -367,7 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.stack.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60_000, help="events to generate (default 60000)")
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="generator seed (default: a new one per run, so each run adds new users and events; "
+        "the same seed gives the same data again)",
+    )
     parser.add_argument("--bad-share", type=float, default=0.02, help="share of deliberately bad events")
     args = parser.parse_args(argv)
     if args.events < 1 or args.rate < 0 or not 0 <= args.bad_share <= 1:
@@ -381,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     existing = LocalStack.from_state(settings.state_dir)
     reuse = existing is not None and existing.detached and existing.is_running()
     stack = existing if reuse and existing else LocalStack(settings)
-    run = DemoRun(stack, args.events, args.rate, args.seed, args.bad_share)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    print(f"seed {seed} (SEED={seed} generates this run's data again)")
+    run = DemoRun(stack, args.events, args.rate, seed, args.bad_share)
     try:
         if reuse:
             print(f"using the stack `make up` started ({stack.state_file})")

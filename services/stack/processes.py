@@ -76,14 +76,22 @@ class ServiceProcess:
         return totals
 
     def wait_healthy(self, timeout: float = 30.0) -> bool:
+        """Until /healthz answers (the process is up); False if it exits or the time runs out."""
+        return self._wait_for_endpoint("/healthz", timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Until /readyz answers 200 (connected and able to work); False if it exits or the time runs out."""
+        return self._wait_for_endpoint("/readyz", timeout)
+
+    def _wait_for_endpoint(self, path: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.exit_code() is not None:
                 return False
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=1):
                     return True
-            except OSError:
+            except OSError:  # refused, or an HTTP error status (503: not ready yet)
                 time.sleep(0.2)
         return False
 

@@ -9,10 +9,11 @@ DedupeStore for every input topic, and `services.validator.stream_app` runs it (
     events.raw.retry               -> EventProcessor once `lp-retry-not-before` has passed; before that the
                                       record is produced again to events.raw.retry unchanged (see below)
 
-Retry delay: the runtime offers no partition pause and a processor must not sleep on the event loop, so a
-record that is not yet due is re-emitted to `events.raw.retry` with its headers (hence its not-before)
-unchanged, and consumed again later. Cost: a not-yet-due record circulates through the broker until due
-(one produce per batch round trip); the retry topic carries only late-reference records, a small share.
+Retry delay: `hold_topics`/`not_before` let the runtime pause a partition of `events.raw.retry` at its first
+record that is not due, rewind to it and resume when it is due, so a delayed record waits in the log,
+uncommitted (a crash loses nothing), instead of circulating. Records of one retry partition are held in order:
+a record due sooner waits behind one due later (at most the policy's max delay). Without the hooks (the
+batch tools) a record that is not due yet is produced again to `events.raw.retry` unchanged.
 
 Replays (`python -m services.validator replay`) carry `lp-replay-id` and `lp-replay-source` (the dead letter's
 `<dlq topic>:<partition>:<offset>`) headers; the processor processes each replay source once per process
@@ -54,7 +55,7 @@ from services.validator.pipeline import (
 )
 from services.validator.reference_feed import ReferenceFeed
 from services.validator.references import ReferenceStore
-from services.validator.retry import RetryPolicy
+from services.validator.retry import RetryPolicy, parse_retry_headers
 from services.validator.rulebook import DEFAULT_RULES_DIR, RuleBook
 from services.validator.runtime import InputRecord, StreamRuntimeSettings
 from services.validator.runtime import Output as RuntimeOutput
@@ -197,6 +198,16 @@ class ValidatorProcessor:
         if topic == self.topics.events_raw:
             return [self.events.process(message)]
         raise ValueError(f"the validator does not consume topic {topic!r}")
+
+    # -- holding retries until due (the runtime's hold hooks) ------------------------------------------------------
+    @property
+    def hold_topics(self) -> tuple[str, ...]:
+        return (self.topics.events_retry,)
+
+    def not_before(self, record: InputRecord) -> float | None:
+        """When a retry record is due (Unix time), None if it is due now or carries no retry headers."""
+        state = parse_retry_headers(record.headers)
+        return None if state is None else state.not_before.timestamp()
 
     # -- replays ------------------------------------------------------------------------------------------------
     def _seen_replay(self, headers: Sequence[tuple[str, bytes | None]]) -> bool:

@@ -91,6 +91,22 @@ class Processor(Protocol):
     def __call__(self, batch: list[InputRecord], /) -> list[Output]: ...
 
 
+def _never_held(_record: InputRecord) -> float | None:
+    return None
+
+
+def hold_hooks(processor: object) -> tuple[frozenset[str], Callable[[InputRecord], float | None]]:
+    """A processor may ask the runtime to hold records until they are due (delayed retries): it names the
+    topics concerned in `hold_topics` and answers `not_before(record)` with a Unix time, or None when due.
+    The runtime then pauses that partition at the record instead of handing it over early."""
+    owner = getattr(processor, "__self__", processor)  # a bound `process` method: its object has the hooks
+    topics = frozenset(getattr(owner, "hold_topics", ()) or ())
+    not_before = getattr(owner, "not_before", None)
+    if not topics or not callable(not_before):
+        return frozenset(), _never_held
+    return topics, not_before
+
+
 def load_processor(spec: str) -> Processor:
     """`package.module:name` imports a processor; `package.module:name()` calls `name` to build one (for
     processors that load rules or reference data first). An object with a `process` method is accepted too."""

@@ -27,8 +27,9 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, cast
@@ -57,6 +58,7 @@ from services.validator.runtime import (
     StreamRuntimeSettings,
     TopicsMissing,
     headers_with_trace,
+    hold_hooks,
     load_processor,
     required_output_topics,
     resolve_input_topics,
@@ -79,6 +81,7 @@ FALLBACKS = Counter(
 BATCH_SECONDS = Histogram(
     "lp_validator_runtime_batch_seconds", "Batch processed to every output acknowledged", buckets=LATENCY_BUCKETS
 )
+HELD = Gauge("lp_validator_runtime_held_partitions", "Partitions paused until their next record is due (retries)")
 IN_FLIGHT = Gauge("lp_validator_runtime_in_flight_batches", "Batches produced, not yet acknowledged")
 ASSIGNED = Gauge("lp_validator_runtime_assigned_partitions", "Input partitions assigned to this worker")
 
@@ -111,6 +114,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._delivered: dict[TP, int] = {}
+        self._held: dict[TP, asyncio.TimerHandle] = {}  # partitions paused until their first record is due
 
     @property
     def runner(self) -> BatchRunner:
@@ -147,6 +151,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             return None
         generation = self.app.consumer_generation_id
         monitor = self.app.monitor
+        hold_topics, not_before = hold_hooks(self.runner.processor)
         by_topic: dict[str, list[InputRecord]] = {}
         next_offsets: dict[tuple[str, int], int] = {}
         size = 0
@@ -158,6 +163,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 # delivered offset must not pass over records nobody processed, so seek back to them instead.
                 await self.seek(tp, records[0].offset)
                 continue
+            if tp.topic in hold_topics:
+                records = await self._due_records(tp, records, not_before)
+                if not records:
+                    continue
             by_topic.setdefault(tp.topic, []).extend(records)  # aiokafka fetches each partition in offset order
             next_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
             size += len(records)
@@ -166,6 +175,29 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if not size or generation != self.app.consumer_generation_id or not self.flow_active:
             return None
         return Batch(by_topic, next_offsets, size)
+
+    async def _due_records(
+        self, tp: TP, records: list[Any], not_before: Callable[[InputRecord], float | None]
+    ) -> list[Any]:
+        """The records before the first one that is not due yet; from that one on, the partition is paused and
+        rewound until it is due, so a delayed retry waits in the log (uncommitted) instead of circulating."""
+        now = time.time()
+        for index, record in enumerate(records):
+            due = not_before(record)
+            if due is not None and due > now:
+                await self.seek(tp, record.offset)
+                held = TP(tp.topic, tp.partition)  # Faust asserts its own TP type in its partition sets
+                self.pause_partitions([held])
+                self._held[held] = asyncio.get_running_loop().call_later(due - now, self._release, held)
+                HELD.set(len(self._held))
+                return records[:index]
+        return records
+
+    def _release(self, tp: TP) -> None:
+        self._held.pop(tp, None)
+        HELD.set(len(self._held))
+        if tp in self.assignment():  # revoked meanwhile: its new owner reads it from the commit
+            self.resume_partitions([tp])
 
     def mark_delivered(self, offsets: dict[tuple[str, int], int]) -> None:
         """Called by the runner once every output of a batch is acknowledged: these offsets may be committed."""
@@ -201,6 +233,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)  # runs the app's handler: wait_empty, commit
         for tp in revoked:
             self._delivered.pop(tp, None)
+            held = self._held.pop(tp, None)
+            if held is not None:
+                held.cancel()
+        HELD.set(len(self._held))
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         await super().on_partitions_assigned(assigned, generation_id)
