@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -95,6 +95,28 @@ def test_other_python_types_go_to_fastavro(raw_event):
             fast(wrong)
 
 
+def test_arrays_and_dates_encode_as_fastavro_does():
+    definition = {
+        "type": "record",
+        "name": "AD",
+        "fields": [
+            {"name": "flags", "type": {"type": "array", "items": "string"}},
+            {"name": "counts", "type": {"type": "array", "items": "long"}},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+            {"name": "maybe_day", "type": ["null", {"type": "int", "logicalType": "date"}]},
+        ],
+    }
+    fast, reference = pair(Schema.from_definition("ad", definition))
+    assert fast.plan is not None
+    for record in (
+        {"flags": [], "counts": [], "day": date(1970, 1, 1), "maybe_day": None},
+        {"flags": ["a", "ü€"] * 100, "counts": [0, -1, 2**40], "day": date(2026, 11, 22), "maybe_day": 20_000},
+        {"flags": ["x"], "counts": [1], "day": date(1, 1, 1), "maybe_day": date(9999, 12, 31)},
+        {"flags": ["x"], "counts": [1], "day": 19_000, "maybe_day": datetime(2026, 1, 1, tzinfo=UTC)},  # fallback
+    ):
+        assert fast(record) == reference(record)
+
+
 def test_schemas_of_other_shapes_use_fastavro_only():
     nested = {
         "type": "record",
@@ -103,12 +125,10 @@ def test_schemas_of_other_shapes_use_fastavro_only():
     }
     assert compile_plan(nested) is None
     assert compile_plan({"type": "record", "name": "U", "fields": [{"name": "u", "type": ["int", "string"]}]}) is None
-    assert (
-        compile_plan(
-            {"type": "record", "name": "A", "fields": [{"name": "a", "type": {"type": "array", "items": "int"}}]}
-        )
-        is None
-    )
+    records = {"type": "array", "items": {"type": "record", "name": "I", "fields": []}}
+    assert compile_plan({"type": "record", "name": "A", "fields": [{"name": "a", "type": records}]}) is None
+    decimal = {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}
+    assert compile_plan({"type": "record", "name": "D", "fields": [{"name": "d", "type": decimal}]}) is None
     flat = {
         "type": "record",
         "name": "F",

@@ -68,6 +68,23 @@ def test_processed_event_validates(references: ReferenceStore, known: SimpleName
     assert back["event_date"] == enriched["event_date"]
 
 
+def test_processed_events_take_the_compiled_encoder_with_fastavros_bytes(
+    references: ReferenceStore, known: SimpleNamespace
+) -> None:
+    serializer = AvroSerializer(SchemaRepository.load()["processed_event"])
+    assert serializer.plan is not None  # arrays and dates compile: no per-record fallback to fastavro
+    sparse = {"event_id": "e", "event_type": "login", "event_time": known.now, "user_id": "nobody"}
+    for event, flags in (
+        (known.event(country="gb"), ["country_iso2", "ip_address_ipv4"]),
+        (known.event(properties={"k": "ü€"}), []),
+        (sparse, ["x" * 300]),
+    ):
+        record = processed_event(
+            enrich_event(event, references), quality_flags=flags, validated_at=VALIDATED_AT, rules_version="v1"
+        )
+        assert serializer(record) == serializer.encode_with_fastavro(record)
+
+
 def test_processed_event_for_a_sparse_event(references: ReferenceStore, known: SimpleNamespace) -> None:
     sparse = {"event_id": "e", "event_type": "login", "event_time": known.now, "user_id": "nobody"}
     record = processed_event(

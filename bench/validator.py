@@ -1,0 +1,182 @@
+"""The validator service's events/s per process against the bare consume-then-produce ceiling, same client.
+
+All figures read the same records: distinct generator events (Avro, zstd, 16 partitions of `events.raw` as
+declared), with every user and product known from the CDC topics, so each event runs the whole path (decode,
+every rule incl. lookups and the duplicate window, enrichment, e-mail hashing, encode, produce, commit):
+
+- ceiling: bare aiokafka consume-then-produce of the same records (`bench.validator_runtime._bare_loop`), the
+  client the runtime uses, without any processing.
+- service: `python -m services.validator` (the real service, its defaults), from its first processed record to
+  its last, read from its `/metrics`.
+- processor in-process: `ValidatorProcessor` alone over the same records, no Kafka: the share of the cost that
+  is validation itself, which says what limits the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from bench.harness import BenchContext, Result
+from bench.validator_runtime import _bare_loop, _create_topics, _free_port, _metric
+from services.generator.model import Simulation
+from services.kit.avro import AvroSerializer, SchemaRepository
+from services.kit.kafka import PRODUCER_DEFAULTS
+from services.kit.paths import repo_root
+from services.operator.apply import apply_declarations
+from services.validator.cdc import make_envelope
+from services.validator.runtime import Record
+
+ROUNDS = 2
+SEED = 11
+
+
+def _events(count: int) -> tuple[Simulation, list[tuple[bytes, bytes]]]:
+    simulation = Simulation(SEED, 1000, 500, start_time=datetime.now(UTC))
+    serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
+    now = datetime.now(UTC)
+    return simulation, [(e.key, serialize(e.to_record())) for e in (simulation.next_event(now) for _ in range(count))]
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | str, bytes]]) -> None:
+    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120):
+        raise RuntimeError(f"seeding {topic} left records undelivered")
+
+
+def _seed_references(bootstrap: str, simulation: Simulation) -> None:
+    stamp = int(time.time() * 1000)
+    users = []
+    for user in simulation.users:
+        row = {k: v for k, v in asdict(user).items() if k != "shipping_address"}
+        envelope = make_envelope("r", "users", after=row, ts_ms=stamp)
+        users.append((json.dumps({"user_id": user.user_id}), json.dumps(envelope, default=str).encode()))
+    products = []
+    for product in simulation.products:
+        envelope = make_envelope("r", "products", after=asdict(product), ts_ms=stamp)
+        products.append((json.dumps({"product_id": product.product_id}), json.dumps(envelope, default=str).encode()))
+    _produce(bootstrap, "cdc.postgres.users", users)
+    _produce(bootstrap, "cdc.postgres.products", products)
+
+
+def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
+    port = _free_port()
+    run_env = {
+        **os.environ,
+        "LOG_LEVEL": "WARNING",
+        **env,
+        "CONSUMER_GROUP": f"bench-validator-{time.time_ns()}",
+        "HTTP_PORT": str(port),
+    }
+    log_path = work_dir / "validator-bench.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.validator"],
+            env=run_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=repo_root(),
+        )
+    try:
+        first: tuple[float, float] | None = None
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"validator exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+            done = _metric(port, "events.raw")
+            now = time.monotonic()
+            if done:
+                if first is None:
+                    first = (now, done)
+                if done >= events:
+                    return (done - first[1]) / (now - first[0])
+            time.sleep(0.02)
+        raise TimeoutError("the validator did not finish the benchmark events in 900 s")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _processor_rate(simulation: Simulation, records: list[tuple[bytes, bytes]]) -> float:
+    """The processor alone, in batches of 2000 as the runtime hands them over, no Kafka."""
+    from services.validator.app import ValidatorProcessor
+    from services.validator.rulebook import RuleBook
+
+    processor = ValidatorProcessor(RuleBook(), SchemaRepository.load())
+    for user in simulation.users:
+        processor.references.put("users", {k: v for k, v in asdict(user).items() if k != "shipping_address"})
+    for product in simulation.products:
+        processor.references.put("products", asdict(product))
+    batch = [Record("events.raw", 0, offset, key, value) for offset, (key, value) in enumerate(records)]
+    started = time.perf_counter()
+    for start in range(0, len(batch), 2000):
+        processor(batch[start : start + 2000])
+    return len(batch) / (time.perf_counter() - started)
+
+
+def run(ctx: BenchContext) -> list[Result]:
+    events = max(30_000, int(120_000 * ctx.scale))
+    bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
+    report = apply_declarations(repo_root() / "deploy" / "k8s", bootstrap, cap_replication_factor=True)
+    if not report.ok:
+        raise RuntimeError(f"declarations not applied:\n{report.table()}")
+    simulation, records = _events(events)
+    _seed_references(bootstrap, simulation)
+    _produce(bootstrap, "events.raw", records)
+    work_dir = Path(tempfile.mkdtemp(prefix="validator-", dir=ctx.work_dir))
+    ceilings, services = [], []
+    for round_ in range(ROUNDS):  # alternate and keep the best of each: the machine is small and shared
+        bare_out = f"bench.validator.bare.{time.time_ns()}.{round_}"
+        _create_topics(bootstrap, bare_out)
+        ceilings.append(asyncio.run(_bare_loop(bootstrap, "events.raw", bare_out, events)))
+        services.append(_service_rate(ctx.env, events, work_dir))
+    ceiling, service = max(ceilings), max(services)
+    in_process = _processor_rate(simulation, records[: min(len(records), 40_000)])
+    spread = ", ".join(f"{s:,.0f}/{c:,.0f}" for s, c in zip(services, ceilings, strict=True))
+    return [
+        Result(
+            "validator service events/s",
+            round(service),
+            "events/s",
+            round(ceiling),
+            "bare aiokafka consume-then-produce of the same records",
+            note=f"{events} distinct events, all rules, lookups, enrichment; 1 process, best of {ROUNDS} "
+            f"(runs: {spread})",
+        ),
+        Result(
+            "validator processor in-process events/s",
+            round(in_process),
+            "events/s",
+            round(ceiling),
+            "bare aiokafka consume-then-produce of the same records",
+            note="decode + rules + enrich + encode only, no Kafka: what limits the service",
+        ),
+    ]
+
+
+if __name__ == "__main__":  # this benchmark alone: python -m bench.validator
+    from services.stack import LocalStack, StackSettings
+
+    with (
+        tempfile.TemporaryDirectory(prefix="lp-bench-") as work,
+        LocalStack(StackSettings.with_free_ports(state_dir=Path(work) / "stack"), only=["broker"]) as stack,
+    ):
+        for result in run(BenchContext(stack.env(), float(os.environ.get("BENCH_SCALE", "1")), Path(work))):
+            print(f"{result.name}: {result.value:,.0f} {result.unit} (ceiling {result.ceiling:,.0f}, {result.ratio})")
