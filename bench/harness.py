@@ -87,12 +87,31 @@ def write_results(results: list[Result], json_path: Path, markdown_path: Path) -
         "| benchmark | value | unit | ceiling | ceiling is | ratio | note |",
         "|---|---:|---|---:|---|---:|---|",
     ]
+    measured = {r.name for r in results}
     for r in results:
         lines.append(
             f"| {r.name} | {r.value:,.0f} | {r.unit} | {r.ceiling:,.0f} | {r.ceiling_what} | {r.ratio:.2f} | {r.note} |"
         )
+    lines += _earlier_rows(markdown_path, measured)
     lines += ["", "See `docs/benchmarks-method.md` for how each figure is measured.", ""]
     markdown_path.write_text("\n".join(lines))
+
+
+def _earlier_rows(markdown_path: Path, measured: set[str]) -> list[str]:
+    """Rows of benchmarks not run this time (BENCH_ONLY), kept from the previous table with their date."""
+    if not markdown_path.exists():
+        return []
+    text = markdown_path.read_text()
+    date = next((line[len("- date: ") :] for line in text.splitlines() if line.startswith("- date: ")), "earlier")
+    kept = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or cells[0] in measured or cells[0] == "benchmark" or set(cells[0]) <= {"-", ":"}:
+            continue
+        if "(measured " not in cells[6]:
+            cells[6] = f"{cells[6]} (measured {date})".strip()
+        kept.append("| " + " | ".join(cells) + " |")
+    return kept
 
 
 def default_paths() -> tuple[Path, Path]:
