@@ -22,7 +22,7 @@ import fastavro
 from fastavro.schema import fingerprint as _fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from services.kit.avro_fast import compile_plan
+from services.kit.avro_fast import compile_plan, compile_reader
 from services.kit.paths import avro_schema_dir
 
 MAGIC = b"\xc3\x01"
@@ -153,6 +153,7 @@ class AvroDeserializer:
         self.repository = repository
         self.reader = repository[subject]
         self.max_bytes = max_bytes
+        self.fast = compile_reader(self.reader.definition)  # payloads written with the reader schema itself
 
     def __call__(self, payload: bytes | None) -> Decoded | DecodeError:
         if not payload:
@@ -170,6 +171,18 @@ class AvroDeserializer:
                 DecodeErrorCode.INCOMPATIBLE_SCHEMA,
                 f"written as {writer.name!r}, expected {self.reader.name!r}",
             )
+        if writer is self.reader and self.fast is not None:
+            try:
+                record, end = self.fast(payload, HEADER_SIZE)
+            except (EOFError, IndexError) as error:
+                return DecodeError(DecodeErrorCode.CORRUPT, f"truncated: {error or 'unexpected end of data'}")
+            except UnicodeDecodeError as error:
+                return DecodeError(DecodeErrorCode.INVALID_UTF8, f"a string field is not UTF-8: {error}")
+            except (ValueError, OverflowError, struct.error) as error:
+                return DecodeError(DecodeErrorCode.CORRUPT, f"{type(error).__name__}: {error}")
+            if end != len(payload):
+                return DecodeError(DecodeErrorCode.TRAILING_BYTES, f"{len(payload) - end} bytes after the record")
+            return Decoded(record, writer)
         body = io.BytesIO(payload)
         body.seek(HEADER_SIZE)
         try:

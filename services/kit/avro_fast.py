@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 Append = Callable[[bytes], None]
@@ -227,3 +227,195 @@ def compile_plan(definition: Mapping[str, Any]) -> list[tuple[str, FieldWriter]]
         return [(field["name"], _writer(field["type"])) for field in definition["fields"]]
     except _Unsupported:
         return None
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+# The same flat shapes, decoded by one closure per field over the payload's bytes and a position. fastavro's
+# reader costs ~30 us a raw event here (a BytesIO and a generic dispatch per field); this one about a third.
+# Values are exactly fastavro's (aware UTC datetimes for timestamp-millis, dates for date); the unit tests
+# compare both on generated and on random, corrupt input. Truncated input raises EOFError, anything malformed
+# ValueError (or UnicodeDecodeError for a string that is not UTF-8): the caller's error mapping applies.
+
+FieldReader = Callable[[bytes, int], tuple[Any, int]]
+_UNPACK_DOUBLE = struct.Struct("<d").unpack_from
+_UNPACK_FLOAT = struct.Struct("<f").unpack_from
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    pos += 1
+    if byte < 0x80:
+        return (byte >> 1) ^ -(byte & 1), pos
+    value, shift = byte & 0x7F, 7
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value >> 1) ^ -(value & 1), pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _read_int(data: bytes, pos: int) -> tuple[int, int]:
+    value, pos = _read_long(data, pos)
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ValueError("int out of range")
+    return value, pos
+
+
+def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
+    size, pos = _read_long(data, pos)
+    end = pos + size
+    if size < 0 or end > len(data):
+        raise EOFError("bytes or string beyond the end of the payload")
+    return data[pos:end], end
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    raw, pos = _read_bytes(data, pos)
+    return raw.decode(), pos
+
+
+def _read_double(data: bytes, pos: int) -> tuple[float, int]:
+    if pos + 8 > len(data):
+        raise EOFError("double beyond the end of the payload")
+    return _UNPACK_DOUBLE(data, pos)[0], pos + 8
+
+
+def _read_float(data: bytes, pos: int) -> tuple[float, int]:
+    if pos + 4 > len(data):
+        raise EOFError("float beyond the end of the payload")
+    return _UNPACK_FLOAT(data, pos)[0], pos + 4
+
+
+def _read_boolean(data: bytes, pos: int) -> tuple[bool, int]:
+    byte = data[pos]
+    if byte > 1:
+        raise ValueError("boolean byte not 0 or 1")
+    return byte == 1, pos + 1
+
+
+def _read_null(_data: bytes, pos: int) -> tuple[None, int]:
+    return None, pos
+
+
+def _read_timestamp_millis(data: bytes, pos: int) -> tuple[datetime, int]:
+    millis, pos = _read_long(data, pos)
+    return _EPOCH + timedelta(milliseconds=millis), pos
+
+
+def _read_date(data: bytes, pos: int) -> tuple[date, int]:
+    days, pos = _read_int(data, pos)
+    return _EPOCH_DATE + timedelta(days=days), pos
+
+
+_PRIMITIVE_READERS: dict[str, FieldReader] = {
+    "null": _read_null,
+    "boolean": _read_boolean,
+    "int": _read_int,
+    "long": _read_long,
+    "float": _read_float,
+    "double": _read_double,
+    "string": _read_string,
+    "bytes": _read_bytes,
+}
+
+
+def _block_count(data: bytes, pos: int) -> tuple[int, int]:
+    count, pos = _read_long(data, pos)
+    if count < 0:  # a negative count is followed by the block's size in bytes
+        _size, pos = _read_long(data, pos)
+        count = -count
+    return count, pos
+
+
+def _read_map(values: FieldReader) -> FieldReader:
+    def read(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
+        result: dict[str, Any] = {}
+        count, pos = _block_count(data, pos)
+        while count:
+            for _ in range(count):
+                key, pos = _read_string(data, pos)
+                result[key], pos = values(data, pos)
+            count, pos = _block_count(data, pos)
+        return result, pos
+
+    return read
+
+
+def _read_array(items: FieldReader) -> FieldReader:
+    def read(data: bytes, pos: int) -> tuple[list[Any], int]:
+        result: list[Any] = []
+        count, pos = _block_count(data, pos)
+        while count:
+            for _ in range(count):
+                item, pos = items(data, pos)
+                result.append(item)
+            count, pos = _block_count(data, pos)
+        return result, pos
+
+    return read
+
+
+def _read_nullable(null_index: int, inner: FieldReader) -> FieldReader:
+    null_byte, value_byte = _SMALL[null_index][0], _SMALL[1 - null_index][0]
+
+    def read(data: bytes, pos: int) -> tuple[Any, int]:
+        branch = data[pos]
+        if branch == null_byte:
+            return None, pos + 1
+        if branch == value_byte:
+            return inner(data, pos + 1)
+        raise ValueError(f"union branch byte {branch} out of range")
+
+    return read
+
+
+def _reader(avro_type: Any, in_union: bool = False) -> FieldReader:
+    if isinstance(avro_type, str):
+        if avro_type not in _PRIMITIVE_READERS:
+            raise _Unsupported(f"named type {avro_type}")
+        return _PRIMITIVE_READERS[avro_type]
+    if isinstance(avro_type, dict):
+        kind, logical = avro_type.get("type"), avro_type.get("logicalType")
+        if kind in ("map", "array"):
+            inner = avro_type["values" if kind == "map" else "items"]
+            if not isinstance(inner, str) or inner not in _PRIMITIVE_READERS:
+                raise _Unsupported(f"{kind} of a complex type")
+            return (_read_map if kind == "map" else _read_array)(_PRIMITIVE_READERS[inner])
+        if kind == "long" and logical == "timestamp-millis":
+            return _read_timestamp_millis
+        if kind == "int" and logical == "date":
+            return _read_date
+        if kind in ("int", "long", "string") and logical is None:
+            return _PRIMITIVE_READERS[kind]
+        raise _Unsupported(f"type {kind} ({logical})")  # other logical types: fastavro's conversions
+    if isinstance(avro_type, list) and not in_union:
+        if len(avro_type) == 2 and "null" in avro_type:
+            null_index = avro_type.index("null")
+            return _read_nullable(null_index, _reader(avro_type[1 - null_index], in_union=True))
+        raise _Unsupported("union other than [null, X]")
+    raise _Unsupported(repr(avro_type))
+
+
+RecordReader = Callable[[bytes, int], tuple[dict[str, Any], int]]
+
+
+def compile_reader(definition: Mapping[str, Any]) -> RecordReader | None:
+    """A reader of a flat record schema (`read(payload, start) -> (record, end)`), or None for other shapes."""
+    if definition.get("type") != "record":
+        return None
+    try:
+        fields = [(field["name"], _reader(field["type"])) for field in definition["fields"]]
+    except _Unsupported:
+        return None
+
+    def read(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
+        record: dict[str, Any] = {}
+        for name, field_reader in fields:
+            record[name], pos = field_reader(data, pos)
+        return record, pos
+
+    return read

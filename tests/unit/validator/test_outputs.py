@@ -68,7 +68,7 @@ def test_processed_event_validates(references: ReferenceStore, known: SimpleName
     assert back["event_date"] == enriched["event_date"]
 
 
-def test_processed_events_take_the_compiled_encoder_with_fastavros_bytes(
+def test_processed_events_take_the_compiled_codec_with_fastavros_bytes_and_values(
     references: ReferenceStore, known: SimpleNamespace
 ) -> None:
     serializer = AvroSerializer(SchemaRepository.load()["processed_event"])
@@ -83,6 +83,13 @@ def test_processed_events_take_the_compiled_encoder_with_fastavros_bytes(
             enrich_event(event, references), quality_flags=flags, validated_at=VALIDATED_AT, rules_version="v1"
         )
         assert serializer(record) == serializer.encode_with_fastavro(record)
+        payload = serializer(record)
+        fast = AvroDeserializer(SchemaRepository.load(), "processed_event")
+        reference = AvroDeserializer(SchemaRepository.load(), "processed_event")
+        reference.fast = None  # fastavro's reader
+        ours, theirs = fast(payload), reference(payload)
+        assert fast.fast is not None and isinstance(ours, Decoded) and isinstance(theirs, Decoded)
+        assert ours.record == theirs.record
 
 
 def test_processed_event_for_a_sparse_event(references: ReferenceStore, known: SimpleNamespace) -> None:
