@@ -137,6 +137,7 @@ class DemoRun:
         self._start(validator)
         self._wait_ready(validator, timeout=180)  # reads users/products to their end first
         tables_before = postgres_table_stats(self.stack.postgres_dsn)
+        self._register_shop(cdc)
         self._start(generator)
         self._start(ingest)
         self._watch(time.monotonic())
@@ -167,6 +168,17 @@ class DemoRun:
         self.services.append(service)
         service.start(self.stack.env())
         self.out(f"started {service.name} (pid {service.popen.pid}, log {service.log_path})")
+
+    def _register_shop(self, cdc: ServiceProcess) -> None:
+        """Write the shop's users and products (the generator's population: same seed, same defaults) and wait
+        until CDC has them in Kafka, as users register before they browse. The generator writes them again
+        at its start, a no-op then. Without this, the first events race CDC for their users: the validator
+        would retry them (correct, but a loaded machine can outlast the demo's short retry budget)."""
+        shop = Simulation(self.seed)
+        with OltpWriter.connect(self.stack.postgres_dsn) as oltp:
+            oltp.upsert_users(shop.users)
+            oltp.upsert_products(shop.products)
+        self._wait_for_cdc(cdc)
 
     def _wait_ready(self, service: ServiceProcess, timeout: float) -> None:
         self.out(f"waiting for {service.name} to be ready ...")
