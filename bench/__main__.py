@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import cdc, generator, ingest, validator, validator_runtime
+from bench import archiver, cdc, clickhouse_sink, generator, ingest, validator, validator_runtime
 from bench.harness import BenchContext, Benchmark, Result, default_paths, write_results
 from services.stack.settings import StackSettings
 from services.stack.stack import local_stack
@@ -21,6 +21,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cdc": cdc.run,
     "validator_runtime": validator_runtime.run,
     "validator": validator.run,
+    "clickhouse_sink": clickhouse_sink.run,
+    "archiver": archiver.run,
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Message
 
+from services.archiver import runsummary as archive
 from services.cdc.app import TOMBSTONE_OP
 from services.generator.app import FAULT_HEADER
 from services.generator.bad_events import BAD_KINDS
@@ -83,6 +84,7 @@ class DemoRun:
         for stale in reports.glob("*.json"):
             stale.unlink()
         generator_port, ingest_http_port, ingest_grpc_port, cdc_port, validator_port = pick_free_ports(5)
+        clickhouse_port, clickhouse_query_port, archiver_port = pick_free_ports(3)
         self.ingest_target = f"127.0.0.1:{ingest_grpc_port}"
         traces = {"OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl")}
         cdc = ServiceProcess(
@@ -132,10 +134,32 @@ class DemoRun:
             },
             http_port=validator_port,
         )
+        clickhouse = ServiceProcess(
+            "clickhouse-sink",
+            "services.clickhouse_sink",
+            self.stack.log_dir,
+            env={
+                "CONSUMER_GROUP": CLICKHOUSE_GROUP,
+                "CLICKHOUSE_CHDB_PATH": str(self.state_dir / "clickhouse"),
+                "CLICKHOUSE_SINK_QUERY_PORT": str(clickhouse_query_port),
+                "CLICKHOUSE_SINK_REPORT_FILE": str(reports / "clickhouse-sink.json"),
+                **traces,
+            },
+            http_port=clickhouse_port,
+        )
+        archiver_env = archive.local_env(self.state_dir)
+        archiver = ServiceProcess(
+            "archiver", "services.archiver", self.stack.log_dir, env={**archiver_env, **traces}, http_port=archiver_port
+        )
+        archive_before = archive.table_stats({**self.stack.env(), **archiver_env})
         self._start(cdc)
         self._wait_for_metric(cdc, "lp_cdc_streaming", 1.0, timeout=180)  # JVM start + snapshot
         self._start(validator)
         self._wait_ready(validator, timeout=180)  # reads users/products to their end first
+        self._start(clickhouse)
+        self._start(archiver)
+        self._wait_ready(clickhouse, timeout=120)  # migrations applied
+        self._wait_ready(archiver, timeout=120)  # tables created or evolved to the contracts
         tables_before = postgres_table_stats(self.stack.postgres_dsn)
         self._register_shop(cdc)
         self._start(generator)
@@ -144,6 +168,10 @@ class DemoRun:
         api = self._publish_through_api()
         self._wait_for_cdc(cdc)
         self._wait_until_consumed(validator, VALIDATOR_GROUP, VALIDATOR_INPUTS, before)
+        self._wait_until_consumed(clickhouse, CLICKHOUSE_GROUP, CLICKHOUSE_INPUTS, before)
+        # Last: it archives every dead-letter topic, the sinks' too. Its Kafka commits run ahead of its tables
+        # (the offsets that count are in the snapshots); SIGTERM below commits what it buffered.
+        self._wait_until_consumed(archiver, archive.GROUP, archive.INPUTS, before)
         for service in self.services:
             if service.bounded:
                 continue
@@ -154,6 +182,7 @@ class DemoRun:
             table: {op: after[i] - tables_before.get(table, (0, 0, 0))[i] for i, op in enumerate("cud")}
             for table, after in postgres_table_stats(self.stack.postgres_dsn).items()
         }
+        archive_after = archive.table_stats({**self.stack.env(), **archiver_env})
         return self._summarise(
             started,
             t0,
@@ -162,6 +191,8 @@ class DemoRun:
             api,
             json.loads((reports / "cdc.json").read_text()),
             changes,
+            json.loads((reports / "clickhouse-sink.json").read_text()),
+            (archive_before, archive_after),
         )
 
     def _start(self, service: ServiceProcess) -> None:
@@ -338,6 +369,8 @@ class DemoRun:
         ingest: dict[str, Any],
         cdc: dict[str, Any],
         postgres_changes: dict[str, dict[str, int]],
+        clickhouse: dict[str, Any],
+        archive_stats: tuple[dict[str, Any], dict[str, Any]],
     ) -> dict[str, Any]:
         decode = AvroDeserializer(SchemaRepository.load(), "raw_event")
         purchases: set[str] = set()
@@ -395,6 +428,21 @@ class DemoRun:
             + topics.get("cdc.postgres.transactions.dlq", 0)
             == cdc_transactions,
         }
+        ch_tables = clickhouse.get("tables") or {}
+        stores |= {f"clickhouse.{name}": rows for name, rows in ch_tables.items() if ":" not in name}
+        checks |= {
+            "clickhouse: every processed event stored or dead-lettered": clickhouse["rows_written"].get(
+                "events.processed", 0
+            )
+            + clickhouse["rows_rejected"].get("events.processed", 0)
+            == topics.get("events.processed", 0),
+            "clickhouse: no event_id twice": ch_tables.get("user_events_realtime: duplicate rows") == 0,
+            "clickhouse: views agree with the table": ch_tables.get("user_activity_summary: events")
+            == ch_tables.get("user_events_realtime"),
+        }
+        archived, archive_checks = archive.summarise(*archive_stats, topics)
+        checks |= archive_checks
+        stores |= {f"iceberg.{table}": figures["rows_in_table"] for table, figures in archived.items()}
         for table, changed in postgres_changes.items():
             captured = cdc["events_by_table"].get(table, {})
             checks[f"CDC captured every change of {table} (c/u/d {changed})"] = all(
@@ -418,9 +466,17 @@ class DemoRun:
             "latency_ms": {
                 "generator->events.raw (produce to ack)": generator["produce_latency_ms"],
                 "cdc->cdc.postgres.* (produce to ack)": cdc["produce_latency_ms"],
+                "events.processed -> visible in ClickHouse (event time)": clickhouse["event_to_visible_ms"].get(
+                    "user_events_realtime"
+                ),
+                "transactions.processed -> visible in ClickHouse (change time)": clickhouse["event_to_visible_ms"].get(
+                    "transactions_realtime"
+                ),
             },
             "purchases": {"events": len(purchases), "postgres_rows_found": found},
             "validator": validation.summary(topics),
+            "clickhouse": {k: v for k, v in clickhouse.items() if k != "tables"},
+            "archive": archived,
             "checks": checks,
             "ok": all(checks.values()),
             "logs": str(self.stack.log_dir),
@@ -428,6 +484,8 @@ class DemoRun:
 
 
 CDC_SLOT = "lp_cdc"  # CdcSettings.cdc_slot_name's default
+CLICKHOUSE_GROUP = "lp-clickhouse-sink"
+CLICKHOUSE_INPUTS = ("events.processed", "transactions.processed")
 VALIDATOR_GROUP = "lp-validator"
 VALIDATOR_INPUTS = (
     "events.raw",
@@ -509,6 +567,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"  topic {topic:<24} {count} messages this run")
     for store, rows in summary["stores"].items():
         print(f"  store {store:<24} {rows} rows")
+    for line in archive.summary_lines(summary["archive"]):
+        print(line)
     validator = summary["validator"]
     print(f"  validator         processed {validator['processed']}, status changes {validator['status_changes']}")
     for reason, count in validator["dead_lettered"].items():

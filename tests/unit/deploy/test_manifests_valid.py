@@ -289,10 +289,11 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     by_kind: dict[str, list[str]] = {}
     for document in rendered:
         by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
-    assert by_kind["Deployment"] == ["lp-lambda-pipeline-generator", "lp-lambda-pipeline-ingest"]
-    assert by_kind["Service"] == ["lp-lambda-pipeline-generator", "lp-lambda-pipeline-ingest"]
-    # the seeded generator must not scale out; the ingest API does
-    assert by_kind["HorizontalPodAutoscaler"] == ["lp-lambda-pipeline-ingest"]
+    services = ["archiver", "clickhouse-sink", "generator", "ingest", "validator"]
+    assert sorted(by_kind["Deployment"]) == [f"lp-lambda-pipeline-{name}" for name in services]
+    assert sorted(by_kind["Service"]) == [f"lp-lambda-pipeline-{name}" for name in services]
+    # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale
+    assert sorted(by_kind["HorizontalPodAutoscaler"]) == ["lp-lambda-pipeline-ingest", "lp-lambda-pipeline-validator"]
     assert sorted(by_kind["CustomResourceDefinition"]) == [
         "eventschemas.lambdapipeline.io",
         "kafkatopics.lambdapipeline.io",

@@ -1,0 +1,33 @@
+"""A local Iceberg catalog per test: SQLite + a file:// warehouse (the integration tests use SeaweedFS S3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyiceberg.catalog import Catalog
+
+from services.archiver.catalog import open_catalog
+from services.archiver.settings import CatalogSettings
+from services.kit.avro import SchemaRepository
+
+
+@pytest.fixture(scope="session")
+def repository() -> SchemaRepository:
+    return SchemaRepository.load()
+
+
+@pytest.fixture
+def catalog_settings(tmp_path: Path) -> CatalogSettings:
+    return CatalogSettings(
+        kafka_bootstrap_servers="",
+        iceberg_catalog="sql",
+        iceberg_sql_uri=f"sqlite:///{tmp_path}/catalog.db",
+        iceberg_warehouse=f"file://{tmp_path}/warehouse",
+        iceberg_namespace="test",
+    )
+
+
+@pytest.fixture
+def catalog(catalog_settings: CatalogSettings) -> Catalog:
+    return open_catalog(catalog_settings)
