@@ -1,32 +1,19 @@
 """The archiver service: the kit's sink runner feeding `ArchiverSink`, one Iceberg commit per table.
 
-`ArchiverRunner` adds three things to `services.kit.sink.SinkRunner` (proposed upstream, see docs/archiver.md):
-dead-letter topics are consumed raw (their payloads have no contract: any bytes are archived as they are),
-the sink hears about revoked and lost partitions (to commit or drop what it buffered of them before the next
-owner starts), and a fenced sink can ask for its partitions to be sought to the stored offsets again.
+The sink decodes every record itself, column-wise (`decode_mode = "none"`); dead-letter topics are consumed
+raw (subject None: their payloads have no contract, any bytes are archived as they are). The sink hears about
+revoked and lost partitions through the kit's hooks (to commit or drop what it buffered of them before the next
+owner starts), and a fenced sink has its partitions sought to the stored offsets again (`SinkRunner.resync`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
-from typing import Any, cast, overload
-
-from confluent_kafka import Message
-from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config, require_topics
-from services.kit.sink import (
-    PartitionBatch,
-    RunnerConfig,
-    SinkRecord,
-    SinkRunner,
-    SinkService,
-    TopicPartition,
-    _Pending,
-)
+from services.kit.sink import RunnerConfig, SinkRunner, SinkService, TopicPartition
 
 from .archive import ArchiverSink
 from .catalog import open_catalog
@@ -34,66 +21,6 @@ from .schemas import TableSpec, default_tables
 from .settings import ArchiverSettings
 
 log = logging.getLogger(__name__)
-
-# Dead-letter topics have no Avro subject; the runner wants one per topic for its header checks, which the
-# archiver skips for these topics (`raw_topics`). Any existing subject does.
-RAW_PLACEHOLDER_SUBJECT = "raw_event"
-
-
-class LazyRecords(Sequence[SinkRecord]):
-    """The batch's messages, wrapped as `SinkRecord`s only when one is looked at (a rejection, a trace link):
-    the archiver reads the messages column-wise and checks every header itself while decoding."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        self.messages = messages
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    @overload
-    def __getitem__(self, index: int) -> SinkRecord: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[SinkRecord]: ...
-    def __getitem__(self, index: int | slice) -> SinkRecord | list[SinkRecord]:
-        if isinstance(index, slice):
-            return [SinkRecord(m) for m in self.messages[index]]
-        return SinkRecord(self.messages[index])
-
-
-class ArchiverRunner(SinkRunner):
-    def __init__(self, *args: Any, raw_topics: Sequence[str] = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.raw_topics = frozenset(raw_topics)
-
-    def _prepare(self, tp: TopicPartition, messages: list[Message], last: int) -> _Pending:
-        # No per-record header check here: the columnar decoder checks every header, and a payload it cannot
-        # take goes through the kit's AvroDeserializer, whose DecodeError dead-letters it as the runner would.
-        # Dead-letter topics are raw bytes: nothing to check.
-        records = cast(list[SinkRecord], LazyRecords(messages))
-        batch = PartitionBatch(
-            tp.topic, tp.partition, records, messages[0].offset(), last, self.topic_ids.get(tp.topic)
-        )
-        return _Pending(batch, [])
-
-    def _on_revoke(self, consumer: Any, partitions: list[KafkaTopicPartition]) -> None:
-        super()._on_revoke(consumer, partitions)
-        cast(ArchiverSink, self.sink).revoked([TopicPartition(kp.topic, kp.partition) for kp in partitions])
-
-    def _on_lost(self, consumer: Any, partitions: list[KafkaTopicPartition]) -> None:
-        super()._on_lost(consumer, partitions)
-        cast(ArchiverSink, self.sink).lost([TopicPartition(kp.topic, kp.partition) for kp in partitions])
-
-    def resync(self, partitions: Sequence[TopicPartition]) -> None:
-        """Seek these partitions to the sink's stored offsets again (its buffer of them was dropped).
-
-        Call between steps, never from inside `Sink.write`: the runner is iterating its states there."""
-        for tp in partitions:
-            state = self.states.get(tp)
-            if state is not None:
-                state.resolved = False  # the next step asks stored_offsets, seeks there, drops what was fetched
-                state.next_resolve_at = 0.0
-                state.messages.clear()
-                state.group = None  # a batch waiting for a retry was read before the fence: never write it
 
 
 def table_specs(settings: ArchiverSettings) -> list[TableSpec]:
@@ -106,7 +33,6 @@ def table_specs(settings: ArchiverSettings) -> list[TableSpec]:
 class ArchiverService(SinkService[ArchiverSettings]):
     """`python -m services.archiver run`."""
 
-    runner: ArchiverRunner
     sink: ArchiverSink
 
     def __init__(self, settings: ArchiverSettings) -> None:
@@ -116,12 +42,8 @@ class ArchiverService(SinkService[ArchiverSettings]):
         self.committer_id = f"{settings.service_name}-{uuid.uuid4().hex[:12]}"
         self._resync: list[TopicPartition] = []
 
-    def subjects(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for spec in self.specs:
-            for topic in spec.topics:
-                out[topic] = spec.subject or RAW_PLACEHOLDER_SUBJECT
-        return out
+    def subjects(self) -> dict[str, str | None]:
+        return {topic: spec.subject for spec in self.specs for topic in spec.topics}
 
     def raw_topics(self) -> list[str]:
         return [topic for spec in self.specs if spec.subject is None for topic in spec.topics]
@@ -149,7 +71,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
         raw = set(self.raw_topics())
         self.sink = self.make_sink()
         require_topics(kafka, *subjects, *(self.dead_letter_topic(t) for t in subjects if t not in raw))
-        self.runner = ArchiverRunner(
+        self.runner = SinkRunner(
             self.sink,
             kafka,
             settings.consumer_group,
@@ -157,7 +79,6 @@ class ArchiverService(SinkService[ArchiverSettings]):
             self.dead_letter_topic,
             RunnerConfig.from_settings(settings),
             schemas=self.repository,
-            raw_topics=sorted(raw),
         )
         self.sink.set_topic_ids(self.runner.topic_ids)
         self.health.add_check("store", self.runner.readiness)

@@ -61,7 +61,7 @@ class ArchiveTable:
 
 class ArchiverSink(Sink):
     name = "archiver"
-    decode_mode = "header"  # the runner checks headers only; bodies are decoded columnar in `write`
+    decode_mode = "none"  # the columnar decoder checks every header and body itself, in `write`
 
     def __init__(
         self,

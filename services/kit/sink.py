@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, NamedTuple, cast
+from typing import Any, ClassVar, Literal, NamedTuple, cast, overload
 
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
@@ -72,7 +72,10 @@ from services.validator.deadletter import OriginalMessage, Stage, build_dead_let
 
 log = logging.getLogger(__name__)
 
-DecodeMode = Literal["record", "header"]
+# "record": the runner decodes every record (refusals go to the dead-letter topic); "header": it only checks the
+# single-object header and size (the store decodes the bodies column-wise); "none": it checks nothing and wraps
+# records only when one is looked at (the sink decodes and checks everything itself, e.g. raw-bytes topics).
+DecodeMode = Literal["record", "header", "none"]
 STORE_STAGE = cast(Stage, "store")  # a dead letter refused by a sink's store (not one of the validator's stages)
 TRACE_LINKS_PER_BATCH = 16  # a batch span links to at most this many producer traces
 MAX_POLL_WAIT_S = 0.1
@@ -264,6 +267,12 @@ class Sink(ABC):
     # where every write costs a lot whatever its size (ClickHouse: a part and its views per insert).
     group_writes: ClassVar[bool] = False
 
+    def revoked(self, partitions: Sequence[TopicPartition]) -> None:  # noqa: B027 (an optional hook)
+        """The runner drained these partitions and gave them up (a rebalance): forget what is kept of them."""
+
+    def lost(self, partitions: Sequence[TopicPartition]) -> None:  # noqa: B027 (an optional hook)
+        """These partitions were lost without a drain (another member may own them): drop what is kept."""
+
     @abstractmethod
     def write(self, batch: PartitionBatch) -> WriteResult:
         """Store the batch (all of it, or raise). Return the records the store refused, with reasons.
@@ -365,6 +374,27 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
+class LazyRecords(Sequence[SinkRecord]):
+    """A batch's messages, wrapped as `SinkRecord`s only when one is looked at (a rejection, a trace link): for
+    sinks that read the messages column-wise (`decode_mode = "none"`)."""
+
+    def __init__(self, messages: list[Message], decoder: AvroDeserializer | None = None) -> None:
+        self.messages = messages
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    @overload
+    def __getitem__(self, index: int) -> SinkRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[SinkRecord]: ...
+    def __getitem__(self, index: int | slice) -> SinkRecord | list[SinkRecord]:
+        if isinstance(index, slice):
+            return [SinkRecord(m, self.decoder) for m in self.messages[index]]
+        return SinkRecord(self.messages[index], self.decoder)
+
+
 # --- the runner -------------------------------------------------------------------------------------------------
 @dataclass
 class _Pending:
@@ -454,7 +484,7 @@ class SinkRunner:
         sink: Sink,
         kafka_config: Mapping[str, Any],
         group_id: str,
-        subjects: Mapping[str, str],
+        subjects: Mapping[str, str | None],
         dead_letter_topic: Callable[[str], str],
         config: RunnerConfig = RunnerConfig(),
         *,
@@ -478,7 +508,10 @@ class SinkRunner:
         self.clock = clock
         self.rng = rng or random.Random()
         schemas = schemas or SchemaRepository.load()
-        self.decoders = {topic: AvroDeserializer(schemas, subject) for topic, subject in self.subjects.items()}
+        # A subject of None: raw bytes without a contract (dead-letter topics); nothing to decode or check.
+        self.decoders = {
+            topic: AvroDeserializer(schemas, subject) for topic, subject in self.subjects.items() if subject
+        }
         self.states: dict[TopicPartition, _PartitionState] = {}
         self.stats = RunnerStats()
         self.producer = producer or KafkaProducer(kafka_config)
@@ -558,11 +591,14 @@ class SinkRunner:
         deadline = self.clock() + self.config.revoke_flush_timeout_s
         self._drain([self.states[tp] for tp in revoked if tp in self.states], deadline)
         self._forget(revoked)
+        self.sink.revoked(revoked)
         log.info("revoked %s", ", ".join(f"{kp.topic}[{kp.partition}]" for kp in partitions))
 
     def _on_lost(self, _consumer: Any, partitions: list[KafkaTopicPartition]) -> None:
         # Another member may own them already: drop the buffers, commit nothing (the owner replays them).
-        self._forget([TopicPartition(kp.topic, kp.partition) for kp in partitions])
+        lost = [TopicPartition(kp.topic, kp.partition) for kp in partitions]
+        self._forget(lost)
+        self.sink.lost(lost)
         log.warning("lost %s", ", ".join(f"{kp.topic}[{kp.partition}]" for kp in partitions))
 
     def _forget(self, partitions: Sequence[TopicPartition]) -> None:
@@ -721,8 +757,23 @@ class SinkRunner:
             state.group = group
         self._attempt(group, now)
 
+    def resync(self, partitions: Sequence[TopicPartition]) -> None:
+        """Seek these partitions to the sink's stored offsets again (the sink dropped what it held of them, e.g.
+        fenced by another writer). Call between steps, never from inside `Sink.write`."""
+        for tp in partitions:
+            state = self.states.get(tp)
+            if state is not None:
+                state.resolved = False  # the next step asks stored_offsets, seeks there, drops what was fetched
+                state.next_resolve_at = 0.0
+                state.messages.clear()
+                state.group = None  # a batch waiting for a retry was read before the fence: never write it
+
     def _prepare(self, tp: TopicPartition, messages: list[Message], last: int) -> _Pending:
-        decoder = self.decoders[tp.topic]
+        decoder = self.decoders.get(tp.topic)
+        if decoder is None or self.sink.decode_mode == "none":
+            records = cast(list[SinkRecord], LazyRecords(messages, decoder))
+            topic_id = self.topic_ids.get(tp.topic)
+            return _Pending(PartitionBatch(tp.topic, tp.partition, records, messages[0].offset(), last, topic_id), [])
         records: list[SinkRecord] = []
         rejections: list[Rejection] = []
         header_only = self.sink.decode_mode == "header"
@@ -990,8 +1041,8 @@ class SinkService(Service[SettingsT], ABC):
         """Connect to the store (apply migrations, ...); raise to fail start-up."""
 
     @abstractmethod
-    def subjects(self) -> dict[str, str]:
-        """Input topic -> Avro subject of its values."""
+    def subjects(self) -> dict[str, str | None]:
+        """Input topic -> Avro subject of its values (None: raw bytes without a contract)."""
 
     def dead_letter_topic(self, topic: str) -> str:
         """Where refused records of `topic` go (default `<topic>.<sink name>.dlq`)."""
