@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from confluent_kafka import Producer
 
-from bench.harness import BenchContext, Result
-from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
+from bench.harness import BenchContext, Result, free_port, produce_all
+from services.kit.kafka import create_topics
 from services.kit.paths import repo_root
 
 PARTITIONS = 12
@@ -43,17 +41,7 @@ def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
     from services.archiver.samples import encoded_events
 
     distinct = [(key, payload) for key, payload, _ in encoded_events(DISTINCT)]
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
-    for i in range(events):
-        key, value = distinct[i % DISTINCT]
-        while True:
-            try:
-                producer.produce(topic, value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError("seeding the benchmark topic left records undelivered")
+    produce_all(bootstrap, topic, (distinct[i % DISTINCT] for i in range(events)))
     return [payload for _, payload in distinct]
 
 
@@ -111,12 +99,6 @@ def _ceiling(env: dict[str, str], payloads: list[bytes], events: int, namespace:
     return events / elapsed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _metrics(port: int, topic: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
@@ -139,7 +121,7 @@ def _archiver(env: dict[str, str], topic: str, events: int, work_dir: Path, name
 
     Once every record is buffered the process gets SIGTERM, which commits what is left at once (instead of
     when the buffer's age reaches the commit interval); the end is that snapshot's commit time."""
-    port = _free_port()
+    port = free_port()
     catalog_env = _catalog_env(env, work_dir, namespace)
     run_env = {
         **os.environ,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from bench.harness import BenchContext, Result
+from bench.harness import BenchContext, Result, free_port, produce_all
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 from services.kit.paths import repo_root
 
@@ -41,12 +40,6 @@ PARTITIONS = 12
 DISTINCT = 20_000  # distinct payloads, cycled: decoding and inserting cost the same, seeding is much faster
 LATENCY_RATE = 2_000
 LATENCY_GOAL_MS = 2_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _payloads(count: int) -> list[tuple[str, bytes]]:
@@ -58,17 +51,7 @@ def _payloads(count: int) -> list[tuple[str, bytes]]:
 
 
 def _produce(bootstrap: str, topic: str, distinct: list[tuple[str, bytes]], events: int) -> None:
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
-    for i in range(events):
-        key, value = distinct[i % len(distinct)]
-        while True:
-            try:
-                producer.produce(topic, value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError("seeding the benchmark topic left records undelivered")
+    produce_all(bootstrap, topic, (distinct[i % len(distinct)] for i in range(events)))
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -87,7 +70,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 class _Sink:
     def __init__(self, ctx: BenchContext, name: str, topic: str, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.report = ctx.work_dir / f"{name}-report.json"
         self.log = ctx.work_dir / f"{name}.log"
         self.env = {

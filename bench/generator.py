@@ -9,31 +9,19 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from confluent_kafka import Producer
-
-from bench.harness import BenchContext, Result
+from bench.harness import BenchContext, Result, produce_all
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
-from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
+from services.kit.kafka import create_topics
 
 
 def bare_produce_rate(bootstrap: str, payloads: list[tuple[str | None, bytes]]) -> float:
     """The ceiling: the same client with the same producer settings, no model, no PostgreSQL, no tracing."""
     topic = f"bench.ceiling.{int(time.time() * 1000)}"
     create_topics({"bootstrap.servers": bootstrap}, {topic: 16})
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
     started = time.perf_counter()
-    for key, value in payloads:
-        while True:
-            try:
-                producer.produce(topic, value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    remaining = producer.flush(120)
+    produce_all(bootstrap, topic, payloads)
     elapsed = time.perf_counter() - started
-    if remaining:
-        raise RuntimeError(f"ceiling run left {remaining} records undelivered")
     return len(payloads) / elapsed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,3 +117,34 @@ def _earlier_rows(markdown_path: Path, measured: set[str]) -> list[str]:
 def default_paths() -> tuple[Path, Path]:
     root = repo_root()
     return root / ".local" / "bench.json", root / "docs" / "benchmarks.md"
+
+
+def produce_all(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[str | bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
+    """Produce (key, value) records with the platform's producer defaults, waiting out a full local queue;
+    raises if any is left undelivered. For seeding benchmark topics and for bare-produce ceilings."""
+    from confluent_kafka import Producer
+
+    from services.kit.kafka import PRODUCER_DEFAULTS
+
+    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key=key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    remaining = producer.flush(120)
+    if remaining:
+        raise RuntimeError(f"producing to {topic} left {remaining} records undelivered")
+
+
+def free_port() -> int:
+    from services.stack.settings import pick_free_ports
+
+    return pick_free_ports(1)[0]

@@ -25,13 +25,10 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from confluent_kafka import Producer
-
-from bench.harness import BenchContext, Result
-from bench.validator_runtime import _bare_loop, _create_topics, _free_port, _metric
+from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.validator_runtime import _bare_loop, _create_topics, _metric
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
-from services.kit.kafka import PRODUCER_DEFAULTS
 from services.kit.paths import repo_root
 from services.operator.apply import apply_declarations
 from services.validator.cdc import make_envelope
@@ -48,19 +45,6 @@ def _events(count: int) -> tuple[Simulation, list[tuple[bytes, bytes]]]:
     return simulation, [(e.key, serialize(e.to_record())) for e in (simulation.next_event(now) for _ in range(count))]
 
 
-def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | str, bytes]]) -> None:
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError(f"seeding {topic} left records undelivered")
-
-
 def _seed_references(bootstrap: str, simulation: Simulation) -> None:
     stamp = int(time.time() * 1000)
     users = []
@@ -72,12 +56,12 @@ def _seed_references(bootstrap: str, simulation: Simulation) -> None:
     for product in simulation.products:
         envelope = make_envelope("r", "products", after=asdict(product), ts_ms=stamp)
         products.append((json.dumps({"product_id": product.product_id}), json.dumps(envelope, default=str).encode()))
-    _produce(bootstrap, "cdc.postgres.users", users)
-    _produce(bootstrap, "cdc.postgres.products", products)
+    produce_all(bootstrap, "cdc.postgres.users", users)
+    produce_all(bootstrap, "cdc.postgres.products", products)
 
 
 def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
-    port = _free_port()
+    port = free_port()
     run_env = {
         **os.environ,
         "LOG_LEVEL": "WARNING",
@@ -139,7 +123,7 @@ def run(ctx: BenchContext) -> list[Result]:
         raise RuntimeError(f"declarations not applied:\n{report.table()}")
     simulation, records = _events(events)
     _seed_references(bootstrap, simulation)
-    _produce(bootstrap, "events.raw", records)
+    produce_all(bootstrap, "events.raw", records)
     work_dir = Path(tempfile.mkdtemp(prefix="validator-", dir=ctx.work_dir))
     ceilings, services = [], []
     for round_ in range(ROUNDS):  # alternate and keep the best of each: the machine is small and shared

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,9 @@ from pathlib import Path
 from typing import Any
 from zlib import crc32
 
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.harness import BenchContext, Result
-from services.kit.kafka import PRODUCER_DEFAULTS
+from bench.harness import BenchContext, Result, free_port, produce_all
 from services.kit.paths import repo_root
 from services.validator.runtime import InputRecord, Output
 
@@ -68,18 +65,8 @@ def _seed(bootstrap: str, topic: str, events: int) -> None:
     simulation = Simulation(7, 1000, 500)
     now = datetime.now(UTC)
     distinct = [(e.key, serialize(e.to_record())) for e in (simulation.next_event(now) for _ in range(20_000))]
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
-    headers = [("traceparent", TRACEPARENT)]
-    for i in range(events):
-        key, value = distinct[i % len(distinct)]
-        while True:
-            try:
-                producer.produce(topic, value, key=key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError("seeding the benchmark topic left records undelivered")
+    records = (distinct[i % len(distinct)] for i in range(events))
+    produce_all(bootstrap, topic, records, headers=[("traceparent", TRACEPARENT)])
 
 
 async def _bare_loop(bootstrap: str, source: str, target: str, events: int) -> float:
@@ -141,12 +128,6 @@ async def _bare_loop(bootstrap: str, source: str, target: str, events: int) -> f
         await producer.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _metric(port: int, topic: str) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
@@ -159,7 +140,7 @@ def _metric(port: int, topic: str) -> float | None:
 
 def _runtime_rate(env: dict[str, str], source: str, target: str, events: int, work_dir: Path) -> float:
     """Events/s of the runtime process, from its first processed record to its last (start-up excluded)."""
-    port = _free_port()
+    port = free_port()
     run_env = {
         **os.environ,
         "BATCH_MAX_RECORDS": str(BATCH_RECORDS),
