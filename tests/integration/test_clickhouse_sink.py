@@ -311,7 +311,10 @@ def test_kill_9_during_load_then_restart_leaves_exactly_one_row_per_event(stack,
 
     report = json.loads(Path(sink.env["CLICKHOUSE_SINK_REPORT_FILE"]).read_text())
     assert report["uncommitted_at_close"] == 0
-    assert set(report["event_to_visible_ms"]["user_events_realtime"]) == {"p50", "p95", "p99"}
+    # The report covers the last process only: on a slow machine the load may be over before the last kill, and
+    # then that process only replays batches the store already holds (deduplicated: nothing becomes visible).
+    if report["rows_written"].get(topics.events, 0):
+        assert set(report["event_to_visible_ms"]["user_events_realtime"]) == {"p50", "p95", "p99"}
     assert_exact(counts_after_stop(sink), load)  # read by the query command from the folder itself
 
 
