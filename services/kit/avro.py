@@ -155,7 +155,9 @@ class AvroDeserializer:
         self.max_bytes = max_bytes
         self.fast = compile_reader(self.reader.definition)  # payloads written with the reader schema itself
 
-    def __call__(self, payload: bytes | None) -> Decoded | DecodeError:
+    def writer_of(self, payload: bytes | None) -> Schema | DecodeError:
+        """The cheap part of decoding: size, single-object marker, writer schema known and of this subject.
+        Sinks that decode bodies themselves (column-wise) check only this."""
         if not payload:
             return DecodeError(DecodeErrorCode.EMPTY, "empty payload")
         if len(payload) > self.max_bytes:
@@ -171,6 +173,13 @@ class AvroDeserializer:
                 DecodeErrorCode.INCOMPATIBLE_SCHEMA,
                 f"written as {writer.name!r}, expected {self.reader.name!r}",
             )
+        return writer
+
+    def __call__(self, payload: bytes | None) -> Decoded | DecodeError:
+        writer = self.writer_of(payload)
+        if isinstance(writer, DecodeError):
+            return writer
+        assert payload is not None  # writer_of refused empty payloads
         if writer is self.reader and self.fast is not None:
             try:
                 record, end = self.fast(payload, HEADER_SIZE)

@@ -51,13 +51,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
 
 from services.kit.avro import (
-    _FINGERPRINT,
     HEADER_SIZE,
-    MAGIC,
     AvroDeserializer,
     Decoded,
     DecodeError,
-    DecodeErrorCode,
     SchemaRepository,
 )
 from services.kit.config import ServiceSettings
@@ -310,24 +307,10 @@ class Sink(ABC):
 
 # --- payload checks -------------------------------------------------------------------------------------------
 def check_header(deserializer: AvroDeserializer, payload: bytes | None) -> DecodeError | None:
-    """The cheap part of `AvroDeserializer`: size, single-object marker, writer schema known and of the subject.
-
-    A "header" sink decodes the body itself (and reports a corrupt body with `DecodeErrorCode.CORRUPT`)."""
-    if not payload:
-        return DecodeError(DecodeErrorCode.EMPTY, "empty payload")
-    if len(payload) > deserializer.max_bytes:
-        return DecodeError(DecodeErrorCode.TOO_LARGE, f"{len(payload)} bytes > limit {deserializer.max_bytes}")
-    if len(payload) < HEADER_SIZE or payload[:2] != MAGIC:
-        return DecodeError(DecodeErrorCode.NOT_AVRO, "missing the Avro single-object marker C3 01")
-    (fp,) = _FINGERPRINT.unpack_from(payload, 2)
-    writer = deserializer.repository.by_fingerprint.get(fp)
-    if writer is None:
-        return DecodeError(DecodeErrorCode.UNKNOWN_SCHEMA, f"writer schema fingerprint {fp:016x} is unknown")
-    if writer.name != deserializer.reader.name:
-        return DecodeError(
-            DecodeErrorCode.INCOMPATIBLE_SCHEMA, f"written as {writer.name!r}, expected {deserializer.reader.name!r}"
-        )
-    return None
+    """The header checks of `AvroDeserializer` only: a "header" sink decodes the body itself (and reports a
+    corrupt body with `DecodeErrorCode.CORRUPT`)."""
+    writer = deserializer.writer_of(payload)
+    return writer if isinstance(writer, DecodeError) else None
 
 
 def fingerprint_bytes(deserializer: AvroDeserializer) -> bytes:
