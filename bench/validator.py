@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -26,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import BenchContext, Result, free_port, produce_all
-from bench.validator_runtime import _bare_loop, _create_topics, _metric
+from bench.validator_runtime import _bare_loop, _create_topics, worker_rate
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.paths import repo_root
@@ -69,33 +67,7 @@ def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
         "CONSUMER_GROUP": f"bench-validator-{time.time_ns()}",
         "HTTP_PORT": str(port),
     }
-    log_path = work_dir / "validator-bench.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.validator"],
-            env=run_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=repo_root(),
-        )
-    try:
-        first: tuple[float, float] | None = None
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"validator exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            done = _metric(port, "events.raw")
-            now = time.monotonic()
-            if done:
-                if first is None:
-                    first = (now, done)
-                if done >= events:
-                    return (done - first[1]) / (now - first[0])
-            time.sleep(0.02)
-        raise TimeoutError("the validator did not finish the benchmark events in 900 s")
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    return worker_rate(["services.validator"], run_env, port, "events.raw", events, work_dir / "validator-bench.log")
 
 
 def _processor_rate(simulation: Simulation, records: list[tuple[bytes, bytes]]) -> float:

@@ -154,28 +154,26 @@ def _runtime_rate(env: dict[str, str], source: str, target: str, events: int, wo
         "BENCH_OUTPUT_TOPIC": target,
         "HTTP_PORT": str(port),
     }
-    log_path = work_dir / "validator-runtime-bench.log"
+    command = ["services.validator.stream_app", "--processor", "bench.validator_runtime:passthrough"]
+    return worker_rate(command, run_env, port, source, events, work_dir / "validator-runtime-bench.log")
+
+
+def worker_rate(
+    module_args: list[str], env: dict[str, str], port: int, topic: str, events: int, log_path: Path
+) -> float:
+    """Run `python -m <module_args>` (a streaming-runtime worker) and return its records/s on `topic`, from its
+    first processed record to the `events`-th, read from its /metrics (start-up excluded)."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.validator.stream_app",
-                "--processor",
-                "bench.validator_runtime:passthrough",
-            ],
-            env=run_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=repo_root(),
+            [sys.executable, "-m", *module_args], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=repo_root()
         )
     try:
         first: tuple[float, float] | None = None
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"runtime exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            done = _metric(port, source)
+                raise RuntimeError(f"{module_args[0]} exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+            done = _metric(port, topic)
             now = time.monotonic()
             if done:
                 if first is None:
@@ -183,7 +181,7 @@ def _runtime_rate(env: dict[str, str], source: str, target: str, events: int, wo
                 if done >= events:
                     return (done - first[1]) / (now - first[0])
             time.sleep(0.02)
-        raise TimeoutError("the runtime did not finish the benchmark topic in 600 s")
+        raise TimeoutError(f"{module_args[0]} did not process {events} records of {topic} in 900 s")
     finally:
         process.terminate()
         process.wait(timeout=60)
