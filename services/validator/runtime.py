@@ -127,6 +127,7 @@ def load_processor(spec: str) -> Processor:
 # --- dead letters ----------------------------------------------------------------------------------------------
 # The header names of `services.validator.deadletter`, so one replay tool reads every dead letter.
 from services.validator.deadletter import (  # noqa: E402
+    DLQ_TOPIC_SUFFIX,
     HEADER_ATTEMPT,
     HEADER_ERROR_CODE,
     HEADER_FIELD,
@@ -138,13 +139,15 @@ from services.validator.deadletter import (  # noqa: E402
     HEADER_STAGE,
     HEADER_TIME,
     HEADER_TRACE_ID,
+    MAX_MESSAGE_BYTES,  # noqa: F401 (part of the runtime's dead-letter contract, re-exported)
+    _truncate,
+    format_time,
+    trace_id_from_headers,
 )
 
-DLQ_TOPIC_SUFFIX = ".dlq"
 STAGE_PROCESS = "process"
 PROCESSOR_EXCEPTION = "PROCESSOR_EXCEPTION"  # the processor raised for this record alone
 PROCESSOR_OUTPUT_INVALID = "PROCESSOR_OUTPUT_INVALID"  # it returned something the runtime cannot produce
-MAX_MESSAGE_BYTES = 1024
 # Bookkeeping of an earlier dead letter or retry is dropped, so a replayed record carries no stale reason.
 _STALE_HEADER_PREFIXES = ("lp-dlq-", "lp-retry-")
 HEADER_VALUE_TRUNCATED_FROM = "lp-dlq-value-truncated-from"
@@ -153,28 +156,6 @@ HEADER_VALUE_SHA256 = "lp-dlq-value-sha256"
 
 def dead_letter_topic(topic: str) -> str:
     return topic + DLQ_TOPIC_SUFFIX
-
-
-def format_time(value: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a `Z`, as the engine's dead letters write it."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def trace_id_from_headers(headers: Iterable[tuple[str, bytes | None]]) -> str | None:
-    """The trace id of a W3C `traceparent` header (`00-<32 hex trace id>-<16 hex span id>-<flags>`)."""
-    for key, value in headers:
-        if key == "traceparent" and value:
-            parts = value.decode("latin-1").strip().split("-")
-            if len(parts) >= 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-                return parts[1].lower()
-    return None
-
-
-def _truncate(text: str) -> bytes:
-    data = text.replace("\n", " ").encode("utf-8")
-    if len(data) <= MAX_MESSAGE_BYTES:
-        return data
-    return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
 
 
 def dead_letter(
