@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from services.clickhouse_sink.tables import TableSpec, structure
 from services.kit.avro import AvroSerializer, DecodeError, Schema
 from services.kit.avro_fast import zigzag_varint
-from services.kit.sink import Rejection, SinkRecord
+from services.kit.sink import Rejection, SinkRecord, messages_of
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,16 @@ def container_header(schema: Schema) -> bytes:
     return b"Obj\x01" + _avro_map(meta) + _SYNC
 
 
+def container_parts(header: bytes, payloads: Sequence[bytes]) -> tuple[bytes, ...]:
+    """One data block holding every payload (each a complete single-object record), sentinel after each, as
+    pieces to write one after the other: the payloads are copied once (a batch is tens of megabytes)."""
+    data = SENTINEL.join(payloads)
+    size = len(data) + len(SENTINEL)
+    return (header, zigzag_varint(len(payloads)), zigzag_varint(size), data, SENTINEL, _SYNC)
+
+
 def container(header: bytes, payloads: Sequence[bytes]) -> bytes:
-    """One data block holding every payload (each a complete single-object record), sentinel after each."""
-    data = SENTINEL.join(payloads) + SENTINEL
-    return b"".join((header, zigzag_varint(len(payloads)), zigzag_varint(len(data)), data, _SYNC))
+    return b"".join(container_parts(header, payloads))
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Decoded:
     """The decoded rows (Arrow, one row per kept record, `_kafka_offset` added) and what was refused."""
 
     table: pa.Table | None  # None: no row to insert
-    records: list[SinkRecord]
+    records: Sequence[SinkRecord]
     rejected: list[Rejection] = field(default_factory=list)
 
 
@@ -112,26 +118,17 @@ class BatchDecoder:
 
     def decode(self, records: Sequence[SinkRecord]) -> Decoded:
         """Decode; records ClickHouse cannot store are returned as rejections (never an exception for data)."""
-        kept: list[SinkRecord] = []
-        payloads: list[bytes] = []
         rejected: list[Rejection] = []
         header = self.header
-        for record in records:
-            payload = record.message.value()
-            if payload[:10] == header:
-                kept.append(record)
-                payloads.append(payload)
-                continue
-            result = record.decode()  # an older writer version: resolve with fastavro, re-encode as current
-            if isinstance(result, DecodeError):
-                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
-                continue
-            kept.append(record)
-            payloads.append(self.serialize(result.record))
+        payloads = [m.value() for m in messages_of(records)]
+        kept: Sequence[SinkRecord] = records
+        if any(payload[:10] != header for payload in payloads):
+            kept, payloads = self._current_version(records, payloads, rejected)
         table, kept = self._decode_checked(kept, payloads, rejected)
         if table is None:
             return Decoded(None, [], rejected)
-        table = table.append_column(OFFSET_COLUMN, pa.array([r.message.offset() for r in kept], pa.int64()))
+        offsets = [m.offset() for m in messages_of(kept)]
+        table = table.append_column(OFFSET_COLUMN, pa.array(offsets, pa.int64()))
         failed = self._failed_checks(table, kept)
         if failed:
             good = pc.equal(table.column(REJECT_COLUMN), "")
@@ -141,9 +138,29 @@ class BatchDecoder:
         table = table.drop_columns([REJECT_COLUMN, ALIGNED_COLUMN])
         return Decoded(table if table.num_rows else None, kept, rejected)
 
+    def _current_version(
+        self, records: Sequence[SinkRecord], payloads: list[bytes], rejected: list[Rejection]
+    ) -> tuple[list[SinkRecord], list[bytes]]:
+        """Records of an older writer version resolved with fastavro and re-encoded with the current one."""
+        kept: list[SinkRecord] = []
+        current: list[bytes] = []
+        for record, payload in zip(records, payloads, strict=True):
+            if payload[:10] == self.header:
+                kept.append(record)
+                current.append(payload)
+                continue
+            result = record.decode()
+            if isinstance(result, DecodeError):
+                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
+                continue
+            kept.append(record)
+            current.append(self.serialize(result.record))
+        return kept, current
+
     # -- decoding with its safety net --------------------------------------------------------------------------
     def _run(self, payloads: Sequence[bytes]) -> pa.Table:
-        self.path.write_bytes(container(self._container_header, payloads))
+        with self.path.open("wb") as scratch:
+            scratch.writelines(container_parts(self._container_header, payloads))
         try:
             return self.query(self.sql)
         finally:
@@ -157,8 +174,8 @@ class BatchDecoder:
         return pc.min(table.column(ALIGNED_COLUMN)).as_py() == 1
 
     def _decode_checked(
-        self, records: list[SinkRecord], payloads: list[bytes], rejected: list[Rejection]
-    ) -> tuple[pa.Table | None, list[SinkRecord]]:
+        self, records: Sequence[SinkRecord], payloads: list[bytes], rejected: list[Rejection]
+    ) -> tuple[pa.Table | None, Sequence[SinkRecord]]:
         if not records:
             return None, []
         error: Exception | None = None
@@ -205,7 +222,7 @@ class BatchDecoder:
         tables = [t for t in (left, right) if t is not None]
         return (pa.concat_tables(tables) if tables else None), left_kept + right_kept
 
-    def _failed_checks(self, table: pa.Table, records: list[SinkRecord]) -> list[Rejection]:
+    def _failed_checks(self, table: pa.Table, records: Sequence[SinkRecord]) -> list[Rejection]:
         column = table.column(REJECT_COLUMN)
         bad = pc.indices_nonzero(pc.not_equal(column, "")).to_pylist()
         rejections = []

@@ -28,8 +28,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram
@@ -45,9 +46,10 @@ from services.clickhouse_sink.decode import (
 )
 from services.clickhouse_sink.migrations import apply_migrations
 from services.clickhouse_sink.tables import TableSpec, sql_string, structure
-from services.kit.avro import SchemaRepository
+from services.kit.avro import AvroDeserializer, SchemaRepository
 from services.kit.metrics import LatencyRecorder
 from services.kit.sink import (
+    LazyRecords,
     PartitionBatch,
     Rejection,
     Sink,
@@ -56,6 +58,7 @@ from services.kit.sink import (
     TopicPartition,
     WriteResult,
     WrittenBatch,
+    messages_of,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,7 @@ class _Table:
     fields: list[str]
     structure: str  # ClickHouse types of the decoded Arrow table's columns (for a server's input())
     latency: LatencyRecorder
+    deserializer: AvroDeserializer  # for the odd record: an older writer version, a rejection
 
 
 class ClickHouseSink(Sink):
@@ -140,6 +144,7 @@ class ClickHouseSink(Sink):
                 f"{structure(schema.definition)}, `{OFFSET_COLUMN}` Int64, `_kafka_partition` UInt32, "
                 "`_kafka_batch_last` UInt64",
                 LatencyRecorder(EVENT_TO_VISIBLE.labels(spec.table)),
+                AvroDeserializer(schemas, spec.subject),
             )
 
     # -- the Sink interface -------------------------------------------------------------------------------------
@@ -188,7 +193,8 @@ class ClickHouseSink(Sink):
     # -- inserting ------------------------------------------------------------------------------------------------
     def _write_topic(self, table: _Table, members: list[PartitionBatch], results: dict[int, WriteResult]) -> None:
         token = group_token(members)
-        records = [record for batch in members for record in batch.records]
+        messages = [message for batch in members for message in messages_of(batch.records)]
+        records = cast(list[SinkRecord], LazyRecords(messages, table.deserializer))
         try:
             decoded = table.decoder.decode(records)
         except DecodeBackpressure as error:
@@ -201,25 +207,27 @@ class ClickHouseSink(Sink):
             for part_token, part, part_records in self._by_month(table.spec, arrow, decoded.records, token):
                 rejected += self._insert(table, sql, part, part_records, part_token)
             self._observe_latency(table, decoded.table)
-        refused = {id(r.record) for r in rejected}
         for batch in members:
-            result = results[id(batch)]
-            result.written = sum(1 for r in batch.records if id(r) not in refused)
-        for rejection in rejected:
-            results[id(batch_of[rejection.record.partition])].rejected.append(rejection)
+            results[id(batch)].written = len(batch.records)
+        for rejection in rejected:  # each refused record once: by the decoder or by ClickHouse
+            result = results[id(batch_of[rejection.record.partition])]
+            result.written -= 1
+            result.rejected.append(rejection)
 
     @staticmethod
     def _with_kafka_columns(
-        table: pa.Table, records: list[SinkRecord], batch_of: Mapping[int, PartitionBatch]
+        table: pa.Table, records: Sequence[SinkRecord], batch_of: Mapping[int, PartitionBatch]
     ) -> pa.Table:
-        partitions = [r.message.partition() for r in records]
-        lasts = [batch_of[p].last_offset for p in partitions]
-        table = table.append_column("_kafka_partition", pa.array(partitions, pa.uint32()))
-        return table.append_column("_kafka_batch_last", pa.array(lasts, pa.uint64()))
+        partitions = np.fromiter((m.partition() for m in messages_of(records)), np.uint32, len(records))
+        last_of = np.zeros(max(batch_of) + 1, np.uint64)
+        for partition, batch in batch_of.items():
+            last_of[partition] = batch.last_offset
+        table = table.append_column("_kafka_partition", pa.array(partitions))
+        return table.append_column("_kafka_batch_last", pa.array(last_of[partitions]))
 
     def _by_month(
-        self, spec: TableSpec, table: pa.Table, records: list[SinkRecord], token: str
-    ) -> list[tuple[str, pa.Table, list[SinkRecord]]]:
+        self, spec: TableSpec, table: pa.Table, records: Sequence[SinkRecord], token: str
+    ) -> list[tuple[str, pa.Table, Sequence[SinkRecord]]]:
         """One insert per partition of a monthly table (a multi-partition insert is not atomic)."""
         if not spec.monthly:
             return [(token, table, records)]
@@ -236,7 +244,7 @@ class ClickHouseSink(Sink):
         return parts
 
     def _insert(
-        self, table: _Table, sql: str, part: pa.Table, records: list[SinkRecord], token: str
+        self, table: _Table, sql: str, part: pa.Table, records: Sequence[SinkRecord], token: str
     ) -> list[Rejection]:
         """Insert `part`; returns the rows ClickHouse refused (isolated by halving), raises on store errors."""
         try:
