@@ -7,6 +7,8 @@
     history TABLE [--limit N]    the table's snapshots, newest first, as JSON lines
     compact TABLE|all [--dry-run] [--min-files N] [--small-file-mb N]
     expire TABLE|all [--older-than 7d] [--retain-last 10] [--dry-run]
+    remove-orphans TABLE|all [--older-than 3d|TIME] [--dry-run] [--allow-recent]
+                                 delete files no snapshot or metadata file references (crashed commits)
     read TABLE [--snapshot-id ID | --as-of TIME] [--where EXPR] [--columns a,b] [--limit N] [--count]
     replay TABLE --since TIME --until TIME [--where EXPR] [--into TOPIC] [--snapshot-id ID | --as-of TIME]
                  [--dry-run]
@@ -40,6 +42,18 @@ def _time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _cutoff(text: str) -> datetime:
+    """An age (`3d`, `90m`, seconds) before now, or a point in time (ISO 8601)."""
+    try:
+        return datetime.now(UTC) - parse_duration(text, unitless_seconds=True)
+    except ValueError:
+        pass
+    try:
+        return _time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an age (e.g. 3d, 12h) or an ISO 8601 time: {text!r}") from None
+
+
 def _print(payload: Any) -> None:
     print(json.dumps(payload, default=str, sort_keys=True))
 
@@ -71,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--older-than", default="7d", help="age of the snapshots to expire (default 7d)")
     exp.add_argument("--retain-last", type=int, default=10, help="always keep this many newest (default 10)")
     exp.add_argument("--dry-run", action="store_true")
+    orphans = sub.add_parser("remove-orphans", help="delete files that no snapshot or metadata file references")
+    orphans.add_argument("table", nargs="?", choices=(*TABLES, "all"), metavar="TABLE", help="a table or all")
+    orphans.add_argument("--table", dest="table_option", choices=(*TABLES, "all"), help="same as TABLE")
+    orphans.add_argument(
+        "--older-than", type=_cutoff, default="3d",
+        help="only files last modified before this age (3d, 12h) or time (ISO 8601); default 3d, at least 1h",
+    )  # fmt: skip
+    orphans.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
+    orphans.add_argument(
+        "--allow-recent", action="store_true",
+        help="accept a cut-off less than 1h ago: only while no archiver, compact or expire is running",
+    )  # fmt: skip
     for name, helptext in (("read", "time-travel read"), ("replay", "re-emit a time range into Kafka")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("table", choices=TABLES)
@@ -97,10 +123,15 @@ def _tools(args: argparse.Namespace) -> int:
     from services.kit.avro import SchemaRepository
 
     from .catalog import ensure_table, load_table, open_catalog
-    from .maintenance import NoSuchSnapshot, archive_stats, compact, expire, history, read
+    from .maintenance import NoSuchSnapshot, OrphanCheckError, archive_stats, compact, expire, history, read
     from .schemas import BreakingSchemaChange, default_tables, fields_with_default, plan_evolution
     from .settings import ArchiverSettings, CatalogSettings
 
+    if args.command == "remove-orphans":
+        problem = _orphan_arguments(args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     settings = load_settings(CatalogSettings)
     catalog = open_catalog(settings)
     repository = SchemaRepository.load()
@@ -149,6 +180,18 @@ def _tools(args: argparse.Namespace) -> int:
                 table = load_table(catalog, settings, name)
                 _print(expire(table, cutoff, args.retain_last, args.dry_run).as_dict())
             return 0
+        if args.command == "remove-orphans":
+            from .maintenance import remove_orphans
+
+            failed = 0
+            for name in chosen:  # `chosen` from args.table, which _orphan_arguments filled in
+                table = load_table(catalog, settings, name)
+                report = remove_orphans(table, args.older_than, args.dry_run, allow_recent=args.allow_recent)
+                _print(report.as_dict())
+                if report.failed:
+                    print(f"error: {name}: {len(report.failed)} orphans could not be deleted", file=sys.stderr)
+                    failed += 1
+            return 1 if failed else 0
         if args.command == "read":
             table = load_table(catalog, settings, args.table)
             columns = tuple(c.strip() for c in args.columns.split(",") if c.strip()) or ("*",)
@@ -168,10 +211,28 @@ def _tools(args: argparse.Namespace) -> int:
             return 0
         if args.command == "replay":
             return _replay(args, settings, catalog, specs[args.table], repository)
-    except (NoSuchTableError, NoSuchSnapshot, BreakingSchemaChange, ValueError) as error:
+    except (NoSuchTableError, NoSuchSnapshot, BreakingSchemaChange, OrphanCheckError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
+
+
+def _orphan_arguments(args: argparse.Namespace) -> str | None:
+    """Checks `remove-orphans` arguments before any catalog is opened (the problem, or None); sets args.table."""
+    from .maintenance import ORPHAN_MIN_AGE
+
+    if args.table and args.table_option and args.table != args.table_option:
+        return f"two different tables given: {args.table} and --table {args.table_option}"
+    args.table = args.table or args.table_option
+    if not args.table:
+        return f"remove-orphans needs a table: one of {', '.join(TABLES)} or all"
+    if args.older_than > datetime.now(UTC) - ORPHAN_MIN_AGE and not args.allow_recent:
+        return (
+            f"--older-than {args.older_than.isoformat()} is less than {ORPHAN_MIN_AGE} ago: the files of a commit "
+            "in flight (written before the catalog commit) would look orphaned. Use an older cut-off, or "
+            "--allow-recent while no archiver, compact or expire is running"
+        )
+    return None
 
 
 def _replay(args: argparse.Namespace, settings: Any, catalog: Any, spec: Any, repository: Any) -> int:

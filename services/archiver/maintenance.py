@@ -7,6 +7,9 @@
 - `expire`: snapshots older than a cut-off are removed from the metadata (the newest few are always kept),
   then the data files, manifests and manifest lists only they referenced are deleted: this is what frees
   the space compaction made obsolete. Time travel reaches back as far as the snapshots that remain.
+- `remove_orphans`: files under the table's data/ and metadata/ folders that no snapshot, manifest list,
+  manifest or metadata file references (a crashed or fenced commit, an interrupted compaction or expiry) and
+  that are older than a cut-off (a commit in flight writes its files before the catalog commit) are deleted.
 - `history`, `stats`: what happened to a table, and rows/files/snapshots per table (the run summary).
 - `read`: a scan as of a snapshot id or a point in time, with an optional filter.
 """
@@ -18,9 +21,10 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -223,6 +227,166 @@ def _delete(table: Table, path: str) -> None:
         table.io.delete(path)
     except Exception as error:  # an orphan costs storage, not correctness
         log.warning("could not delete %s: %s", path, error)
+
+
+# --- orphan files ------------------------------------------------------------------------------------------
+ORPHAN_MIN_AGE = timedelta(hours=1)  # below this, a commit in flight could still be writing its files
+ORPHAN_DEFAULT_AGE = timedelta(days=3)
+
+
+class OrphanCheckError(RuntimeError):
+    """The listing and the table's references do not line up: nothing is deleted."""
+
+
+@dataclass
+class OrphanReport:
+    table: str
+    cutoff: str
+    files_listed: int = 0
+    files_referenced: int = 0
+    files_too_young: int = 0
+    orphans: list[str] = field(default_factory=list)
+    orphan_bytes: int = 0
+    deleted: int = 0
+    failed: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    uri: str  # as given to the FileIO for deletion
+    size: int
+    modified: datetime
+
+
+def _match_key(location: str) -> str:
+    """A file's location without scheme (s3/s3a/s3n, file) and with single slashes: listings and metadata may
+    spell the same object differently; a false match only keeps a file, never deletes one."""
+    uri = urlparse(location)
+    path = f"{uri.netloc}/{uri.path}" if uri.scheme and uri.scheme != "file" else uri.path
+    return "/" + "/".join(part for part in path.split("/") if part)
+
+
+def _referenced(table: Table) -> set[str]:
+    """Every file the table's metadata can reach: the current and previous metadata files, statistics files,
+    and for every snapshot (all branches and tags) its manifest list, manifests and the live data and delete
+    files they list. A DELETED manifest entry is not a reference: a snapshot that still reads that file lists it
+    as ADDED or EXISTING."""
+    metadata = table.metadata
+    found = {table.metadata_location, *(entry.metadata_file for entry in metadata.metadata_log)}
+    found.update(stat.statistics_path for stat in metadata.statistics)
+    found.update(stat.statistics_path for stat in metadata.partition_statistics)
+    cache: dict[str, list[str]] = {}
+    for snapshot in metadata.snapshots:
+        found.add(snapshot.manifest_list)
+        for manifest in snapshot.manifests(table.io):
+            found.add(manifest.manifest_path)
+            if manifest.manifest_path not in cache:
+                cache[manifest.manifest_path] = [
+                    entry.data_file.file_path for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+                ]
+            found.update(cache[manifest.manifest_path])
+    return {_match_key(path) for path in found if path}
+
+
+def table_file_roots(table: Table) -> list[str]:
+    """Where the table's files go: its data and metadata folders (or the write.*.path overrides)."""
+    location = table.metadata.location.rstrip("/")
+    props = table.properties
+    return [
+        props.get("write.data.path", f"{location}/data").rstrip("/"),
+        props.get("write.metadata.path", f"{location}/metadata").rstrip("/"),
+    ]
+
+
+def _list_files(table: Table, root: str) -> list[_Listed]:
+    """Every file under `root`, with its size and last-modified time, through the table's pyarrow filesystem
+    (the FileIO's own S3 settings: endpoint, credentials, path style)."""
+    from pyarrow.fs import FileSelector, FileType
+    from pyiceberg.io.pyarrow import PyArrowFileIO
+
+    io = table.io if isinstance(table.io, PyArrowFileIO) else PyArrowFileIO(dict(table.io.properties))
+    scheme, netloc, path = PyArrowFileIO.parse_location(root)
+    fs = io.fs_by_scheme(scheme, netloc)
+    out = []
+    for info in fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type != FileType.File:
+            continue
+        modified = info.mtime if info.mtime is not None else datetime.now(UTC)  # unknown age: treat as young
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=UTC)
+        uri = f"{scheme}://{info.path}" if scheme != "file" else f"file://{info.path}"
+        out.append(_Listed(uri, int(info.size or 0), modified))
+    return out
+
+
+def remove_orphans(
+    table: Table,
+    older_than: datetime,
+    dry_run: bool = False,
+    *,
+    allow_recent: bool = False,
+    now: datetime | None = None,
+) -> OrphanReport:
+    """Delete the files under the table's data/ and metadata/ folders that nothing in its metadata references
+    and that were last modified before `older_than`.
+
+    Orphans come from a committer that wrote its Parquet files and died before the catalog commit, a fenced
+    commit whose cleanup failed, and a compaction or expiry interrupted half-way. The cut-off is the safety
+    margin for work in flight: a commit writes its data files, manifests and metadata file *before* the catalog
+    swap makes them referenced, and a commit that failed keeps its files for the next attempt. A cut-off less
+    than `ORPHAN_MIN_AGE` (1 hour) before now is refused unless `allow_recent` (only when no writer runs).
+
+    The folders are listed first and the table is refreshed after, so a commit that lands during the listing is
+    seen as referencing its files. Raises `OrphanCheckError`, deleting nothing, when the current metadata file
+    or manifest list is not in the listing (a location spelt differently would make every file look orphaned).
+    """
+    now = now or datetime.now(UTC)
+    if older_than.tzinfo is None:
+        older_than = older_than.replace(tzinfo=UTC)
+    if older_than > now - ORPHAN_MIN_AGE and not allow_recent:
+        raise ValueError(
+            f"cut-off {older_than.isoformat()} is less than {ORPHAN_MIN_AGE} ago: files of a commit in flight "
+            "would look orphaned; use an older cut-off (default 3d), or allow it only while no writer runs"
+        )
+    name = ".".join(table.name())
+    report = OrphanReport(name, cutoff=older_than.isoformat(), dry_run=dry_run)
+    listed = [item for root in table_file_roots(table) for item in _list_files(table, root)]
+    table.refresh()
+    referenced = _referenced(table)
+    report.files_listed = len(listed)
+    keys = {_match_key(item.uri) for item in listed}
+    current = table.current_snapshot()
+    expected = [table.metadata_location, *([current.manifest_list] if current else [])]
+    missing = [path for path in expected if _match_key(path) not in keys]
+    if missing:
+        raise OrphanCheckError(
+            f"{name}: {', '.join(missing)} not found when listing {', '.join(table_file_roots(table))}: the listing "
+            "and the table metadata disagree on where files are; nothing deleted"
+        )
+    orphans: list[_Listed] = []
+    for item in listed:
+        if _match_key(item.uri) in referenced:
+            report.files_referenced += 1
+        elif item.modified >= older_than:
+            report.files_too_young += 1
+        else:
+            orphans.append(item)
+    report.orphans = sorted(item.uri for item in orphans)
+    report.orphan_bytes = sum(item.size for item in orphans)
+    if dry_run:
+        return report
+    for item in orphans:
+        try:
+            table.io.delete(item.uri)
+            report.deleted += 1
+        except Exception as error:  # the next run tries again
+            log.warning("could not delete orphan %s: %s", item.uri, error)
+            report.failed.append(item.uri)
+    return report
 
 
 # --- history, stats, time travel ----------------------------------------------------------------------------

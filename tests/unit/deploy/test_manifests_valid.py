@@ -451,3 +451,119 @@ def test_crd_json_schema_conversion_keeps_the_original() -> None:
     before = copy.deepcopy(crd)
     crd_json_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     assert crd == before
+
+
+# --- scheduled jobs (CronJobs) ----------------------------------------------------------------------------
+
+
+def cronjobs(*extra: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in helm_template(*extra) if d["kind"] == "CronJob"}
+
+
+def job_container(cronjob: dict[str, Any]) -> dict[str, Any]:
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_archiver_maintenance_runs_as_cronjobs() -> None:
+    from services.archiver.__main__ import _parser
+
+    rendered = helm_template()
+    archiver = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("archiver"))
+    service_container = archiver["spec"]["template"]["spec"]["containers"][0]
+    jobs = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "CronJob"}
+    expected = {
+        "lp-lambda-pipeline-archiver-compact": ("15 * * * *", ["compact", "all"]),
+        "lp-lambda-pipeline-archiver-expire": (
+            "45 3 * * *",
+            ["expire", "all", "--older-than", "7d", "--retain-last", "10"],
+        ),
+        "lp-lambda-pipeline-archiver-remove-orphans": ("45 4 * * *", ["remove-orphans", "all", "--older-than", "3d"]),
+    }
+    assert set(jobs) == set(expected)
+    for name, (schedule, args) in expected.items():
+        cronjob = jobs[name]
+        validate_builtin(cronjob)
+        assert cronjob["apiVersion"] == "batch/v1"
+        assert cronjob["spec"]["schedule"] == schedule and cronjob["spec"]["timeZone"] == "Etc/UTC"
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        assert job["backoffLimit"] == 1 and job["activeDeadlineSeconds"] == 3600
+        pod = job["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+        container = job_container(cronjob)
+        assert container["args"] == ["services.archiver", *args]  # after the image's `python -m`
+        parsed = _parser().parse_args(args)  # the arguments are ones the archiver's command line accepts
+        assert parsed.command == args[0] and parsed.table == "all"
+        assert container["image"] == service_container["image"]
+        assert container["envFrom"] == service_container["envFrom"]  # the same ConfigMap and Secret
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        service_env = {item["name"]: item.get("value") for item in service_container["env"]}
+        for key in ("ICEBERG_CATALOG", "ICEBERG_REST_URI", "ICEBERG_WAREHOUSE", "ICEBERG_NAMESPACE"):
+            assert env[key] == service_env[key], key  # the catalog the archiver writes to
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+        assert container["resources"]["limits"]["memory"]
+
+
+def test_a_job_is_a_values_entry(tmp_path: Path) -> None:
+    values = tmp_path / "jobs.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "jobs": {
+                    "reconcile": {
+                        "module": "services.reconcile",
+                        "schedule": "0 5 * * *",
+                        "args": ["--since", "1d"],
+                        "env": {"RECONCILE_TABLES": "user_events", "LIMIT": 100},
+                        "concurrencyPolicy": "Replace",
+                        "backoffLimit": 0,
+                        "resources": {"limits": {"memory": "4Gi"}},
+                    },
+                    "archiver-compact": {"enabled": False},
+                    "archiver-expire": {"schedule": "0 2 * * 0", "env": {"ICEBERG_NAMESPACE": "other"}},
+                }
+            }
+        )
+    )
+    jobs = cronjobs("-f", str(values))
+    for cronjob in jobs.values():
+        validate_builtin(cronjob)
+    assert "lp-lambda-pipeline-archiver-compact" not in jobs
+    reconcile = jobs["lp-lambda-pipeline-reconcile"]
+    assert reconcile["spec"]["concurrencyPolicy"] == "Replace"
+    assert reconcile["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # an explicit 0 is kept
+    container = job_container(reconcile)
+    assert container["args"] == ["services.reconcile", "--since", "1d"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["RECONCILE_TABLES"] == "user_events" and env["LIMIT"] == "100"
+    assert "ICEBERG_CATALOG" not in env  # no `service`: only the shared ConfigMap and Secret
+    assert container["resources"]["limits"]["memory"] == "4Gi"
+    expire = jobs["lp-lambda-pipeline-archiver-expire"]
+    assert expire["spec"]["schedule"] == "0 2 * * 0"
+    expire_env = {item["name"]: item.get("value") for item in job_container(expire)["env"]}
+    assert expire_env["ICEBERG_NAMESPACE"] == "other" and expire_env["ICEBERG_CATALOG"] == "rest"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["--set", "jobs.broken.schedule=0 1 * * *"], "jobs.broken.module is required"),
+        (["--set", "jobs.broken.module=services.x"], "jobs.broken.schedule is required"),
+        (["--set", "jobs.broken.service=nosuch", "--set", "jobs.broken.schedule=0 1 * * *"], 'no service "nosuch"'),
+    ],
+)
+def test_a_job_needs_a_module_and_a_schedule(settings: list[str], message: str) -> None:
+    completed = subprocess.run(
+        [str(tool("helm")), "template", "lp", str(CHART_DIR), *settings], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode != 0 and message in completed.stderr
+
+
+def test_kind_values_keep_the_jobs_valid() -> None:
+    jobs = cronjobs("-f", str(CHART_DIR / "values-kind.yaml"))
+    assert len(jobs) == 3
+    for cronjob in jobs.values():
+        assert job_container(cronjob)["image"] == "lambda-pipeline:dev"
+        assert len(cronjob["metadata"]["name"]) <= 52  # the Jobs it creates get an 11-character suffix
