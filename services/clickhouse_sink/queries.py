@@ -127,12 +127,29 @@ def counts(rows: Rows, db: str) -> Result:
     return Result("counts", "Rows per table", ["table", "rows"], out)
 
 
+def daily(rows: Rows, db: str) -> Result:
+    """Distinct events and their revenue per UTC day of event time and event type (the reconciliation's input).
+
+    FINAL collapses the copies of an event a replay may have left in unmerged parts (same event_id, same hour),
+    so each event counts once and its amount is summed once.
+    """
+    sql = (
+        f"SELECT event_date, event_type, count(), round(sum(amount), 2) FROM {db}.user_events_realtime FINAL "
+        "GROUP BY event_date, event_type ORDER BY event_date, event_type"
+    )
+    out = [[str(day), str(kind), int(events), float(revenue or 0)] for day, kind, events, revenue in rows(sql)]
+    return Result(
+        "daily", "Events and revenue per day (UTC) and event type", ["day", "event_type", "events", "revenue"], out
+    )
+
+
 QUERIES: dict[str, Callable[[Rows, str], Result]] = {
     "funnel": funnel,
     "revenue": revenue,
     "top-products": top_products,
     "categories": categories,
     "counts": counts,
+    "daily": daily,
 }
 
 

@@ -471,7 +471,9 @@ def test_archiver_maintenance_runs_as_cronjobs() -> None:
     rendered = helm_template()
     archiver = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("archiver"))
     service_container = archiver["spec"]["template"]["spec"]["containers"][0]
-    jobs = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "CronJob"}
+    jobs = {
+        d["metadata"]["name"]: d for d in rendered if d["kind"] == "CronJob" and "-archiver-" in d["metadata"]["name"]
+    }
     expected = {
         "lp-lambda-pipeline-archiver-compact": ("15 * * * *", ["compact", "all"]),
         "lp-lambda-pipeline-archiver-expire": (
@@ -506,13 +508,27 @@ def test_archiver_maintenance_runs_as_cronjobs() -> None:
         assert container["resources"]["limits"]["memory"]
 
 
+def test_the_reconciliation_runs_nightly_against_the_lake_and_the_stores() -> None:
+    from services.reconcile.settings import ReconcileSettings
+
+    cronjob = cronjobs()["lp-lambda-pipeline-reconcile"]
+    validate_builtin(cronjob)
+    container = job_container(cronjob)
+    assert container["args"][0] == "services.reconcile"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["ICEBERG_CATALOG"] == "rest" and env["CLICKHOUSE_CLIENT"] == "native"
+    assert (
+        float(env["RECONCILE_MIN_CONSISTENCY"]) == ReconcileSettings.model_fields["reconcile_min_consistency"].default
+    )
+
+
 def test_a_job_is_a_values_entry(tmp_path: Path) -> None:
     values = tmp_path / "jobs.yaml"
     values.write_text(
         yaml.safe_dump(
             {
                 "jobs": {
-                    "reconcile": {
+                    "weekly-report": {
                         "module": "services.reconcile",
                         "schedule": "0 5 * * *",
                         "args": ["--since", "1d"],
@@ -531,10 +547,10 @@ def test_a_job_is_a_values_entry(tmp_path: Path) -> None:
     for cronjob in jobs.values():
         validate_builtin(cronjob)
     assert "lp-lambda-pipeline-archiver-compact" not in jobs
-    reconcile = jobs["lp-lambda-pipeline-reconcile"]
-    assert reconcile["spec"]["concurrencyPolicy"] == "Replace"
-    assert reconcile["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # an explicit 0 is kept
-    container = job_container(reconcile)
+    report = jobs["lp-lambda-pipeline-weekly-report"]
+    assert report["spec"]["concurrencyPolicy"] == "Replace"
+    assert report["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # an explicit 0 is kept
+    container = job_container(report)
     assert container["args"] == ["services.reconcile", "--since", "1d"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["RECONCILE_TABLES"] == "user_events" and env["LIMIT"] == "100"
@@ -563,7 +579,7 @@ def test_a_job_needs_a_module_and_a_schedule(settings: list[str], message: str) 
 
 def test_kind_values_keep_the_jobs_valid() -> None:
     jobs = cronjobs("-f", str(CHART_DIR / "values-kind.yaml"))
-    assert len(jobs) == 3
+    assert len(jobs) == 4  # three archiver maintenance jobs and the reconciliation
     for cronjob in jobs.values():
         assert job_container(cronjob)["image"] == "lambda-pipeline:dev"
         assert len(cronjob["metadata"]["name"]) <= 52  # the Jobs it creates get an 11-character suffix
