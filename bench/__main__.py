@@ -10,7 +10,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import archiver, cdc, clickhouse_sink, generator, ingest, validator, validator_runtime
+from bench import (
+    archiver,
+    cdc,
+    clickhouse_sink,
+    generator,
+    ingest,
+    snowflake_loader,
+    validator,
+    validator_runtime,
+)
 from bench.harness import BenchContext, Benchmark, Result, default_paths, write_results
 from services.stack.settings import StackSettings
 from services.stack.stack import local_stack
@@ -23,6 +32,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "validator": validator.run,
     "clickhouse_sink": clickhouse_sink.run,
     "archiver": archiver.run,
+    "snowflake_loader": snowflake_loader.run,
 }
 
 

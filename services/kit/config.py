@@ -7,6 +7,7 @@ one clear message naming the variable, and exits, instead of a stack trace half-
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError
@@ -71,3 +72,13 @@ def load_settings(cls: type[S], **overrides: object) -> S:
         message = describe_errors(cls, error)
         print(message, file=sys.stderr)
         raise ConfigError(message) from None
+
+
+def settings_from(cls: type[S], env: Mapping[str, str]) -> S:
+    """`cls` from `env`, an environment other than the process's own (a child's, `LocalStack.env()` plus
+    overrides): only the variables `cls` knows are read; a bad one is a ConfigError (exit 2) naming it."""
+    fields = cls.model_fields
+    try:
+        return cls(**{key.lower(): value for key, value in env.items() if key.lower() in fields})
+    except ValidationError as error:
+        raise ConfigError(describe_errors(cls, error)) from None

@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from services.kit.config import ConfigError
+from services.kit.config import ConfigError, settings_from
 
 from . import metrics
 from .runner import Outcome, run
-from .settings import ReconcileSettings, settings_from
+from .settings import ReconcileSettings
 
 AGREE, DISAGREE, FAILED = 0, 1, 2
 

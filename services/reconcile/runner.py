@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
-from services.kit.config import ConfigError
+from services.kit.config import ConfigError, settings_from
 
 from .compare import Figures, Key, Report, Window, compare
-from .settings import ReconcileSettings, parse_day, parse_stores, settings_from
+from .settings import ReconcileSettings, parse_day, parse_stores
 from .stores import StoreUnavailable, read_store
 
 

@@ -2,35 +2,23 @@
 
 Each store keeps its own settings class, read from the same environment the store's writer uses, so the command
 needs no variable of its own to find a store: ClickHouse `ClickHouseSettings` (CLICKHOUSE_*), Iceberg
-`CatalogSettings` (ICEBERG_*, S3_*, AWS_*), Snowflake `SnowflakeSettings` below (SNOWFLAKE_*).
+`CatalogSettings` (ICEBERG_*, S3_*, AWS_*), Snowflake the loader's `SnowflakeSettings` (SNOWFLAKE_*).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from services.kit.config import ConfigError, describe_errors
 
 STORES = ("clickhouse", "iceberg", "snowflake")
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$"
 
 S = TypeVar("S", bound=BaseSettings)
-
-
-def settings_from(cls: type[S], env: Mapping[str, str]) -> S:
-    """`cls` from `env` (variables the class knows), or a ConfigError (exit 2) naming the bad variables."""
-    fields = cls.model_fields
-    try:
-        return cls(**{key.lower(): value for key, value in env.items() if key.lower() in fields})
-    except ValidationError as error:
-        raise ConfigError(describe_errors(cls, error)) from None
 
 
 def parse_stores(value: str) -> tuple[str, ...]:
@@ -101,66 +89,3 @@ class ReconcileSettings(BaseSettings):
     @property
     def stores(self) -> tuple[str, ...]:
         return parse_stores(self.reconcile_stores)
-
-
-class SnowflakeSettings(BaseSettings):
-    """Where Snowflake is (the real connector; locally the fakesnow server over http)."""
-
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
-
-    snowflake_account: str = Field(..., min_length=1)
-    snowflake_user: str = Field(..., min_length=1)
-    snowflake_password: SecretStr | None = Field(None, description="Password auth (or SNOWFLAKE_PASSWORD_FILE).")
-    snowflake_password_file: Path | None = Field(None, description="File holding the password (a mounted secret).")
-    snowflake_private_key_file: Path | None = Field(None, description="Key-pair auth: PEM private key file.")
-    snowflake_private_key_passphrase_file: Path | None = Field(None, description="Passphrase of that key, if any.")
-    snowflake_host: str | None = Field(None, description="Unset for Snowflake itself; the emulator's host locally.")
-    snowflake_port: int | None = Field(None, ge=1, le=65535)
-    snowflake_protocol: Literal["https", "http"] = "https"
-    snowflake_database: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$")
-    snowflake_warehouse: str | None = None
-    snowflake_role: str | None = None
-    snowflake_login_timeout_s: float = Field(20.0, gt=0)
-
-    @model_validator(mode="after")
-    def _credentials(self) -> SnowflakeSettings:
-        if not (self.snowflake_password or self.snowflake_password_file or self.snowflake_private_key_file):
-            raise ValueError(
-                "no credentials: set SNOWFLAKE_PASSWORD, SNOWFLAKE_PASSWORD_FILE or SNOWFLAKE_PRIVATE_KEY_FILE"
-            )
-        for path in (
-            self.snowflake_password_file,
-            self.snowflake_private_key_file,
-            self.snowflake_private_key_passphrase_file,
-        ):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{path} is not a readable file")
-        return self
-
-    def connect_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `snowflake.connector.connect` (secrets read here, never logged)."""
-        kwargs: dict[str, Any] = {
-            "account": self.snowflake_account,
-            "user": self.snowflake_user,
-            "database": self.snowflake_database,
-            "protocol": self.snowflake_protocol,
-            "login_timeout": self.snowflake_login_timeout_s,
-            "network_timeout": 4 * self.snowflake_login_timeout_s,
-        }
-        if self.snowflake_private_key_file is not None:
-            kwargs["private_key_file"] = str(self.snowflake_private_key_file)
-            if self.snowflake_private_key_passphrase_file is not None:
-                kwargs["private_key_file_pwd"] = self.snowflake_private_key_passphrase_file.read_text().strip()
-        elif self.snowflake_password_file is not None:
-            kwargs["password"] = self.snowflake_password_file.read_text().strip()
-        elif self.snowflake_password is not None:
-            kwargs["password"] = self.snowflake_password.get_secret_value()
-        for key, value in (
-            ("host", self.snowflake_host),
-            ("port", self.snowflake_port),
-            ("warehouse", self.snowflake_warehouse),
-            ("role", self.snowflake_role),
-        ):
-            if value is not None:
-                kwargs[key] = value
-        return kwargs

@@ -11,14 +11,15 @@ Every store counts each event_id once, whatever duplicates it holds, and sums it
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
+from services.kit.config import settings_from
+
 from .compare import Figures, Key, Window, cells_from_rows
-from .settings import ReconcileSettings, SnowflakeSettings, settings_from
+from .settings import ReconcileSettings
 
 
 class StoreUnavailable(RuntimeError):
@@ -107,21 +108,20 @@ def snowflake_sql(table: str, window: Window) -> tuple[str, dict[str, Any]]:
 
 
 def read_snowflake(env: Mapping[str, str], window: Window, table: str = "STAGING.EVENTS_CLEANED") -> dict[Key, Figures]:
-    settings = settings_from(SnowflakeSettings, env)
-    with warnings.catch_warnings():
-        # The connector warns about pyarrow >= 19 on import; only its pandas extras care.
-        warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
-        import snowflake.connector
+    from services.snowflake_loader.connection import CredentialError, open_warehouse
+    from services.snowflake_loader.settings import SnowflakeSettings
 
-        sql, params = snowflake_sql(table, window)
-        try:
-            with snowflake.connector.connect(**settings.connect_kwargs()) as conn, conn.cursor() as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
-        except Exception as error:  # connector errors name the cause; never the credentials
-            raise StoreUnavailable(
-                "snowflake", f"{type(error).__name__}: {error} (database {settings.snowflake_database}, table {table})"
-            ) from None
+    settings = settings_from(SnowflakeSettings, env)  # the loader's: same variables, same credential handling
+    sql, params = snowflake_sql(table, window)
+    try:
+        with open_warehouse(settings) as warehouse:
+            rows = warehouse.query(sql, params)
+    except CredentialError as error:
+        raise StoreUnavailable("snowflake", str(error)) from None
+    except Exception as error:  # connector errors name the cause; never the credentials
+        raise StoreUnavailable(
+            "snowflake", f"{type(error).__name__}: {error} (database {settings.database}, table {table})"
+        ) from None
     return {key: f for key, f in cells_from_rows(rows).items() if window.contains(key[0])}
 
 

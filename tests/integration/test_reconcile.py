@@ -2,10 +2,9 @@
 fakesnow.
 
 The same processed events reach the three stores through the real code: produced to a topic of their own, the
-ClickHouse sink and the archiver (child processes, as in their own tests) consume it; Snowflake's
-STAGING.EVENTS_CLEANED is filled from the Iceberg table with `write_pandas` (the contract the Snowflake loader
-fills; this test helper stands in until the loader is wired here). The command runs as a child process, as a
-CronJob would: first while the sink runs (ClickHouse read through the sink's /query port), then on the chDB folder.
+ClickHouse sink and the archiver (child processes, as in their own tests) consume it, and the Snowflake loader's
+`run-once` loads the lake into the warehouse. The command runs as a child process, as a CronJob would: first
+while the sink runs (ClickHouse read through the sink's /query port), then on the chDB folder.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import sys
 import time
 import urllib.request
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -33,8 +31,11 @@ from pyiceberg.exceptions import NoSuchTableError
 from services.archiver.catalog import load_table, open_catalog
 from services.archiver.samples import encoded_events
 from services.archiver.settings import CatalogSettings
+from services.kit.config import settings_from
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 from services.reconcile import runsummary
+from services.snowflake_loader.connection import open_warehouse
+from services.snowflake_loader.settings import SnowflakeSettings
 from services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -60,49 +61,26 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, logs: lis
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
-def snowflake_connect(env: dict[str, str]) -> Any:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
-        import snowflake.connector
-
-        return snowflake.connector.connect(
-            account=env["SNOWFLAKE_ACCOUNT"],
-            user=env["SNOWFLAKE_USER"],
-            password=env["SNOWFLAKE_PASSWORD"],
-            host=env["SNOWFLAKE_HOST"],
-            port=int(env["SNOWFLAKE_PORT"]),
-            protocol=env["SNOWFLAKE_PROTOCOL"],
-            database=env["SNOWFLAKE_DATABASE"],
-            schema="STAGING",
-        )
-
-
-EVENTS_CLEANED_DDL = """CREATE OR REPLACE TABLE STAGING.EVENTS_CLEANED (
-    EVENT_ID VARCHAR NOT NULL, EVENT_TYPE VARCHAR NOT NULL, EVENT_TIME TIMESTAMP_NTZ NOT NULL,
-    EVENT_DATE DATE NOT NULL, USER_ID VARCHAR, SESSION_ID VARCHAR, PRODUCT_ID VARCHAR, QUANTITY INTEGER,
-    PRICE FLOAT, AMOUNT NUMBER(18, 2))"""
-
-
-def load_events_cleaned(env: dict[str, str], catalog: CatalogSettings) -> int:
-    """EVENTS_CLEANED from the Iceberg table, one row per event_id (the Snowflake loader's staging contract)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
-        from snowflake.connector.pandas_tools import write_pandas
-
-    table = load_table(open_catalog(catalog), catalog, "user_events")
-    columns = ("event_id", "event_type", "event_time", "event_date", "user_id", "session_id", "product_id")
-    frame = table.scan(selected_fields=(*columns, "quantity", "price", "amount")).to_pandas()
-    frame = frame.drop_duplicates("event_id")
-    frame["event_time"] = frame["event_time"].dt.tz_convert("UTC").dt.tz_localize(None)
-    frame["amount"] = frame["amount"].round(2)
-    frame.columns = [c.upper() for c in frame.columns]
-    with snowflake_connect(env) as conn, conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE IF NOT EXISTS {env['SNOWFLAKE_DATABASE']}")
-        cursor.execute("CREATE SCHEMA IF NOT EXISTS STAGING")
-        cursor.execute(EVENTS_CLEANED_DDL)
-        ok, _, rows, _ = write_pandas(conn, frame, "EVENTS_CLEANED", use_logical_type=True)
-        assert ok
-    return int(rows)
+def load_warehouse(env: dict[str, str], work_dir: Path) -> dict[str, Any]:
+    """`python -m services.snowflake_loader run-once`: the lake's user_events into Snowflake, as `make run` does."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.snowflake_loader", "run-once"],
+        env={
+            **os.environ,
+            **env,
+            "SNOWFLAKE_CREATE_DATABASE": "true",
+            "SNOWFLAKE_LOADER_TABLES": "user_events",
+            "SNOWFLAKE_LOADER_WORK_DIR": str(work_dir),
+            "SNOWFLAKE_NETWORK_TIMEOUT_S": "60",
+        },
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["tables"]["user_events"]
 
 
 @dataclass
@@ -206,7 +184,8 @@ def loaded(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
         archiver.send_signal(signal.SIGTERM)
         assert archiver.wait(timeout=60) == 0
         wait_for(lambda: clickhouse_events(query_port) == EVENTS, 120, f"{EVENTS} rows in ClickHouse", logs)
-        assert load_events_cleaned(env, catalog) == EVENTS
+        load = load_warehouse(env, tmp / "loader")
+        assert (load["status"], load["rows"]) == ("loaded", EVENTS)
         yield loaded
     finally:
         for process in (sink, archiver):
@@ -291,14 +270,15 @@ def test_a_planted_discrepancy_is_named_with_its_store_and_exits_1(loaded: Loade
     )
     assert deleted.returncode == 0, deleted.stderr
     # ... Snowflake's amount of another purchase is off by 10.00, and it has a day the others never saw.
-    with snowflake_connect(loaded.env) as conn, conn.cursor() as cursor:
-        cursor.execute(
+    with open_warehouse(settings_from(SnowflakeSettings, loaded.env)) as warehouse:
+        warehouse.execute(
             "UPDATE STAGING.EVENTS_CLEANED SET AMOUNT = AMOUNT + 10 WHERE EVENT_ID = %(id)s",
             {"id": altered["event_id"]},
         )
-        cursor.execute(
-            "INSERT INTO STAGING.EVENTS_CLEANED (EVENT_ID, EVENT_TYPE, EVENT_TIME, EVENT_DATE, AMOUNT) "
-            "VALUES (%(id)s, 'login', '2026-12-24 10:00:00', '2026-12-24', NULL)",
+        warehouse.execute(
+            "INSERT INTO STAGING.EVENTS_CLEANED (EVENT_ID, EVENT_TYPE, EVENT_TIME, EVENT_DATE, USER_ID, AMOUNT, "
+            "ARCHIVE_POSITION, BATCH_ID) VALUES (%(id)s, 'login', '2026-12-24 10:00:00', '2026-12-24', 'planted', "
+            "NULL, 'planted', 'planted')",
             {"id": str(uuid.uuid4())},
         )
 

@@ -289,7 +289,7 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     by_kind: dict[str, list[str]] = {}
     for document in rendered:
         by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
-    services = ["archiver", "clickhouse-sink", "generator", "ingest", "validator"]
+    services = ["archiver", "clickhouse-sink", "generator", "ingest", "snowflake-loader", "validator"]
     assert sorted(by_kind["Deployment"]) == [f"lp-lambda-pipeline-{name}" for name in services]
     assert sorted(by_kind["Service"]) == [f"lp-lambda-pipeline-{name}" for name in services]
     # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale

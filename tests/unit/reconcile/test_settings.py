@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from services.kit.config import ConfigError
+from services.kit.config import ConfigError, settings_from
 from services.reconcile.compare import Window
 from services.reconcile.runner import run
-from services.reconcile.settings import ReconcileSettings, SnowflakeSettings, parse_day, parse_stores, settings_from
+from services.reconcile.settings import ReconcileSettings, parse_day, parse_stores
 from services.reconcile.stores import _iceberg_filter, snowflake_sql
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TODAY = date(2026, 11, 22)
-SNOWFLAKE = {"SNOWFLAKE_ACCOUNT": "acct", "SNOWFLAKE_USER": "lp", "SNOWFLAKE_DATABASE": "LAMBDA_PIPELINE"}
 
 
 def test_days_parse_in_every_documented_form():
@@ -60,29 +59,6 @@ def test_a_bad_variable_is_named(env: dict[str, str], variable: str):
     with pytest.raises(ConfigError) as raised:
         settings_from(ReconcileSettings, env)
     assert raised.value.code == 2 and variable in str(raised.value)
-
-
-def test_snowflake_needs_credentials_and_never_shows_them(tmp_path: Path):
-    with pytest.raises(ConfigError, match="no credentials"):
-        settings_from(SnowflakeSettings, SNOWFLAKE)
-    with pytest.raises(ConfigError, match="SNOWFLAKE_DATABASE"):
-        settings_from(SnowflakeSettings, {**SNOWFLAKE, "SNOWFLAKE_PASSWORD": "pw", "SNOWFLAKE_DATABASE": "a-b"})
-    settings = settings_from(SnowflakeSettings, {**SNOWFLAKE, "SNOWFLAKE_PASSWORD": "s3cret"})
-    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
-    assert settings.connect_kwargs()["password"] == "s3cret"
-    secret = tmp_path / "password"
-    secret.write_text("from-file\n")
-    local = settings_from(
-        SnowflakeSettings,
-        {**SNOWFLAKE, "SNOWFLAKE_PASSWORD_FILE": str(secret), "SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": "1234",
-         "SNOWFLAKE_PROTOCOL": "http"},
-    )  # fmt: skip
-    kwargs = local.connect_kwargs()
-    assert kwargs["password"] == "from-file"
-    assert (kwargs["host"], kwargs["port"], kwargs["protocol"]) == ("127.0.0.1", 1234, "http")
-    assert "warehouse" not in kwargs
-    with pytest.raises(ConfigError, match="not a readable file"):
-        settings_from(SnowflakeSettings, {**SNOWFLAKE, "SNOWFLAKE_PRIVATE_KEY_FILE": str(tmp_path / "missing.pem")})
 
 
 def test_bad_arguments_raise_config_errors_before_any_store_is_read():

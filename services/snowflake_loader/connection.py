@@ -1,0 +1,156 @@
+"""A snowflake-connector-python connection from the settings: password or key-pair auth, secrets read at connect
+time from the environment or from files, never logged."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from .settings import SnowflakeSettings
+
+log = logging.getLogger(__name__)
+
+
+class CredentialError(ValueError):
+    """A credential file that cannot be used (the message names the variable, never the secret)."""
+
+
+def _read_secret(path: Any, variable: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as error:
+        raise CredentialError(f"{variable}: cannot read {path}: {error.strerror}") from None
+    if not text:
+        raise CredentialError(f"{variable}: {path} is empty")
+    return text
+
+
+def private_key_der(settings: SnowflakeSettings) -> bytes:
+    """The private key of SNOWFLAKE_PRIVATE_KEY_FILE as unencrypted PKCS#8 DER (what the connector takes)."""
+    from cryptography.hazmat.primitives import serialization
+
+    assert settings.snowflake_private_key_file is not None
+    passphrase = None
+    if settings.snowflake_private_key_passphrase_file is not None:
+        passphrase = _read_secret(
+            settings.snowflake_private_key_passphrase_file, "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE_FILE"
+        ).encode()
+    try:
+        key = serialization.load_pem_private_key(settings.snowflake_private_key_file.read_bytes(), password=passphrase)
+    except (ValueError, TypeError) as error:  # wrong passphrase, not a PEM key, encrypted without a passphrase
+        raise CredentialError(
+            f"SNOWFLAKE_PRIVATE_KEY_FILE: cannot load the key ({type(error).__name__}; check the file and "
+            "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE_FILE)"
+        ) from None
+    return key.private_bytes(
+        encoding=serialization.Encoding.DER,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def connect_kwargs(settings: SnowflakeSettings) -> dict[str, Any]:
+    """Keyword arguments for `snowflake.connector.connect` (holds the secret: never log it)."""
+    kwargs: dict[str, Any] = {
+        "account": settings.snowflake_account,
+        "user": settings.snowflake_user,
+        "database": settings.database,
+        "protocol": settings.snowflake_protocol,
+        "login_timeout": settings.snowflake_login_timeout_s,
+        "network_timeout": settings.snowflake_network_timeout_s,
+        "application": "lambda-pipeline-snowflake-loader",
+        # Explicit BEGIN/COMMIT only; everything else commits on its own, as in a fresh Snowflake session.
+        "autocommit": True,
+    }
+    for key, value in (
+        ("host", settings.snowflake_host),
+        ("port", settings.snowflake_port),
+        ("warehouse", settings.snowflake_warehouse),
+        ("role", settings.snowflake_role),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    if settings.snowflake_password is not None:
+        kwargs["password"] = settings.snowflake_password.get_secret_value()
+    elif settings.snowflake_password_file is not None:
+        kwargs["password"] = _read_secret(settings.snowflake_password_file, "SNOWFLAKE_PASSWORD_FILE")
+    else:
+        kwargs["authenticator"] = "SNOWFLAKE_JWT"
+        kwargs["private_key"] = private_key_der(settings)
+    return kwargs
+
+
+def quiet_connector() -> None:
+    """The connector logs every request at INFO and warns about the (newer) pyarrow on import: keep it to
+    warnings, unless LOG_LEVEL=DEBUG asks for everything (its own secret masking applies then)."""
+    warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
+    level = logging.DEBUG if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+    for name in ("snowflake.connector", "snowflake"):
+        logging.getLogger(name).setLevel(level)
+
+
+def connect(settings: SnowflakeSettings) -> Any:
+    """An open connection with the database (and warehouse, role) selected."""
+    quiet_connector()
+    import snowflake.connector
+
+    conn = snowflake.connector.connect(**connect_kwargs(settings))
+    log.info(
+        "connected to Snowflake account %s as %s (database %s)",
+        settings.snowflake_account,
+        settings.snowflake_user,
+        settings.database,
+        extra={"snowflake_host": settings.snowflake_host or "snowflakecomputing.com"},
+    )
+    return conn
+
+
+class Warehouse:
+    """A thin wrapper around one connection: execute, query, explicit transactions."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.cursor = conn.cursor()
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        return self.cursor.execute(sql, params)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        self.cursor.execute(sql, params)
+        return list(self.cursor.fetchall())
+
+    def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = self.query(sql, params)
+        return rows[0][0] if rows else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT; ROLLBACK on any error (the error is raised again)."""
+        self.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            try:
+                self.execute("ROLLBACK")
+            except Exception as error:  # the session may be gone: Snowflake aborts its transaction then
+                log.warning("rollback failed: %s", error)
+            raise
+        self.execute("COMMIT")
+
+    def close(self) -> None:
+        try:
+            self.cursor.close()
+        finally:
+            self.conn.close()
+
+
+@contextmanager
+def open_warehouse(settings: SnowflakeSettings) -> Iterator[Warehouse]:
+    warehouse = Warehouse(connect(settings))
+    try:
+        yield warehouse
+    finally:
+        warehouse.close()

@@ -1,0 +1,163 @@
+"""What is new in the lake since the last load, and those rows shaped for Snowflake's RAW tables.
+
+Every snapshot the archiver commits carries `lp.offsets` ({"topic:partition": next Kafka offset}) and every row
+its `_kafka_topic/_kafka_partition/_kafka_offset`. The loader remembers, with the last loaded snapshot id, the
+offsets of that snapshot; the rows new since then are exactly the rows of the current snapshot at or past those
+offsets. So:
+
+- a compaction (`replace` snapshot) carries the offsets forward unchanged: it yields no rows, nothing is loaded
+  twice, and the rows it rewrote are read from whichever files hold them now;
+- the last loaded snapshot may be expired meanwhile: only its offsets are needed, and they are in Snowflake;
+- a snapshot without offsets (a table some other writer made), or offsets that went backwards (a re-created
+  topic), fall back to reading everything (of that partition): the MERGE on the business key keeps it exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import (
+    AlwaysTrue,
+    And,
+    BooleanExpression,
+    EqualTo,
+    GreaterThanOrEqual,
+    Or,
+)
+from pyiceberg.table import Table
+
+from services.archiver.committer import TopicPartition, snapshot_offsets
+
+Offsets = dict[TopicPartition, int]
+
+
+def encode_offsets(offsets: Mapping[TopicPartition, int]) -> str:
+    return json.dumps({f"{t}:{p}": o for (t, p), o in sorted(offsets.items())}, sort_keys=True)
+
+
+def decode_offsets(text: str | None) -> Offsets | None:
+    if text is None:
+        return None
+    out: Offsets = {}
+    for key, offset in json.loads(text).items():
+        topic, _, partition = key.rpartition(":")
+        out[(topic, int(partition))] = int(offset)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The rows of one batch: those of `snapshot_id` at or past `since` (None: all rows)."""
+
+    table: str
+    snapshot_id: int
+    offsets: Offsets  # of the snapshot: where the next batch starts
+    since: Offsets | None
+    row_filter: BooleanExpression
+
+    @property
+    def batch_id(self) -> str:
+        return f"{self.table}-{self.snapshot_id}"
+
+
+def new_rows_filter(current: Mapping[TopicPartition, int], since: Mapping[TopicPartition, int]) -> BooleanExpression:
+    """Rows past `since` for every partition that moved; AlwaysFalse-like empty Or when none moved."""
+    parts: list[BooleanExpression] = []
+    for (topic, partition), end in sorted(current.items()):
+        start = since.get((topic, partition))
+        where: BooleanExpression = And(EqualTo("_kafka_topic", topic), EqualTo("_kafka_partition", partition))
+        if start is not None and start == end:
+            continue
+        if start is not None and start < end:
+            where = And(where, GreaterThanOrEqual("_kafka_offset", start))
+        # start > end: the topic was re-created and starts again at 0: read the partition whole.
+        parts.append(where)
+    if not parts:
+        raise ValueError("no partition moved")
+    expression = parts[0]
+    for part in parts[1:]:
+        expression = Or(expression, part)
+    return expression
+
+
+def plan(table: Table, name: str, last_snapshot_id: int | None, last_offsets: Offsets | None) -> Plan | None:
+    """The batch to load now, or None when the table has nothing new (or no snapshot at all)."""
+    table.refresh()
+    snapshot = table.current_snapshot()
+    if snapshot is None or snapshot.snapshot_id == last_snapshot_id:
+        return None
+    current = snapshot_offsets(table, snapshot)
+    if not current:  # not written by the archiver: read it whole, the MERGE keys dedupe
+        return Plan(name, snapshot.snapshot_id, {}, None, AlwaysTrue())
+    if last_offsets is None:
+        return Plan(name, snapshot.snapshot_id, current, None, AlwaysTrue())
+    moved = {tp for tp, end in current.items() if last_offsets.get(tp) != end}
+    if not moved:
+        return None  # only compactions (or other rewrites) since: no new rows
+    return Plan(name, snapshot.snapshot_id, current, dict(last_offsets), new_rows_filter(current, last_offsets))
+
+
+def read_batches(table: Table, batch: Plan) -> Iterator[pa.RecordBatch]:
+    scan = table.scan(row_filter=batch.row_filter, snapshot_id=batch.snapshot_id)
+    yield from scan.to_arrow_batch_reader()
+
+
+# --- shaping -------------------------------------------------------------------------------------------------------
+def _naive_utc(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """timestamptz -> timestamp (µs, no zone) holding the UTC wall time: TIMESTAMP_NTZ, whatever the session zone."""
+    return pc.cast(column, pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us"))
+
+
+def _json_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Maps and lists as JSON text (a map is a list of (key, value) pairs in Arrow)."""
+    values = column.to_pylist()
+    if pa.types.is_map(column.type):
+        return pa.array([None if v is None else json.dumps(dict(v), sort_keys=True) for v in values], pa.string())
+    return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+
+
+def archive_position(batch: pa.RecordBatch) -> pa.Array:
+    """`topic:partition:offset`, zero-padded, so string order is the archive's order."""
+    partition = pc.utf8_lpad(pc.cast(batch.column("_kafka_partition"), pa.string()), 6, "0")
+    offset = pc.utf8_lpad(pc.cast(batch.column("_kafka_offset"), pa.string()), 20, "0")
+    topic = pc.cast(batch.column("_kafka_topic"), pa.string())
+    return pc.binary_join_element_wise(topic, partition, offset, ":")
+
+
+def change_key(batch: pa.RecordBatch) -> pa.Array:
+    """SOURCE_LSN as text, or `nolsn:<changed_at µs>:<op>` for a change without an LSN."""
+    lsn = batch.column("source_lsn")
+    micros = pc.cast(pc.cast(batch.column("changed_at"), pa.timestamp("us", tz="UTC")), pa.int64())
+    op = pc.cast(batch.column("op"), pa.string())
+    fallback = pc.binary_join_element_wise(pa.scalar("nolsn"), pc.cast(micros, pa.string()), op, ":")
+    return pc.if_else(pc.is_null(lsn), fallback, pc.cast(lsn, pa.string()))
+
+
+def raw_rows(batch: pa.RecordBatch, table: str, batch_id: str, loaded_at: datetime, source_file: str) -> pa.Table:
+    """The lake rows as RAW.<TABLE> rows: upper-case names, naive UTC timestamps, JSON text, provenance."""
+    columns: dict[str, pa.Array] = {}
+    for name in batch.schema.names:
+        column = batch.column(name)
+        kind = column.type
+        if name == "_kafka_key" or name == "_kafka_timestamp":
+            continue
+        if pa.types.is_timestamp(kind):
+            column = _naive_utc(column)
+        elif pa.types.is_map(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            column = _json_text(column)
+        elif pa.types.is_large_string(kind):
+            column = column.cast(pa.string())
+        columns[name.removeprefix("_").upper()] = column
+    if table == "transactions":
+        columns["CHANGE_KEY"] = change_key(batch)
+    columns["ARCHIVE_POSITION"] = archive_position(batch)
+    n = batch.num_rows
+    columns["BATCH_ID"] = pa.array([batch_id] * n, pa.string())
+    columns["LOADED_AT"] = pa.array([loaded_at.replace(tzinfo=None)] * n, pa.timestamp("us"))
+    columns["SOURCE_FILE"] = pa.array([source_file] * n, pa.string())
+    return pa.table(columns)
