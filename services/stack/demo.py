@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,6 +38,8 @@ from services.kit.kafka import committed_offsets, scan_topic
 from services.kit.paths import repo_root
 from services.operator.apply import apply_declarations
 from services.operator.resources import load_declarations
+from services.reconcile import runsummary as reconciliation
+from services.snowflake_loader import runsummary as warehouse
 from services.stack.components import ComponentError
 from services.stack.processes import ServiceProcess
 from services.stack.settings import StackSettings, pick_free_ports
@@ -183,6 +187,16 @@ class DemoRun:
             for table, after in postgres_table_stats(self.stack.postgres_dsn).items()
         }
         archive_after = archive.table_stats({**self.stack.env(), **archiver_env})
+        # The warehouse and the check of the three stores run once everything upstream has stopped: the loader
+        # loads every new snapshot, then the reconciliation reads ClickHouse's folder, the lake and Snowflake.
+        loader_env = {**self.stack.env(), **archiver_env, **warehouse.local_env(self.state_dir)}
+        load = self._load_warehouse(loader_env)
+        warehouse_stats = warehouse.warehouse_stats(loader_env)
+        self.out("reconciling ClickHouse, Iceberg and Snowflake ...")
+        reconciled = reconciliation.run(
+            {**loader_env, **reconciliation.local_env(self.state_dir, clickhouse_query_port)},
+            metrics_file=reports / "reconcile.prom",
+        )
         return self._summarise(
             started,
             t0,
@@ -193,7 +207,27 @@ class DemoRun:
             changes,
             json.loads((reports / "clickhouse-sink.json").read_text()),
             (archive_before, archive_after),
+            (load, warehouse_stats),
+            reconciled,
         )
+
+    def _load_warehouse(self, env: dict[str, str]) -> dict[str, Any]:
+        """`python -m services.snowflake_loader run-once`: the command a CronJob or the service's loop runs."""
+        self.out("loading new Iceberg snapshots into Snowflake ...")
+        log_path = self.stack.log_dir / "snowflake-loader.log"
+        with log_path.open("ab") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "services.snowflake_loader", "run-once"],
+                env={**os.environ, **env},
+                stdout=subprocess.PIPE,
+                stderr=log,
+                timeout=900,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise PartFailed("snowflake-loader", log_path, f"run-once exited with {done.returncode}")
+        result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        return result
 
     def _start(self, service: ServiceProcess) -> None:
         self.services.append(service)
@@ -371,6 +405,8 @@ class DemoRun:
         postgres_changes: dict[str, dict[str, int]],
         clickhouse: dict[str, Any],
         archive_stats: tuple[dict[str, Any], dict[str, Any]],
+        warehouse_load: tuple[dict[str, Any], dict[str, Any]],
+        reconciled: dict[str, Any],
     ) -> dict[str, Any]:
         decode = AvroDeserializer(SchemaRepository.load(), "raw_event")
         purchases: set[str] = set()
@@ -443,6 +479,10 @@ class DemoRun:
         archived, archive_checks = archive.summarise(*archive_stats, topics)
         checks |= archive_checks
         stores |= {f"iceberg.{table}": figures["rows_in_table"] for table, figures in archived.items()}
+        load, warehouse_stats = warehouse_load
+        warehouse_rows, warehouse_checks = warehouse.summarise(warehouse_stats)
+        checks |= warehouse_checks
+        checks |= reconciliation.checks(reconciled)
         for table, changed in postgres_changes.items():
             captured = cdc["events_by_table"].get(table, {})
             checks[f"CDC captured every change of {table} (c/u/d {changed})"] = all(
@@ -477,6 +517,8 @@ class DemoRun:
             "validator": validation.summary(topics),
             "clickhouse": {k: v for k, v in clickhouse.items() if k != "tables"},
             "archive": archived,
+            "snowflake": {"load": load.get("tables", {}), "rows": warehouse_rows},
+            "reconcile": reconciled,
             "checks": checks,
             "ok": all(checks.values()),
             "logs": str(self.stack.log_dir),
@@ -568,6 +610,10 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     for store, rows in summary["stores"].items():
         print(f"  store {store:<24} {rows} rows")
     for line in archive.summary_lines(summary["archive"]):
+        print(line)
+    for line in warehouse.summary_lines(summary["snowflake"]["rows"]):
+        print(line)
+    for line in reconciliation.summary_lines(summary["reconcile"]):
         print(line)
     validator = summary["validator"]
     print(f"  validator         processed {validator['processed']}, status changes {validator['status_changes']}")
