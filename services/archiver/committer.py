@@ -73,21 +73,33 @@ def decode_offsets(text: str) -> dict[TopicPartition, int]:
     return out
 
 
+def _nearest_property(table: Table, snapshot: Snapshot | None, name: str) -> str | None:
+    """`name` of `snapshot` (default: the current one) or of its nearest ancestor that has it."""
+    snapshot = snapshot if snapshot is not None else table.current_snapshot()
+    while snapshot is not None:
+        text = snapshot.summary.additional_properties.get(name) if snapshot.summary else None
+        if text is not None:
+            return text
+        if snapshot.parent_snapshot_id is None:
+            break
+        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id)
+    return None
+
+
+def snapshot_topic_ids(table: Table, snapshot: Snapshot | None = None) -> dict[str, str]:
+    """The Kafka topic ids the offsets stored with `snapshot` belong to (a re-created topic starts again at 0)."""
+    text = _nearest_property(table, snapshot, TOPIC_IDS_PROPERTY)
+    return dict(json.loads(text)) if text is not None else {}
+
+
 def snapshot_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[TopicPartition, int]:
     """The offsets stored with `snapshot` (default: the current one), from the nearest ancestor that has them.
 
     Compaction copies them forward, so this is normally the snapshot itself; the walk covers snapshots other
     tools made (a delete from a notebook) that do not know about `lp.offsets`.
     """
-    snapshot = snapshot if snapshot is not None else table.current_snapshot()
-    while snapshot is not None:
-        text = snapshot.summary.additional_properties.get(OFFSETS_PROPERTY) if snapshot.summary else None
-        if text is not None:
-            return decode_offsets(text)
-        if snapshot.parent_snapshot_id is None:
-            break
-        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id)
-    return {}
+    text = _nearest_property(table, snapshot, OFFSETS_PROPERTY)
+    return decode_offsets(text) if text is not None else {}
 
 
 class Fenced(RuntimeError):
@@ -200,15 +212,7 @@ class TableCommitter:
         return positions
 
     def _stored_topic_ids(self) -> dict[str, str]:
-        snapshot = self.table.current_snapshot()
-        while snapshot is not None:
-            text = snapshot.summary.additional_properties.get(TOPIC_IDS_PROPERTY) if snapshot.summary else None
-            if text is not None:
-                return dict(json.loads(text))
-            if snapshot.parent_snapshot_id is None:
-                break
-            snapshot = self.table.snapshot_by_id(snapshot.parent_snapshot_id)
-        return {}
+        return snapshot_topic_ids(self.table)
 
     def release(self, partitions: Iterable[TopicPartition]) -> None:
         """Stop writing `partitions` (revoked): forget their buffered rows; commit first to keep them."""

@@ -8,15 +8,17 @@ offsets. So:
 - a compaction (`replace` snapshot) carries the offsets forward unchanged: it yields no rows, nothing is loaded
   twice, and the rows it rewrote are read from whichever files hold them now;
 - the last loaded snapshot may be expired meanwhile: only its offsets are needed, and they are in Snowflake;
-- a snapshot without offsets (a table some other writer made), or offsets that went backwards (a re-created
-  topic), fall back to reading everything (of that partition): the MERGE on the business key keeps it exact.
+- a snapshot without offsets (a table some other writer made), offsets that went backwards, or a topic whose
+  Kafka id changed (re-created, or a new local broker: its offsets start at 0 again) fall back to reading
+  everything of those partitions: the upsert on the business key keeps STAGING and MARTS exact (RAW keeps
+  each batch's rows under its batch id).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import pyarrow as pa
@@ -31,13 +33,19 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.table import Table
 
-from services.archiver.committer import TopicPartition, snapshot_offsets
+from services.archiver.committer import TopicPartition, snapshot_offsets, snapshot_topic_ids
 
 Offsets = dict[TopicPartition, int]
 
 
-def encode_offsets(offsets: Mapping[TopicPartition, int]) -> str:
-    return json.dumps({f"{t}:{p}": o for (t, p), o in sorted(offsets.items())}, sort_keys=True)
+TOPIC_IDS_KEY = "@topic-ids"  # beside the offsets: which incarnation of each topic they count in
+
+
+def encode_offsets(offsets: Mapping[TopicPartition, int], topic_ids: Mapping[str, str] | None = None) -> str:
+    body: dict[str, object] = {f"{t}:{p}": o for (t, p), o in sorted(offsets.items())}
+    if topic_ids:
+        body[TOPIC_IDS_KEY] = dict(sorted(topic_ids.items()))
+    return json.dumps(body, sort_keys=True)
 
 
 def decode_offsets(text: str | None) -> Offsets | None:
@@ -45,9 +53,15 @@ def decode_offsets(text: str | None) -> Offsets | None:
         return None
     out: Offsets = {}
     for key, offset in json.loads(text).items():
+        if key == TOPIC_IDS_KEY:
+            continue
         topic, _, partition = key.rpartition(":")
         out[(topic, int(partition))] = int(offset)
     return out
+
+
+def decode_topic_ids(text: str | None) -> dict[str, str]:
+    return dict(json.loads(text).get(TOPIC_IDS_KEY, {})) if text else {}
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class Plan:
     offsets: Offsets  # of the snapshot: where the next batch starts
     since: Offsets | None
     row_filter: BooleanExpression
+    topic_ids: Mapping[str, str] = field(default_factory=dict)  # the incarnation of each topic `offsets` count in
 
     @property
     def batch_id(self) -> str:
@@ -85,21 +100,32 @@ def new_rows_filter(current: Mapping[TopicPartition, int], since: Mapping[TopicP
     return expression
 
 
-def plan(table: Table, name: str, last_snapshot_id: int | None, last_offsets: Offsets | None) -> Plan | None:
+def plan(
+    table: Table,
+    name: str,
+    last_snapshot_id: int | None,
+    last_offsets: Offsets | None,
+    last_topic_ids: Mapping[str, str] | None = None,
+) -> Plan | None:
     """The batch to load now, or None when the table has nothing new (or no snapshot at all)."""
     table.refresh()
     snapshot = table.current_snapshot()
     if snapshot is None or snapshot.snapshot_id == last_snapshot_id:
         return None
     current = snapshot_offsets(table, snapshot)
+    ids = snapshot_topic_ids(table, snapshot)
     if not current:  # not written by the archiver: read it whole, the MERGE keys dedupe
-        return Plan(name, snapshot.snapshot_id, {}, None, AlwaysTrue())
+        return Plan(name, snapshot.snapshot_id, {}, None, AlwaysTrue(), ids)
     if last_offsets is None:
-        return Plan(name, snapshot.snapshot_id, current, None, AlwaysTrue())
-    moved = {tp for tp, end in current.items() if last_offsets.get(tp) != end}
+        return Plan(name, snapshot.snapshot_id, current, None, AlwaysTrue(), ids)
+    # A topic re-created since the last load (a new id: a new cluster, or deleted and created again) counts its
+    # offsets from 0 again, so its old offsets say nothing: its partitions are read whole.
+    recreated = {t for t, old in (last_topic_ids or {}).items() if ids.get(t) not in (None, old)}
+    since = {tp: offset for tp, offset in last_offsets.items() if tp[0] not in recreated}
+    moved = {tp for tp, end in current.items() if tp[0] in recreated or last_offsets.get(tp) != end}
     if not moved:
         return None  # only compactions (or other rewrites) since: no new rows
-    return Plan(name, snapshot.snapshot_id, current, dict(last_offsets), new_rows_filter(current, last_offsets))
+    return Plan(name, snapshot.snapshot_id, current, since, new_rows_filter(current, since), ids)
 
 
 def read_batches(table: Table, batch: Plan) -> Iterator[pa.RecordBatch]:

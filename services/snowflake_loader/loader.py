@@ -122,13 +122,14 @@ class Loader:
         self.crash = crash or _exit_process
 
     # --- control ----------------------------------------------------------------------------------------------
-    def last_load(self, table: str) -> tuple[int | None, lake.Offsets | None]:
+    def last_load(self, table: str) -> tuple[int | None, lake.Offsets | None, dict[str, str]]:
+        """The last loaded snapshot, its offsets and the topic ids they count in."""
         rows = self.warehouse.query(sql.last_load(self.schemas), {"table": table})
         if not rows:
-            return None, None
+            return None, None, {}
         snapshot_id, offsets, _ = rows[0]
         decoded = lake.decode_offsets(offsets)
-        return int(snapshot_id), (decoded or None)
+        return int(snapshot_id), (decoded or None), lake.decode_topic_ids(offsets)
 
     def _fault(self, step: str) -> None:
         if self.settings.snowflake_loader_fail_after == step:
@@ -144,8 +145,8 @@ class Loader:
         except NoSuchTableError:
             result.status = "missing"
             return result
-        last_snapshot, last_offsets = self.last_load(table)
-        batch = lake.plan(iceberg, table, last_snapshot, last_offsets)
+        last_snapshot, last_offsets, last_topic_ids = self.last_load(table)
+        batch = lake.plan(iceberg, table, last_snapshot, last_offsets, last_topic_ids)
         if batch is None:
             result.seconds = round(time.perf_counter() - started, 3)
             self._freshness(table, iceberg, last_snapshot)
@@ -233,7 +234,7 @@ class Loader:
             "table": table,
             "batch": batch.batch_id,
             "snapshot": batch.snapshot_id,
-            "offsets": lake.encode_offsets(batch.offsets),
+            "offsets": lake.encode_offsets(batch.offsets, batch.topic_ids),
             "from_offsets": None if batch.since is None else lake.encode_offsets(batch.since),
             "rows": rows,
         }

@@ -33,8 +33,10 @@ def table(tmp_path: Path):  # type: ignore[no-untyped-def]
     return table
 
 
-def _append(table, payloads: list[bytes], partition: int, start: int) -> None:  # type: ignore[no-untyped-def]
+def _append(table, payloads: list[bytes], partition: int, start: int, topic_id: str | None = None) -> None:  # type: ignore[no-untyped-def]
     committer = TableCommitter(table, committer_id="t")
+    if topic_id is not None:
+        committer.topic_ids = {"ev": topic_id}
     committer.claim([("ev", partition)])
     builder = AvroRowBuilder(SchemaRepository.load(), "processed_event", arrow_schema(table.schema()))
     columns = RecordColumns()
@@ -84,6 +86,26 @@ def test_plan_reads_only_new_rows_and_skips_compactions(table) -> None:  # type:
     # The last loaded snapshot may be long expired: only its offsets matter.
     third = lake.plan(table, "user_events", 12345, {("ev", 0): 45, ("ev", 1): 10})
     assert third is not None and _read(table, third).num_rows == 5
+
+
+def test_a_recreated_topic_is_read_whole_since_its_offsets_start_again(table) -> None:  # type: ignore[no-untyped-def]
+    events = list(encoded_events(40))
+    _append(table, [p for _, p, _ in events[:10]], 0, 0, topic_id="id-1")
+    first = lake.plan(table, "user_events", None, None)
+    assert first is not None and first.topic_ids == {"ev": "id-1"}
+    stored = lake.encode_offsets(first.offsets, first.topic_ids)  # what CONTROL.LOADS keeps
+    assert lake.decode_offsets(stored) == {("ev", 0): 10} and lake.decode_topic_ids(stored) == {"ev": "id-1"}
+    # A new local broker: the same topic with a new id, counting from 0 again, past the old end this time.
+    _append(table, [p for _, p, _ in events[10:]], 0, 0, topic_id="id-2")
+    second = lake.plan(
+        table, "user_events", first.snapshot_id, lake.decode_offsets(stored), lake.decode_topic_ids(stored)
+    )
+    assert second is not None and second.since == {} and second.topic_ids == {"ev": "id-2"}
+    read = set(_read(table, second).column("event_id").to_pylist())
+    assert {str(record["event_id"]) for _, _, record in events[10:]} <= read  # offsets 0-9 of the new topic too
+    # Without the ids, offset 10 onwards only: the first 10 events of the new incarnation would be missed.
+    blind = lake.plan(table, "user_events", first.snapshot_id, lake.decode_offsets(stored))
+    assert blind is not None and len(set(_read(table, blind).column("event_id").to_pylist())) == 20
 
 
 def test_raw_rows_shape_timestamps_json_and_provenance() -> None:
