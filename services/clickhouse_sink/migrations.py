@@ -13,39 +13,26 @@ an applied file that changed is refused (add a new migration instead), and since
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from services.kit import migrations as kit
+from services.kit.migrations import MigrationError, split_statements
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-_FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-
-class MigrationError(RuntimeError):
-    pass
+__all__ = ["Migration", "MigrationError", "apply_migrations", "load_migrations", "render"]
 
 
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
-
+class Migration(kit.Migration):
     def statements(self, database: str, cluster: str | None) -> list[str]:
         """The file's statements, rendered for `database` (and `cluster`), comments removed."""
-        text = render(self.sql, database, cluster)
-        lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
-        return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+        return split_statements(render(self.sql, database, cluster))
 
 
 def render(sql: str, database: str, cluster: str | None) -> str:
@@ -61,18 +48,7 @@ def render(sql: str, database: str, cluster: str | None) -> str:
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    migrations = []
-    for path in sorted(directory.glob("*.sql")):
-        match = _FILE.match(path.name)
-        if match is None:
-            raise MigrationError(f"{path.name}: migration files are named NNN_lowercase_name.sql")
-        migrations.append(Migration(int(match.group(1)), match.group(2), path.read_text()))
-    versions = [m.version for m in migrations]
-    if len(set(versions)) != len(versions):
-        raise MigrationError(f"two migrations share a version in {directory}")
-    if versions != list(range(1, len(versions) + 1)):
-        raise MigrationError(f"migration versions must run 1, 2, 3, ... without gaps (found {versions})")
-    return migrations
+    return kit.load_migrations(directory, Migration)
 
 
 def apply_migrations(
@@ -101,15 +77,7 @@ def apply_migrations(
         )
     }
     done = []
-    for migration in migrations:
-        known = applied.get(migration.version)
-        if known is not None:
-            if known != migration.checksum:
-                raise MigrationError(
-                    f"migration {migration.version:03d}_{migration.name} changed after it was applied "
-                    f"(checksum {known} -> {migration.checksum}): add a new migration instead"
-                )
-            continue
+    for migration in kit.pending(migrations, applied):
         for statement in migration.statements(database, cluster):
             execute(statement)
         execute(
