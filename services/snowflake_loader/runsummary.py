@@ -17,7 +17,7 @@ from pyiceberg.exceptions import NoSuchTableError
 from services.archiver.catalog import load_table, open_catalog
 from services.kit.config import settings_from
 
-from .connection import Warehouse, connect
+from .connection import open_warehouse
 from .settings import LoaderSettings
 
 TABLES = (
@@ -49,8 +49,7 @@ def _schema_name(settings: LoaderSettings, table: str) -> str:
 def warehouse_stats(env: Mapping[str, str]) -> dict[str, Any]:
     """Rows per warehouse table, the lake's figures to compare with, and the SCD2 and duplicate checks' inputs."""
     settings = settings_from(LoaderSettings, env)
-    warehouse = Warehouse(connect(settings))
-    try:
+    with open_warehouse(settings) as warehouse:
         rows = {t: int(warehouse.scalar(f"SELECT COUNT(*) FROM {_schema_name(settings, t)}")) for t in TABLES}
         marts, staging = settings.marts, settings.staging
         users_without_one_current = int(
@@ -63,8 +62,6 @@ def warehouse_stats(env: Mapping[str, str]) -> dict[str, Any]:
         distinct_transactions = int(
             warehouse.scalar(f"SELECT COUNT(DISTINCT TRANSACTION_ID) FROM {staging}.TRANSACTION_CHANGES")
         )
-    finally:
-        warehouse.close()
     catalog = open_catalog(settings)
     lake: dict[str, int | None] = {}
     for name, column in (("user_events", "event_id"), ("transactions", "transaction_id")):
