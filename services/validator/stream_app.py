@@ -304,7 +304,11 @@ class BatchRunner(Service):
         self.max_in_flight = settings.max_in_flight_batches
         self.max_record_bytes = settings.producer_max_request_bytes - _REQUEST_OVERHEAD
         self.app: RuntimeApp | None = None
-        self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=2)
+        # Queued with the epoch of their submission; a drain (rebalance, stop) starts a new epoch, so a fetch that
+        # was still waiting for room when the drain dropped the queue is dropped too, not processed after it:
+        # its offsets would otherwise be delivered over the dropped records and committed past them.
+        self._queue: asyncio.Queue[tuple[int, Batch]] = asyncio.Queue(maxsize=2)
+        self._epoch = 0
         self._in_flight: deque[_Flight] = deque()
         self._starting = False
         self._idle = asyncio.Event()
@@ -319,19 +323,21 @@ class BatchRunner(Service):
     async def submit(self, batch: Batch, suspend_flow: asyncio.Event) -> None:
         """Queue a fetch; waits while two batches are already queued. Dropped if a rebalance or stop suspends
         the flow meanwhile (the partitions are then re-read from their committed offsets)."""
-        if self._failure is not None:
+        if self._failure is not None or suspend_flow.is_set():
             return
         self._idle.clear()
+        entry = (self._epoch, batch)
         if self._queue.full():
-            await self.wait_first(self._queue.put(batch), suspend_flow)
+            await self.wait_first(self._queue.put(entry), suspend_flow)
         else:
-            self._queue.put_nowait(batch)
+            self._queue.put_nowait(entry)
         self._update_idle()
 
     async def drain(self) -> None:
+        self._epoch += 1
         dropped = 0
         while not self._queue.empty():
-            dropped += self._queue.get_nowait().size
+            dropped += self._queue.get_nowait()[1].size
         if dropped:
             log.info("dropped %d fetched records not yet processed (re-read after the commit)", dropped)
         self._update_idle()
@@ -365,7 +371,11 @@ class BatchRunner(Service):
                 await self._complete_oldest()
                 continue
             self._update_idle()
-            batch = await self._queue.get()
+            epoch, batch = await self._queue.get()
+            if epoch != self._epoch:  # submitted before a drain that had already emptied the queue
+                log.info("dropped %d fetched records not yet processed (re-read after the commit)", batch.size)
+                self._update_idle()
+                continue
             self._starting = True
             try:
                 self._in_flight.append(await self._start(batch))

@@ -220,6 +220,42 @@ def test_drain_drops_queued_batches_and_waits_for_the_one_in_flight():
     run(scenario())
 
 
+def test_a_fetch_waiting_for_room_when_a_rebalance_drains_is_dropped_not_delivered_past_the_dropped_ones():
+    """The race behind a lost tail in the rebalance test: the fetcher waits to queue a third fetch, the revoke
+    drains the queue (which makes room), and the waiting fetch used to land after the drain, be processed and
+    have its offsets committed over the records the drain had dropped."""
+
+    async def scenario() -> None:
+        runner, app, producer = make_runner(copy_to("out"), {"out": 1})  # at most 2 batches in flight
+        batches = [Batch.of([Record("in", 0, start + i, b"k", b"v") for i in range(3)]) for start in range(0, 15, 3)]
+        for batch in batches[:2]:
+            runner._in_flight.append(await runner._start(batch))
+        suspend_flow = asyncio.Event()
+        for batch in batches[2:4]:
+            await runner.submit(batch, suspend_flow)
+        submitting = asyncio.ensure_future(runner.submit(batches[4], suspend_flow))
+        loop = asyncio.ensure_future(runner._run(runner))
+        await asyncio.sleep(0.01)
+        assert not submitting.done()  # the queue is full
+
+        suspend_flow.set()  # the revoke stops the flow, then drains
+        draining = asyncio.ensure_future(runner.drain())
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            producer.ack_all()
+        await asyncio.wait_for(draining, 1)
+        await asyncio.sleep(0.05)
+        assert submitting.done()
+        # Only the batches in flight are delivered: the commit stays below the dropped records (offsets 6-11).
+        assert app.delivered == [{("in", 0): 3}, {("in", 0): 6}]
+        assert runner._queue.empty() and len(producer.sent) == 2
+        await runner.submit(batches[2], suspend_flow)  # the flow is still stopped: nothing is taken on
+        assert runner._queue.empty()
+        loop.cancel()
+
+    run(scenario())
+
+
 def test_the_consumer_commits_the_delivered_offsets():
     consumer = BatchConsumer.__new__(BatchConsumer)  # only the offset bookkeeping, no Faust app behind it
     consumer._delivered = {}
