@@ -107,7 +107,7 @@ def _metrics(port: int, topic: str) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for name, pattern in (
-        ("consumed", rf'lp_sink_rows_written_total\{{sink="archiver",topic="{re.escape(topic)}"\}} ([0-9.e+]+)'),
+        ("consumed", rf'lp_sink_records_consumed_total\{{sink="archiver",topic="{re.escape(topic)}"\}} ([0-9.e+]+)'),
         ("first", r"lp_archiver_first_batch_timestamp_seconds ([0-9.e+]+)"),
     ):
         match = re.search(pattern, body)

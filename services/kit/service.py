@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from services.kit.config import ServiceSettings
 from services.kit.health import Health, HealthServer
 from services.kit.logs import configure_logging
+from services.kit.memory import tune_gc_for_throughput
 from services.kit.tracing import setup_tracing, shutdown_tracing
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
@@ -61,6 +62,7 @@ class Service(Generic[SettingsT]):
         exit_code = 0
         try:
             self.start()
+            tune_gc_for_throughput()
             self.health.set_ready(True)
             while not self.stopping.is_set():
                 self.health.beat()

@@ -77,6 +77,7 @@ STORE_STAGE = cast(Stage, "store")  # a dead letter refused by a sink's store (n
 TRACE_LINKS_PER_BATCH = 16  # a batch span links to at most this many producer traces
 MAX_POLL_WAIT_S = 0.1
 
+CONSUMED = Counter("lp_sink_records_consumed_total", "Records consumed and buffered for writing", ["sink", "topic"])
 ROWS_WRITTEN = Counter("lp_sink_rows_written_total", "Records the sink's store accepted", ["sink", "topic"])
 ROWS_REJECTED = Counter(
     "lp_sink_rows_rejected_total", "Records sent to the dead-letter topic", ["sink", "topic", "code"]
@@ -656,18 +657,28 @@ class SinkRunner:
         now = self.clock()
         current: _PartitionState | None = None
         current_key: tuple[str, int] | None = None
+        buffered: dict[str, int] = {}  # records appended, per topic
+        before = 0
         for message in messages:
             key = (message.topic(), message.partition())
             if key != current_key:
+                if current is not None:
+                    buffered[current.tp.topic] = buffered.get(current.tp.topic, 0) + len(current.messages) - before
                 current_key = key
                 current = self.states.get(TopicPartition(*key))
                 if current is not None and not current.resolved:
                     current = None  # fetched before the resolution's seek: read again from there
-                if current is not None and not current.messages:
-                    current.first_buffered_at = now
+                if current is not None:
+                    before = len(current.messages)
+                    if not before:
+                        current.first_buffered_at = now
             if current is None:
                 continue  # a partition revoked or being resolved: consumed again from its start offset
             current.messages.append(message)
+        if current is not None:
+            buffered[current.tp.topic] = buffered.get(current.tp.topic, 0) + len(current.messages) - before
+        for topic, count in buffered.items():
+            CONSUMED.labels(self.sink.name, topic).inc(count)
 
     def _flush_due(self, now: float, force: bool = False, only: Sequence[_PartitionState] | None = None) -> None:
         """Form and write the groups that are due: replays of stored batches first, then new batches."""
@@ -682,8 +693,10 @@ class SinkRunner:
                 for s in free
                 if force or len(s.messages) >= cfg.batch_max_rows or now - s.first_buffered_at >= cfg.batch_max_age_s
             ]
-            if not due and self.sink.group_writes and sum(len(s.messages) for s in free) >= cfg.batch_max_rows:
-                due = free  # together they fill a write
+            if not due and sum(len(s.messages) for s in free) >= cfg.batch_max_rows:
+                # Together they fill a write: write them now. Waiting for their age would stall the consumer, which
+                # `_throttle` pauses at two writes' worth (with many partitions, long before any one is full).
+                due = free
             if not due:
                 return
             if self.sink.group_writes:

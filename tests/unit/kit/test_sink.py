@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from prometheus_client import REGISTRY
 
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.kafka import DeliveryFailed
@@ -494,6 +495,19 @@ def started_group(sink: Sink, per_partition: int, partitions: int = 3, **config:
             consumer.add(tp, payload(i))
     consumer.assign(*tps)
     return runner, consumer, tps, clock
+
+
+def test_partitions_that_together_fill_a_write_are_written_before_their_age():
+    # Twelve partitions of 2 records, writes of 10: no partition alone is full, and waiting for their age
+    # would leave the consumer throttled (at two writes' worth) until then.
+    sink = FakeSink()
+    consumed = ("lp_sink_records_consumed_total", {"sink": "fake", "topic": TOPIC})
+    before = REGISTRY.get_sample_value(*consumed) or 0.0
+    runner, consumer, tps, _clock = started_group(sink, 2, partitions=12, batch_max_rows=10)
+    runner.step()
+    assert sorted(b.dedup_token for b in sink.batches) == sorted(f"things@AbCd:{tp.partition}:0-1" for tp in tps)
+    assert sorted(consumer.commits) == [(tp, 2) for tp in tps]
+    assert REGISTRY.get_sample_value(*consumed) - before == 24
 
 
 def test_grouped_sink_gets_every_partition_in_one_write_retried_as_a_whole():
