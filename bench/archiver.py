@@ -29,12 +29,13 @@ import pyarrow as pa
 
 from bench.harness import BenchContext, Result, free_port, produce_all
 from services.kit.kafka import create_topics
+from services.kit.memory import use_system_arrow_pool
 from services.kit.paths import repo_root
 
 PARTITIONS = 12
 DISTINCT = 20_000  # distinct payloads, cycled: decoding costs the same, seeding is much faster
 COMMIT_ROWS = 500_000  # the archiver's default ARCHIVER_COMMIT_ROWS, used by both
-ROUNDS = 2
+ROUNDS = 3
 
 
 def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
@@ -180,6 +181,7 @@ def run(ctx: BenchContext) -> list[Result]:
     create_topics({"bootstrap.servers": bootstrap}, {topic: PARTITIONS, f"{topic}.archiver.dlq": 1})
     payloads = _seed(bootstrap, topic, events)
     work_dir = Path(tempfile.mkdtemp(prefix="archiver-", dir=ctx.work_dir))
+    use_system_arrow_pool()  # the ceiling allocates as the archiver does
     # Alternate the two and keep the best of each: on a small shared machine one run measures the neighbours too.
     ceilings, archivers = [], []
     for round_ in range(ROUNDS):

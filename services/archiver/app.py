@@ -13,6 +13,7 @@ import uuid
 
 from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config, require_topics
+from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import RunnerConfig, SinkRunner, SinkService, TopicPartition
 
 from .archive import ArchiverSink
@@ -64,6 +65,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
 
     def start(self) -> None:
         settings = self.settings
+        arrow_pool = use_system_arrow_pool()
         # pyiceberg logs every FileIO it loads at INFO; its problems surface as our own errors.
         logging.getLogger("pyiceberg").setLevel(max(logging.WARNING, logging.getLogger().level))
         kafka = client_config(settings)
@@ -86,7 +88,11 @@ class ArchiverService(SinkService[ArchiverSettings]):
         self.log.info(
             "archiving %s",
             ", ".join(f"{spec.name} <- {','.join(spec.topics)}" for spec in self.specs),
-            extra={"consumer_group": settings.consumer_group, "catalog": settings.iceberg_catalog},
+            extra={
+                "consumer_group": settings.consumer_group,
+                "catalog": settings.iceberg_catalog,
+                "arrow_memory_pool": arrow_pool,
+            },
         )
 
     def step(self) -> bool:

@@ -20,3 +20,20 @@ def tune_gc_for_throughput() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+
+def use_system_arrow_pool() -> str:
+    """Arrow allocations from the C library's malloc instead of Arrow's default mimalloc, unless
+    ARROW_DEFAULT_MEMORY_POOL names a pool. Returns the pool's backend name.
+
+    Measured on this project's machine (the archiver, `make bench`, same run): Arrow's gathers in the columnar
+    decode 2.6x faster, the first large take of a commit 2.4x faster, the archiver 78-81k -> 88-104k rows/s.
+    Arrow's own variable still chooses, for a machine where mimalloc does better.
+    """
+    import os
+
+    import pyarrow as pa
+
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        pa.set_memory_pool(pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name
