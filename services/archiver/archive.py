@@ -90,7 +90,8 @@ class ArchiverSink(Sink):
                 builder = DeadLetterRowBuilder(target)
             else:
                 builder = AvroRowBuilder(repository, spec.subject, target)
-            entry = ArchiveTable(spec, table, TableCommitter(table, committer_id=committer_id), builder)
+            committer = TableCommitter(table, committer_id=committer_id, nice=settings.archiver_commit_nice)
+            entry = ArchiveTable(spec, table, committer, builder)
             self.tables[spec.name] = entry
             for topic in spec.topics:
                 if topic in self.by_topic:

@@ -25,14 +25,18 @@ Commits overlap consumption: `commit_async` seals the buffer and a worker thread
 commits them while new rows go into a fresh buffer; `poll` applies the outcome on the caller's thread (all
 bookkeeping happens there). One commit per table is in flight at a time, so snapshots keep offset order. A
 failed commit puts its rows back in front of the new buffer; a fenced one drops both (the new rows continue
-the fenced ones).
+the fenced ones). The worker runs at a lower CPU priority (`nice`): measured on two cores, the commit's
+Parquet threads took half a core from the consume-and-decode loop, ~10% of the archiver's throughput.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -169,12 +173,14 @@ class TableCommitter:
         *,
         committer_id: str | None = None,
         max_attempts: int = 8,
+        nice: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.table = table
         self.name = ".".join(table.name())
         self.committer_id = committer_id or f"archiver-{uuid.uuid4().hex[:12]}"
         self.max_attempts = max_attempts
+        self.nice = nice
         self.clock = clock
         self.expected: dict[TopicPartition, int | None] = {}
         self.topic_ids: dict[str, str] = {}  # of the input topics, when the broker has them (KIP-516)
@@ -331,7 +337,9 @@ class TableCommitter:
         base = {tp: self.expected.get(tp) for tp in buffer.ranges}
         if background:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"commit-{self.name}")
+                self._executor = ThreadPoolExecutor(
+                    1, f"commit-{self.name}", initializer=lower_thread_priority, initargs=(self.nice,)
+                )
             future = self._executor.submit(self._commit_buffer, buffer, base)
         else:
             future = Future()
@@ -438,6 +446,14 @@ class TableCommitter:
             s.summary is not None and s.summary.additional_properties.get(COMMIT_ID_PROPERTY) == commit_id
             for s in self.table.snapshots()
         )
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's scheduling priority by `nice` (Linux: per thread; the threads it starts, such
+    as pyiceberg's Parquet writers, inherit it). Elsewhere, or if refused, it stays as it is."""
+    if nice > 0:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
 def _partition_mask(rows: pa.Table, tp: TopicPartition) -> pa.ChunkedArray:

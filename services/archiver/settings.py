@@ -109,6 +109,13 @@ class ArchiverSettings(CatalogSettings, SinkSettings):
     archiver_commit_interval_s: float = Field(
         60.0, gt=0, description="... or when the oldest buffered row is this old (bounds the archive's lag)."
     )
+    archiver_commit_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the commit threads (0: as the consumer). They yield the CPU to the "
+        "consume-and-decode loop, the archiver's bottleneck, and use what it leaves.",
+    )
     archiver_target_file_size_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Iceberg write.target-file-size-bytes of new tables."
     )

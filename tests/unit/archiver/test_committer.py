@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pyarrow as pa
 import pytest
 
@@ -14,6 +18,7 @@ from services.archiver.committer import (
     TableCommitter,
     decode_offsets,
     encode_offsets,
+    lower_thread_priority,
     snapshot_offsets,
 )
 from services.archiver.rows import AvroRowBuilder, RecordColumns
@@ -220,3 +225,25 @@ def test_a_re_created_topic_is_archived_again_from_its_start(table, builder) -> 
     again = TableCommitter(table.catalog.load_table(table.name()))
     again.topic_ids = {TOPIC: "id-two"}
     assert again.claim([(TOPIC, 0)]) == {(TOPIC, 0): 5}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_commit_threads_yield_the_cpu_and_the_threads_they_start_inherit_it():
+    seen: dict[str, int] = {}
+
+    def child() -> None:
+        seen["child"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def worker() -> None:
+        lower_thread_priority(7)
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        started = threading.Thread(target=child)  # as pyiceberg's Parquet writers, started from the worker
+        started.start()
+        started.join()
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"worker": min(base + 7, 19), "child": min(base + 7, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (its main thread) keeps its priority
