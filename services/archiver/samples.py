@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from services.archiver.committer import TableCommitter
+from services.archiver.rows import AvroRowBuilder, RecordColumns
+from services.archiver.schemas import arrow_schema
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
 from services.validator.enrich import enrich_event
 from services.validator.outputs import processed_event
 from services.validator.references import ReferenceStore
+
+if TYPE_CHECKING:
+    from pyiceberg.table import Table
 
 START = datetime(2026, 11, 2, 8, tzinfo=UTC)
 
@@ -106,3 +112,28 @@ def dead_letter(
         original, code=code, stage=Stage.VALIDATE, message="amount < 0", now=now, rule="amount_not_negative"
     )
     return letter.key, letter.value, letter.headers
+
+
+def commit_samples(
+    table: Table,
+    repository: SchemaRepository,
+    payloads: Sequence[bytes],
+    commits: int,
+    per_commit: int,
+    committer: TableCommitter | None = None,
+    topic: str = "events.processed",
+) -> TableCommitter:
+    """Commit `commits` snapshots of `per_commit` processed events each into `table` (an archiver's user_events),
+    from partition 0 of `topic`, continuing at the committer's stored offset; `payloads` are cycled."""
+    builder = AvroRowBuilder(repository, "processed_event", arrow_schema(table.schema()))
+    committer = committer or TableCommitter(table)
+    committer.claim([(topic, 0)])
+    start = committer.expected[(topic, 0)] or 0
+    for n in range(commits):
+        columns = RecordColumns()
+        for offset in range(start + n * per_commit, start + (n + 1) * per_commit):
+            columns.append(topic, 0, offset, None, None, payloads[offset % len(payloads)], None)
+        rows, _ = builder.build(columns)
+        committer.add(rows, columns.consumed())
+        committer.commit()
+    return committer

@@ -12,9 +12,8 @@ import services.archiver.maintenance as maintenance
 from services.archiver.catalog import ensure_table
 from services.archiver.committer import TableCommitter, snapshot_offsets
 from services.archiver.maintenance import NoSuchSnapshot, compact, expire, history, read, stats
-from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events
-from services.archiver.schemas import arrow_schema, default_tables
+from services.archiver.samples import commit_samples, encoded_events
+from services.archiver.schemas import default_tables
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(600)]
@@ -26,19 +25,8 @@ def table(catalog, catalog_settings, repository):
     return table
 
 
-def fill(table, repository, commits: int, per_commit: int = 100, committer: TableCommitter | None = None):
-    builder = AvroRowBuilder(repository, "processed_event", arrow_schema(table.schema()))
-    committer = committer or TableCommitter(table)
-    committer.claim([(TOPIC, 0)])
-    start = committer.expected[(TOPIC, 0)] or 0
-    for n in range(commits):
-        columns = RecordColumns()
-        for offset in range(start + n * per_commit, start + (n + 1) * per_commit):
-            columns.append(TOPIC, 0, offset, None, None, PAYLOADS[offset % len(PAYLOADS)], None)
-        rows, _ = builder.build(columns)
-        committer.add(rows, columns.consumed())
-        committer.commit()
-    return committer
+def fill(table, repository, commits: int, committer: TableCommitter | None = None, per_commit: int = 100):
+    return commit_samples(table, repository, PAYLOADS, commits, per_commit, committer, TOPIC)
 
 
 def offsets(table, **kwargs) -> list[int]:

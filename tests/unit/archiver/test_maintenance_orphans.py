@@ -24,9 +24,8 @@ from services.archiver.maintenance import (
     read,
     remove_orphans,
 )
-from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events
-from services.archiver.schemas import arrow_schema, default_tables
+from services.archiver.samples import commit_samples, encoded_events
+from services.archiver.schemas import default_tables
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(300)]
@@ -48,18 +47,7 @@ def warehouse(catalog_settings) -> Path:
 
 
 def fill(table, repository, commits: int, committer: TableCommitter | None = None, per_commit: int = 50):
-    builder = AvroRowBuilder(repository, "processed_event", arrow_schema(table.schema()))
-    committer = committer or TableCommitter(table)
-    committer.claim([(TOPIC, 0)])
-    start = committer.expected[(TOPIC, 0)] or 0
-    for n in range(commits):
-        columns = RecordColumns()
-        for offset in range(start + n * per_commit, start + (n + 1) * per_commit):
-            columns.append(TOPIC, 0, offset, None, None, PAYLOADS[offset % len(PAYLOADS)], None)
-        rows, _ = builder.build(columns)
-        committer.add(rows, columns.consumed())
-        committer.commit()
-    return committer
+    return commit_samples(table, repository, PAYLOADS, commits, per_commit, committer, TOPIC)
 
 
 def files(root: Path) -> set[str]:
