@@ -11,6 +11,7 @@ the stalls.
 from __future__ import annotations
 
 import gc
+import os
 
 GC_GEN0_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
 
@@ -30,9 +31,7 @@ def use_system_arrow_pool() -> str:
     decode 2.6x faster, the first large take of a commit 2.4x faster, the archiver 78-81k -> 88-104k rows/s.
     Arrow's own variable still chooses, for a machine where mimalloc does better.
     """
-    import os
-
-    import pyarrow as pa
+    import pyarrow as pa  # here: most services never load Arrow
 
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         pa.set_memory_pool(pa.system_memory_pool())

@@ -655,30 +655,25 @@ class SinkRunner:
     # -- buffering and flushing ----------------------------------------------------------------------------
     def _buffer(self, messages: list[Message]) -> None:
         now = self.clock()
+        before = {tp: len(state.messages) for tp, state in self.states.items()}
         current: _PartitionState | None = None
         current_key: tuple[str, int] | None = None
-        buffered: dict[str, int] = {}  # records appended, per topic
-        before = 0
         for message in messages:
             key = (message.topic(), message.partition())
             if key != current_key:
-                if current is not None:
-                    buffered[current.tp.topic] = buffered.get(current.tp.topic, 0) + len(current.messages) - before
                 current_key = key
                 current = self.states.get(TopicPartition(*key))
                 if current is not None and not current.resolved:
                     current = None  # fetched before the resolution's seek: read again from there
-                if current is not None:
-                    before = len(current.messages)
-                    if not before:
-                        current.first_buffered_at = now
+                if current is not None and not current.messages:
+                    current.first_buffered_at = now
             if current is None:
                 continue  # a partition revoked or being resolved: consumed again from its start offset
             current.messages.append(message)
-        if current is not None:
-            buffered[current.tp.topic] = buffered.get(current.tp.topic, 0) + len(current.messages) - before
-        for topic, count in buffered.items():
-            CONSUMED.labels(self.sink.name, topic).inc(count)
+        for tp, count in before.items():
+            added = len(self.states[tp].messages) - count
+            if added:
+                CONSUMED.labels(self.sink.name, tp.topic).inc(added)
 
     def _flush_due(self, now: float, force: bool = False, only: Sequence[_PartitionState] | None = None) -> None:
         """Form and write the groups that are due: replays of stored batches first, then new batches."""
