@@ -6,7 +6,8 @@ says which of them the store refused; `SinkRunner` does everything around it, th
 - consumes with the kit's `KafkaConsumer` (manual commits) and keeps one buffer per assigned partition;
 - checks every payload against the topic's Avro contract (`AvroDeserializer`): a record that does not decode
   goes to the dead-letter topic with its `DecodeErrorCode`, it never stops the sink;
-- flushes a buffer when it holds `BATCH_MAX_ROWS` records or its first record waited `BATCH_MAX_AGE_S`;
+- flushes a buffer when it holds `BATCH_MAX_ROWS` records or its first record waited `BATCH_MAX_AGE_S`, and
+  all buffers at once when together they hold `BATCH_MAX_ROWS` (many partitions, none full alone);
 - on `SinkBackpressure` (store slow or down) pauses the partition, backs off exponentially with jitter and
   retries the SAME batch, then resumes: nothing is dropped and nothing is skipped;
 - produces the rejected records to the dead-letter topic (original bytes, reason in `lp-dlq-*` headers),
