@@ -414,7 +414,7 @@ def test_close_flushes_everything_and_gives_up_in_time_when_the_store_is_down():
     def tick(seconds: float) -> None:
         clock.now += seconds
 
-    import services.kit.sink as module
+    import services.kit.sink.runner as module
 
     original = module.time.sleep
     module.time.sleep = tick  # type: ignore[assignment]

@@ -1,80 +1,33 @@
-"""The shared frame of every sink: consume, batch per partition, write, dead-letter, then commit.
-
-A sink (ClickHouse, Iceberg, ...) implements `Sink.write(batch)` for the records of ONE topic-partition and
-says which of them the store refused; `SinkRunner` does everything around it, the same way for every sink:
-
-- consumes with the kit's `KafkaConsumer` (manual commits) and keeps one buffer per assigned partition;
-- checks every payload against the topic's Avro contract (`AvroDeserializer`): a record that does not decode
-  goes to the dead-letter topic with its `DecodeErrorCode`, it never stops the sink;
-- flushes a buffer when it holds `BATCH_MAX_ROWS` records or its first record waited `BATCH_MAX_AGE_S`, and
-  all buffers at once when together they hold `BATCH_MAX_ROWS` (many partitions, none full alone);
-- on `SinkBackpressure` (store slow or down) pauses the partition, backs off exponentially with jitter and
-  retries the SAME batch, then resumes: nothing is dropped and nothing is skipped;
-- produces the rejected records to the dead-letter topic (original bytes, reason in `lp-dlq-*` headers),
-  waits for the broker's acknowledgement, and only then commits `last offset + 1` of the batch;
-- on revoke flushes and commits the revoked partitions; on SIGTERM (`close`) flushes and commits everything.
-
-Idempotence is the sink's half of the contract: `PartitionBatch.dedup_token` names the consumed offset range,
-so a store that remembers tokens (ClickHouse's `insert_deduplication_token`) ignores a replayed batch. For the
-token to repeat, a replay must cut the same batches: a sink that can tell which batches it already holds
-returns their last offsets from `written_batch_ends`, and the runner ends replayed batches exactly there. A
-sink that keeps its own offsets (Iceberg commits them with the data) returns them from `stored_offsets` and
-the runner seeks there instead of the Kafka committed offset.
-
-A store whose every write costs a lot whatever its size (ClickHouse: a part per table and view per insert)
-sets `Sink.group_writes`: when any partition is due, the runner hands the batches of ALL its partitions to
-`write_group` at once, retries that group as a whole, and on replay regroups stored batches as they were
-written (`WrittenBatch.group`), so the group's token repeats too.
-
-Delivery to the dead-letter topic is at least once: a crash after the dead letters were acknowledged but
-before the commit dead-letters those records again on replay (each carries its original topic, partition
-and offset in headers, so a reader can tell).
-"""
+"""`SinkRunner`: drives one `Sink` from Kafka (the contract is the package docstring, `services.kit.sink`)."""
 
 from __future__ import annotations
 
 import logging
 import random
-import struct
 import time
-from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, NamedTuple, cast, overload
+from typing import Any, cast
 
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field
 
-from services.kit.avro import (
-    HEADER_SIZE,
-    AvroDeserializer,
-    Decoded,
-    DecodeError,
-    SchemaRepository,
-)
-from services.kit.config import ServiceSettings
-from services.kit.kafka import Headers, KafkaConsumer, KafkaProducer, client_config, require_topics
+from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository
+from services.kit.kafka import KafkaConsumer, KafkaProducer
 from services.kit.metrics import LATENCY_BUCKETS
-from services.kit.service import Service, SettingsT
+from services.kit.sink.base import Rejection, Sink, SinkBackpressure, WriteResult, WrittenBatch
+from services.kit.sink.records import LazyRecords, PartitionBatch, SinkRecord, TopicPartition, check_header, messages_of
+from services.kit.sink.settings import RunnerConfig, backoff_delay
 from services.kit.tracing import extract_context
-
-# The dead-letter format is the validator's (same headers, same parser, same replay CLI). It belongs in the kit
-# now that sinks share it; until it moves, the sinks import it from there.
 from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
 
 log = logging.getLogger(__name__)
 
-# "record": the runner decodes every record (refusals go to the dead-letter topic); "header": it only checks the
-# single-object header and size (the store decodes the bodies column-wise); "none": it checks nothing and wraps
-# records only when one is looked at (the sink decodes and checks everything itself, e.g. raw-bytes topics).
-DecodeMode = Literal["record", "header", "none"]
-STORE_STAGE = cast(Stage, "store")  # a dead letter refused by a sink's store (not one of the validator's stages)
 TRACE_LINKS_PER_BATCH = 16  # a batch span links to at most this many producer traces
 MAX_POLL_WAIT_S = 0.1
 
@@ -93,301 +46,6 @@ LAG = Gauge(
 )
 
 
-class TopicPartition(NamedTuple):
-    """A partition of a topic (hashable; unlike confluent_kafka.TopicPartition it carries no offset)."""
-
-    topic: str
-    partition: int
-
-
-# --- records and batches ----------------------------------------------------------------------------------------
-class UndecodableRecord(ValueError):
-    def __init__(self, error: DecodeError) -> None:
-        super().__init__(f"{error.code}: {error.message}")
-        self.error = error
-
-
-class SinkRecord:
-    """One consumed record. Fields are read from the Kafka message on first use (most are never needed).
-
-    `value` is the decoded Avro record (dict). With `Sink.decode_mode = "record"` (the default) the runner has
-    decoded every record before `write`, so `value` never fails there; a `"header"` sink decodes payloads its
-    own way (columnar) and may call `decode()` for the odd record its decoder refuses.
-    """
-
-    __slots__ = ("_decoded", "_decoder", "message")
-
-    def __init__(self, message: Message, decoder: AvroDeserializer | None = None) -> None:
-        self.message = message
-        self._decoder = decoder
-        self._decoded: Decoded | DecodeError | None = None
-
-    @classmethod
-    def of(
-        cls,
-        topic: str,
-        partition: int,
-        offset: int,
-        value: bytes | None,
-        *,
-        key: bytes | None = None,
-        headers: Headers | None = None,
-        timestamp_ms: int | None = None,
-        decoder: AvroDeserializer | None = None,
-    ) -> SinkRecord:
-        """A record not read from Kafka (tests, tools)."""
-        message = Message(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            key=key,
-            value=value,
-            headers=headers,
-            timestamp=(1, timestamp_ms) if timestamp_ms is not None else (0, 0),
-        )
-        return cls(message, decoder)
-
-    @property
-    def topic(self) -> str:
-        return cast(str, self.message.topic())
-
-    @property
-    def partition(self) -> int:
-        return cast(int, self.message.partition())
-
-    @property
-    def offset(self) -> int:
-        return cast(int, self.message.offset())
-
-    @property
-    def key(self) -> bytes | None:
-        return cast("bytes | None", self.message.key())
-
-    @property
-    def raw(self) -> bytes | None:
-        """The value bytes exactly as consumed (what a dead letter carries)."""
-        return cast("bytes | None", self.message.value())
-
-    @property
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        return list(self.message.headers() or ())
-
-    @property
-    def timestamp_ms(self) -> int | None:
-        kind, value = self.message.timestamp()
-        return value if kind else None
-
-    def decode(self) -> Decoded | DecodeError:
-        if self._decoded is None:
-            if self._decoder is None:
-                raise RuntimeError("this record has no Avro decoder")
-            self._decoded = self._decoder(self.raw)
-        return self._decoded
-
-    @property
-    def value(self) -> dict[str, Any]:
-        result = self.decode()
-        if isinstance(result, DecodeError):
-            raise UndecodableRecord(result)
-        return result.record
-
-    def __repr__(self) -> str:
-        return f"SinkRecord({self.topic}:{self.partition}@{self.offset})"
-
-
-@dataclass(slots=True)
-class PartitionBatch:
-    """Records of ONE topic-partition, in offset order, covering the consumed range first..last_offset.
-
-    The range includes records the runner already dead-lettered (undecodable): it is what was consumed, so
-    the same range consumed again yields the same `dedup_token`.
-    """
-
-    topic: str
-    partition: int
-    records: list[SinkRecord]
-    first_offset: int
-    last_offset: int
-    topic_id: str | None = None  # the topic's Kafka id: tells a re-created topic (offsets from 0 again) apart
-
-    @property
-    def topic_partition(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
-
-    @property
-    def dedup_token(self) -> str:
-        """`<topic>[@<topic id>]:<partition>:<first>-<last offset>`: the same consumed range, the same token."""
-        topic = f"{self.topic}@{self.topic_id}" if self.topic_id else self.topic
-        return f"{topic}:{self.partition}:{self.first_offset}-{self.last_offset}"
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A record the store refused: it goes to the dead-letter topic with this reason."""
-
-    record: SinkRecord
-    code: str
-    message: str
-    field: str | None = None
-    stage: Stage = STORE_STAGE
-
-
-@dataclass(slots=True)
-class WriteResult:
-    written: int = 0  # records the store holds now (rows a replay dedups count too)
-    rejected: list[Rejection] = field(default_factory=list)
-
-
-class SinkBackpressure(Exception):
-    """The store is slow or unavailable: the runner pauses the partition and retries the same batch later."""
-
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True, slots=True)
-class WrittenBatch:
-    """A batch the store holds: its last offset, and the group it was written with (see `Sink.write_group`)."""
-
-    last_offset: int
-    group: str | None = None
-
-
-class Sink(ABC):
-    """A store the runner writes partition batches to. Keep `write` idempotent for a given `dedup_token`."""
-
-    name: ClassVar[str] = "sink"
-    decode_mode: ClassVar[DecodeMode] = "record"
-    # True: the runner hands over the due batches of ALL its partitions at once (`write_group`), for stores
-    # where every write costs a lot whatever its size (ClickHouse: a part and its views per insert).
-    group_writes: ClassVar[bool] = False
-
-    def revoked(self, partitions: Sequence[TopicPartition]) -> None:  # noqa: B027 (an optional hook)
-        """The runner drained these partitions and gave them up (a rebalance): forget what is kept of them."""
-
-    def lost(self, partitions: Sequence[TopicPartition]) -> None:  # noqa: B027 (an optional hook)
-        """These partitions were lost without a drain (another member may own them): drop what is kept."""
-
-    @abstractmethod
-    def write(self, batch: PartitionBatch) -> WriteResult:
-        """Store the batch (all of it, or raise). Return the records the store refused, with reasons.
-
-        Raise `SinkBackpressure` when the store is slow or down (the same batch comes back later); any other
-        exception stops the service without committing, so the batch is replayed after the restart.
-        """
-
-    def write_group(self, batches: Sequence[PartitionBatch]) -> list[WriteResult]:
-        """Store several partition batches together (`group_writes`); one result each, in order.
-
-        All or nothing from the runner's view: after `SinkBackpressure` the SAME group comes back, so a write
-        that half succeeded must be idempotent. A replay after a crash hands over the same group again when
-        this process owns all of its partitions (`WrittenBatch.group`)."""
-        return [self.write(batch) for batch in batches]
-
-    def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int] | None:
-        """Next offset to consume per partition, for a sink that keeps offsets with its data (seek there).
-        None, or a partition left out: use the Kafka committed offset. May raise `SinkBackpressure`."""
-        return None
-
-    def written_batch_ends(
-        self, starts: Mapping[TopicPartition, int], topic_ids: Mapping[str, str | None]
-    ) -> Mapping[TopicPartition, Sequence[int | WrittenBatch]]:
-        """The batches the store already holds at or after each start offset (written to the store, not yet
-        committed to Kafka), for the topics' current incarnation (`topic_ids`, as in `PartitionBatch`): their
-        last offsets, or `WrittenBatch`es naming the group they were written with. The runner ends replayed
-        batches exactly there (and regroups them), so they repeat their `dedup_token`. Default: none known.
-        May raise `SinkBackpressure`."""
-        return {}
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the store's resources (after the last write)."""
-
-
-# --- payload checks -------------------------------------------------------------------------------------------
-def check_header(deserializer: AvroDeserializer, payload: bytes | None) -> DecodeError | None:
-    """The header checks of `AvroDeserializer` only: a "header" sink decodes the body itself (and reports a
-    corrupt body with `DecodeErrorCode.CORRUPT`)."""
-    writer = deserializer.writer_of(payload)
-    return writer if isinstance(writer, DecodeError) else None
-
-
-def fingerprint_bytes(deserializer: AvroDeserializer) -> bytes:
-    """Bytes 2..10 of a payload written with the reader's (current) schema."""
-    return struct.pack("<Q", deserializer.reader.fingerprint)
-
-
-# --- settings ---------------------------------------------------------------------------------------------------
-class SinkSettings(ServiceSettings):
-    """What every sink service shares (field `x` from variable `X`)."""
-
-    consumer_group: str = Field(..., min_length=1, description="Kafka consumer group of the sink.")
-    batch_max_rows: int = Field(50_000, ge=1, le=1_000_000, description="Flush a partition's buffer at this size.")
-    batch_max_age_s: float = Field(
-        1.0, gt=0, description="Flush a partition's buffer when its first record is this old."
-    )
-    poll_max_records: int = Field(10_000, ge=1, description="Most records taken from the consumer per poll.")
-    backoff_initial_s: float = Field(0.2, gt=0, description="First retry delay after backpressure (doubles).")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay after backpressure.")
-    revoke_flush_timeout_s: float = Field(
-        10.0, gt=0, description="Budget to flush a revoked partition; after it the batch is left to the new owner."
-    )
-    dlq_ack_timeout_s: float = Field(30.0, gt=0, description="Wait for the broker to acknowledge dead letters.")
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerConfig:
-    batch_max_rows: int = 50_000
-    batch_max_age_s: float = 1.0
-    poll_max_records: int = 10_000
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 30.0
-    revoke_flush_timeout_s: float = 10.0
-    dlq_ack_timeout_s: float = 30.0
-
-    @classmethod
-    def from_settings(cls, settings: SinkSettings) -> RunnerConfig:
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with "equal jitter": between half and all of min(max, initial * 2^(attempt-1))."""
-    ceiling = min(maximum, initial * 2 ** max(0, attempt - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-
-
-class LazyRecords(Sequence[SinkRecord]):
-    """A batch's messages, wrapped as `SinkRecord`s only when one is looked at (a rejection, a trace link): for
-    sinks that read the messages column-wise (`decode_mode = "none"`)."""
-
-    def __init__(self, messages: list[Message], decoder: AvroDeserializer | None = None) -> None:
-        self.messages = messages
-        self.decoder = decoder
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    @overload
-    def __getitem__(self, index: int) -> SinkRecord: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[SinkRecord]: ...
-    def __getitem__(self, index: int | slice) -> SinkRecord | list[SinkRecord]:
-        if isinstance(index, slice):
-            return [SinkRecord(m, self.decoder) for m in self.messages[index]]
-        return SinkRecord(self.messages[index], self.decoder)
-
-
-def messages_of(records: Sequence[SinkRecord]) -> list[Message]:
-    """The Kafka messages behind `records`, without wrapping a `LazyRecords` batch record by record."""
-    if isinstance(records, LazyRecords):
-        return records.messages
-    return [record.message for record in records]
-
-
-# --- the runner -------------------------------------------------------------------------------------------------
 @dataclass
 class _Pending:
     """One partition's batch in a write, with the records the runner already refused (undecodable)."""
@@ -478,7 +136,7 @@ class SinkRunner:
         group_id: str,
         subjects: Mapping[str, str | None],
         dead_letter_topic: Callable[[str], str],
-        config: RunnerConfig = RunnerConfig(),
+        config: RunnerConfig | None = None,
         *,
         schemas: SchemaRepository | None = None,
         producer: KafkaProducer | None = None,
@@ -494,7 +152,7 @@ class SinkRunner:
         offer consume, commit, pause, resume, close, committed, seek and high_watermark as `_Consumer` does.
         `topic_ids`: the input topics' Kafka ids (default: asked from the cluster; none with a factory)."""
         self.sink = sink
-        self.config = config
+        self.config = config or RunnerConfig()
         self.subjects = dict(subjects)
         self.dead_letter_topic = dead_letter_topic
         self.clock = clock
@@ -1032,62 +690,3 @@ def lookup_topic_ids(kafka_config: Mapping[str, Any], topics: Sequence[str], tim
     except Exception as error:  # an old broker: tokens without the id (a re-created topic then needs care)
         log.warning("cannot read the topics' ids (%s): dedup tokens use the names only", error)
     return ids
-
-
-# --- the service --------------------------------------------------------------------------------------------------
-class SinkService(Service[SettingsT], ABC):
-    """A sink as a service: `make_sink()` and `subjects()` are all a subclass must give.
-
-    Settings must be (a subclass of) `SinkSettings`. `stop()` flushes and commits within SHUTDOWN_TIMEOUT_S."""
-
-    runner: SinkRunner
-    sink: Sink
-
-    @abstractmethod
-    def make_sink(self) -> Sink:
-        """Connect to the store (apply migrations, ...); raise to fail start-up."""
-
-    @abstractmethod
-    def subjects(self) -> dict[str, str | None]:
-        """Input topic -> Avro subject of its values (None: raw bytes without a contract)."""
-
-    def dead_letter_topic(self, topic: str) -> str:
-        """Where refused records of `topic` go (default `<topic>.<sink name>.dlq`)."""
-        return f"{topic}.{self.sink.name}.dlq"
-
-    def start(self) -> None:
-        settings = cast(SinkSettings, self.settings)
-        kafka = client_config(settings)
-        subjects = self.subjects()
-        self.sink = self.make_sink()
-        require_topics(kafka, *subjects, *(self.dead_letter_topic(t) for t in subjects))
-        self.runner = SinkRunner(
-            self.sink,
-            kafka,
-            settings.consumer_group,
-            subjects,
-            self.dead_letter_topic,
-            RunnerConfig.from_settings(settings),
-        )
-        self.health.add_check("store", self.runner.readiness)
-        self.log.info(
-            "sinking %s into %s",
-            ", ".join(subjects),
-            self.sink.name,
-            extra={"consumer_group": settings.consumer_group, "batch_max_rows": settings.batch_max_rows},
-        )
-
-    def step(self) -> bool:
-        self.runner.step()
-        return True
-
-    def stop(self) -> None:
-        runner = getattr(self, "runner", None)
-        try:
-            if runner is not None:
-                # Leave a margin of the shutdown budget for closing the store and the report.
-                runner.close(timeout_s=max(1.0, self.settings.shutdown_timeout_s * 0.75))
-        finally:
-            sink = getattr(self, "sink", None)
-            if sink is not None:
-                sink.close()
