@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
+from typing import cast
 
 from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config, require_topics
 from services.kit.memory import use_system_arrow_pool
-from services.kit.sink import RunnerConfig, SinkRunner, SinkService, TopicPartition
+from services.kit.sink import Rejection, RunnerConfig, SinkRunner, SinkService, TopicPartition
+from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
 
 from .archive import ArchiverSink
 from .catalog import open_catalog
@@ -60,6 +63,19 @@ class ArchiverService(SinkService[ArchiverSettings]):
             on_fenced=self._on_fenced,
         )
 
+    def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
+        """A refused record in the validator's dead-letter format, to `<topic>.archive.dlq`."""
+        record = rejection.record
+        return build_dead_letter(
+            OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers),
+            code=rejection.code,
+            stage=cast(Stage, str(rejection.stage)),  # "store" is no validator stage yet
+            message=rejection.message,
+            now=now,
+            field=rejection.field,
+            topic=self.dead_letter_topic(record.topic),
+        )
+
     def _on_fenced(self, partitions: list[TopicPartition]) -> None:
         self._resync.extend(partitions)  # applied after the runner's step (we are inside its write here)
 
@@ -78,7 +94,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
             kafka,
             settings.consumer_group,
             subjects,
-            self.dead_letter_topic,
+            self.dead_letter,
             RunnerConfig.from_settings(settings),
             schemas=self.repository,
         )

@@ -20,8 +20,15 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
 from services.kit.avro import SchemaRepository
-from services.kit.sink import PartitionBatch, Rejection, Sink, SinkBackpressure, TopicPartition, WriteResult
-from services.validator.deadletter import Stage
+from services.kit.sink import (
+    PartitionBatch,
+    Rejection,
+    RejectionStage,
+    Sink,
+    SinkBackpressure,
+    TopicPartition,
+    WriteResult,
+)
 
 from .catalog import ensure_table
 from .committer import CommitError, CommitResult, Fenced, TableCommitter
@@ -159,7 +166,9 @@ class ArchiverSink(Sink):
             columns.payload_bytes,
         )
         BUFFERED_ROWS.labels(entry.spec.name).set(committer.buffered_rows)
-        rejections = [Rejection(batch.records[r.index], r.code, r.message, stage=Stage.DECODE) for r in rejected]
+        rejections = [
+            Rejection(batch.records[r.index], r.code, r.message, stage=RejectionStage.DECODE) for r in rejected
+        ]
         if self._due(entry):
             self._start_commit(entry)
         # Rows below the stored offsets (already in the table) count as written: the store holds them.

@@ -10,8 +10,9 @@ commits and writes `CLICKHOUSE_SINK_REPORT_FILE` (rows per table, event-to-visib
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from services.clickhouse_sink import queries
 from services.clickhouse_sink.client import ChdbClient, ClickHouseClient, NativeClient
@@ -19,7 +20,8 @@ from services.clickhouse_sink.query_server import QueryServer
 from services.clickhouse_sink.settings import ClickHouseSettings, ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
-from services.kit.sink import Sink, SinkService
+from services.kit.sink import Rejection, Sink, SinkService
+from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
 
 
 def make_client(settings: ClickHouseSettings) -> ClickHouseClient:
@@ -61,6 +63,19 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
             latency_sample_every=s.clickhouse_sink_latency_sample_every,
             fault_file=s.clickhouse_sink_fault_file,
             kill_after_inserts=s.clickhouse_sink_kill_after_inserts,
+        )
+
+    def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
+        """A refused record in the validator's dead-letter format, to `<topic>.clickhouse.dlq`."""
+        record = rejection.record
+        return build_dead_letter(
+            OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers),
+            code=rejection.code,
+            stage=cast(Stage, str(rejection.stage)),  # "store" is no validator stage yet
+            message=rejection.message,
+            now=now,
+            field=rejection.field,
+            topic=self.dead_letter_topic(record.topic),
         )
 
     def start(self) -> None:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from services.clickhouse_sink.tables import TableSpec, structure
 from services.kit.avro import AvroSerializer, DecodeError, Schema
 from services.kit.avro_fast import zigzag_varint
-from services.kit.sink import Rejection, SinkRecord, messages_of
+from services.kit.sink import Rejection, RejectionStage, SinkRecord, messages_of
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class BatchDecoder:
                 continue
             result = record.decode()
             if isinstance(result, DecodeError):
-                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
+                rejected.append(Rejection(record, str(result.code), result.message, stage=RejectionStage.DECODE))
                 continue
             kept.append(record)
             current.append(self.serialize(result.record))
@@ -192,7 +192,7 @@ class BatchDecoder:
         for record, payload in zip(records, payloads, strict=True):
             result = record.decode()  # the kit's decoder: the reference for what a valid record is
             if isinstance(result, DecodeError):
-                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
+                rejected.append(Rejection(record, str(result.code), result.message, stage=RejectionStage.DECODE))
             else:
                 good_records.append(record)
                 good_payloads.append(payload)
@@ -239,12 +239,6 @@ class BatchDecoder:
                 )
             )
         return rejections
-
-
-def _decode_stage():
-    from services.validator.deadletter import Stage
-
-    return Stage.DECODE
 
 
 def _escape(text: str) -> str:

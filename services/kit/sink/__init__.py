@@ -35,8 +35,11 @@ frame above), `service` (a sink as a `Service`).
 """
 
 from services.kit.sink.base import (
+    DeadLetterRoute,
     DecodeMode,
+    OutgoingRecord,
     Rejection,
+    RejectionStage,
     Sink,
     SinkBackpressure,
     WriteResult,
@@ -57,10 +60,13 @@ from services.kit.sink.service import SinkService
 from services.kit.sink.settings import RunnerConfig, SinkSettings, backoff_delay
 
 __all__ = [
+    "DeadLetterRoute",
     "DecodeMode",
     "LazyRecords",
+    "OutgoingRecord",
     "PartitionBatch",
     "Rejection",
+    "RejectionStage",
     "RunnerConfig",
     "RunnerStats",
     "Sink",

@@ -1,35 +1,63 @@
-"""What a sink implements (`Sink`) and what it answers the runner: `WriteResult`, `Rejection`,
-`SinkBackpressure`, `WrittenBatch`."""
+"""What a sink implements (`Sink`) and what it answers the runner (`WriteResult`, `Rejection`,
+`SinkBackpressure`, `WrittenBatch`), and the route refused records take (`DeadLetterRoute`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, cast
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar, Literal, Protocol
 
+from services.kit.kafka import Headers
 from services.kit.sink.records import PartitionBatch, SinkRecord, TopicPartition
-
-# The dead-letter format is the validator's (same headers, same parser, same replay CLI). It belongs in the kit
-# now that sinks share it; until it moves, the sinks import it from there.
-from services.validator.deadletter import Stage
 
 # "record": the runner decodes every record (refusals go to the dead-letter topic); "header": it only checks the
 # single-object header and size (the store decodes the bodies column-wise); "none": it checks nothing and wraps
 # records only when one is looked at (the sink decodes and checks everything itself, e.g. raw-bytes topics).
 DecodeMode = Literal["record", "header", "none"]
-STORE_STAGE = cast(Stage, "store")  # a dead letter refused by a sink's store (not one of the validator's stages)
+
+
+class RejectionStage(StrEnum):
+    """Where a sink refused a record (a dead letter's stage)."""
+
+    DECODE = "decode"  # not a record of the topic's contract (the runner's check, or the sink's own decoder)
+    STORE = "store"  # the store refused it
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """A record the store refused: it goes to the dead-letter topic with this reason."""
+    """A record the sink refused: it goes to the dead-letter route with this reason."""
 
     record: SinkRecord
     code: str
     message: str
     field: str | None = None
-    stage: Stage = STORE_STAGE
+    stage: RejectionStage = RejectionStage.STORE
+
+
+class OutgoingRecord(Protocol):
+    """A record to produce: what a `DeadLetterRoute` returns."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Headers: ...
+
+
+class DeadLetterRoute(Protocol):
+    """Where a refused record goes, and as what: errors are a second output stream, and a dead-letter topic is
+    just its route. The kit knows no dead-letter format: the `SinkService` subclass gives the route, the runner
+    produces what it returns and awaits the broker's acknowledgement before it commits the batch."""
+
+    def __call__(self, rejection: Rejection, now: datetime) -> OutgoingRecord:
+        """The record to produce for `rejection`, refused at `now` (UTC; one time for a whole batch)."""
+        ...
 
 
 @dataclass(slots=True)

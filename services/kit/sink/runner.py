@@ -20,11 +20,18 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository
 from services.kit.kafka import KafkaConsumer, KafkaProducer
 from services.kit.metrics import LATENCY_BUCKETS
-from services.kit.sink.base import Rejection, Sink, SinkBackpressure, WriteResult, WrittenBatch
+from services.kit.sink.base import (
+    DeadLetterRoute,
+    Rejection,
+    RejectionStage,
+    Sink,
+    SinkBackpressure,
+    WriteResult,
+    WrittenBatch,
+)
 from services.kit.sink.records import LazyRecords, PartitionBatch, SinkRecord, TopicPartition, check_header, messages_of
 from services.kit.sink.settings import RunnerConfig, backoff_delay
 from services.kit.tracing import extract_context
-from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +142,7 @@ class SinkRunner:
         kafka_config: Mapping[str, Any],
         group_id: str,
         subjects: Mapping[str, str | None],
-        dead_letter_topic: Callable[[str], str],
+        dead_letter: DeadLetterRoute,
         config: RunnerConfig | None = None,
         *,
         schemas: SchemaRepository | None = None,
@@ -146,7 +153,8 @@ class SinkRunner:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        """`subjects`: input topic -> Avro subject of its values; `dead_letter_topic`: input topic -> DLQ topic.
+        """`subjects`: input topic -> Avro subject of its values; `dead_letter`: the record to produce for a
+        refused one (its topic, key, value and headers are the route's: the kit knows no dead-letter format).
 
         `consumer_factory(on_assign=, on_revoke=, on_lost=)` replaces the Kafka consumer (unit tests); it must
         offer consume, commit, pause, resume, close, committed, seek and high_watermark as `_Consumer` does.
@@ -154,7 +162,7 @@ class SinkRunner:
         self.sink = sink
         self.config = config or RunnerConfig()
         self.subjects = dict(subjects)
-        self.dead_letter_topic = dead_letter_topic
+        self.dead_letter = dead_letter
         self.clock = clock
         self.rng = rng or random.Random()
         schemas = schemas or SchemaRepository.load()
@@ -453,7 +461,7 @@ class SinkRunner:
             if error is None:
                 records.append(record)
             else:
-                rejections.append(Rejection(record, str(error.code), error.message, stage=Stage.DECODE))
+                rejections.append(Rejection(record, str(error.code), error.message, stage=RejectionStage.DECODE))
         batch = PartitionBatch(
             tp.topic, tp.partition, records, messages[0].offset(), last, self.topic_ids.get(tp.topic)
         )
@@ -520,19 +528,7 @@ class SinkRunner:
     def _dead_letter(self, rejected: Sequence[Rejection]) -> None:
         now = datetime.now(UTC)
         for rejection in rejected:
-            record = rejection.record
-            original = OriginalMessage(
-                record.topic, record.partition, record.offset, record.key, record.raw, record.headers
-            )
-            letter = build_dead_letter(
-                original,
-                code=rejection.code,
-                stage=rejection.stage,
-                message=rejection.message,
-                now=now,
-                field=rejection.field,
-                topic=self.dead_letter_topic(record.topic),
-            )
+            letter = self.dead_letter(rejection, now)
             self.producer.produce(letter.topic, letter.value, key=letter.key, headers=letter.headers)
         try:
             self.producer.flush(self.config.dlq_ack_timeout_s)

@@ -1,19 +1,21 @@
-"""`SinkService`: a sink as a service (`make_sink()` and `subjects()` are all a subclass must give)."""
+"""`SinkService`: a sink as a service (`make_sink()`, `subjects()` and `dead_letter()` are all a subclass must
+give)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from datetime import datetime
 from typing import cast
 
 from services.kit.kafka import client_config, require_topics
 from services.kit.service import Service, SettingsT
-from services.kit.sink.base import Sink
+from services.kit.sink.base import OutgoingRecord, Rejection, Sink
 from services.kit.sink.runner import SinkRunner
 from services.kit.sink.settings import RunnerConfig, SinkSettings
 
 
 class SinkService(Service[SettingsT], ABC):
-    """A sink as a service: `make_sink()` and `subjects()` are all a subclass must give.
+    """A sink as a service: `make_sink()`, `subjects()` and `dead_letter()` are all a subclass must give.
 
     Settings must be (a subclass of) `SinkSettings`. `stop()` flushes and commits within SHUTDOWN_TIMEOUT_S."""
 
@@ -27,6 +29,11 @@ class SinkService(Service[SettingsT], ABC):
     @abstractmethod
     def subjects(self) -> dict[str, str | None]:
         """Input topic -> Avro subject of its values (None: raw bytes without a contract)."""
+
+    @abstractmethod
+    def dead_letter(self, rejection: Rejection, now: datetime) -> OutgoingRecord:
+        """The sink's `DeadLetterRoute`: the record to produce for a refused one, to `dead_letter_topic` of its
+        topic (the dead-letter format is the contracts', which the kit does not import)."""
 
     def dead_letter_topic(self, topic: str) -> str:
         """Where refused records of `topic` go (default `<topic>.<sink name>.dlq`)."""
@@ -43,7 +50,7 @@ class SinkService(Service[SettingsT], ABC):
             kafka,
             settings.consumer_group,
             subjects,
-            self.dead_letter_topic,
+            self.dead_letter,
             RunnerConfig.from_settings(settings),
         )
         self.health.add_check("store", self.runner.readiness)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import KafkaException, Message
@@ -27,7 +28,7 @@ from services.kit.sink import (
     backoff_delay,
     check_header,
 )
-from services.validator.deadletter import parse_dead_letter
+from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter, parse_dead_letter
 
 TOPIC = "things"
 SCHEMA = Schema.from_definition(
@@ -183,6 +184,21 @@ class FakeSink(Sink):
         return {tp: self.ends for tp in starts}
 
 
+def dead_letter(rejection: Rejection, now: datetime) -> DeadLetterRecord:
+    """The route the sinks give: the dead-letter format, to `<topic>.dlq`."""
+    record = rejection.record
+    original = OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers)
+    return build_dead_letter(
+        original,
+        code=rejection.code,
+        stage=cast(Stage, str(rejection.stage)),
+        message=rejection.message,
+        now=now,
+        field=rejection.field,
+        topic=record.topic + ".dlq",
+    )
+
+
 def make_runner(sink: Sink, **config: Any) -> tuple[SinkRunner, FakeConsumer, FakeProducer, Clock]:
     clock = Clock()
     producer = FakeProducer()
@@ -197,7 +213,7 @@ def make_runner(sink: Sink, **config: Any) -> tuple[SinkRunner, FakeConsumer, Fa
         {},
         "group",
         {TOPIC: "thing"},
-        lambda topic: topic + ".dlq",
+        dead_letter,
         RunnerConfig(**{"batch_max_rows": 3, "batch_max_age_s": 1.0, **config}),
         schemas=SchemaRepository([SCHEMA, OTHER]),
         producer=producer,  # type: ignore[arg-type]
