@@ -13,10 +13,8 @@ import uuid
 from datetime import datetime
 from typing import cast
 
-from services.kit.avro import SchemaRepository
-from services.kit.kafka import client_config, require_topics
 from services.kit.memory import use_system_arrow_pool
-from services.kit.sink import Rejection, RunnerConfig, SinkRunner, SinkService, TopicPartition
+from services.kit.sink import Rejection, SinkService, TopicPartition
 from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
 
 from .archive import ArchiverSink
@@ -42,7 +40,6 @@ class ArchiverService(SinkService[ArchiverSettings]):
     def __init__(self, settings: ArchiverSettings) -> None:
         super().__init__(settings)
         self.specs = table_specs(settings)
-        self.repository = SchemaRepository.load()
         self.committer_id = f"{settings.service_name}-{uuid.uuid4().hex[:12]}"
         self._resync: list[TopicPartition] = []
 
@@ -58,7 +55,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
             catalog,
             self.settings,
             self.specs,
-            self.repository,
+            self.schemas,
             committer_id=self.committer_id,
             on_fenced=self._on_fenced,
         )
@@ -79,35 +76,25 @@ class ArchiverService(SinkService[ArchiverSettings]):
     def _on_fenced(self, partitions: list[TopicPartition]) -> None:
         self._resync.extend(partitions)  # applied after the runner's step (we are inside its write here)
 
-    def start(self) -> None:
-        settings = self.settings
-        arrow_pool = use_system_arrow_pool()
+    def dead_letter_topics(self) -> list[str]:
+        raw = set(self.raw_topics())  # dead-letter topics are archived, never dead-lettered again
+        return [self.dead_letter_topic(topic) for topic in self.subjects() if topic not in raw]
+
+    def before_start(self) -> None:
+        self.arrow_pool = use_system_arrow_pool()
         # pyiceberg logs every FileIO it loads at INFO; its problems surface as our own errors.
         logging.getLogger("pyiceberg").setLevel(max(logging.WARNING, logging.getLogger().level))
-        kafka = client_config(settings)
-        subjects = self.subjects()
-        raw = set(self.raw_topics())
-        self.sink = self.make_sink()
-        require_topics(kafka, *subjects, *(self.dead_letter_topic(t) for t in subjects if t not in raw))
-        self.runner = SinkRunner(
-            self.sink,
-            kafka,
-            settings.consumer_group,
-            subjects,
-            self.dead_letter,
-            RunnerConfig.from_settings(settings),
-            schemas=self.repository,
-        )
+
+    def after_start(self) -> None:
         self.sink.set_topic_ids(self.runner.topic_ids)
-        self.health.add_check("store", self.runner.readiness)
         self.health.add_check("archive", self.sink.readiness)
         self.log.info(
             "archiving %s",
             ", ".join(f"{spec.name} <- {','.join(spec.topics)}" for spec in self.specs),
             extra={
-                "consumer_group": settings.consumer_group,
-                "catalog": settings.iceberg_catalog,
-                "arrow_memory_pool": arrow_pool,
+                "consumer_group": self.settings.consumer_group,
+                "catalog": self.settings.iceberg_catalog,
+                "arrow_memory_pool": self.arrow_pool,
             },
         )
 
@@ -119,14 +106,10 @@ class ArchiverService(SinkService[ArchiverSettings]):
             self.runner.resync(partitions)
         return True
 
-    def stop(self) -> None:
-        try:
-            super().stop()  # drains the runner into the buffers; leaving the group and sink.close() commit them
-        finally:
-            sink = getattr(self, "sink", None)
-            if sink is not None:
-                report = {
-                    name: {"rows": e.committer.rows_committed, "snapshots": e.committer.snapshots_committed}
-                    for name, e in sink.tables.items()
-                }
-                self.log.info("archived by this process: %s", report, extra={"archived": report})
+    def after_stop(self) -> None:
+        """Leaving the group and `sink.close()` committed what the runner drained into the sink's buffers."""
+        report = {
+            name: {"rows": e.committer.rows_committed, "snapshots": e.committer.snapshots_committed}
+            for name, e in self.sink.tables.items()
+        }
+        self.log.info("archived by this process: %s", report, extra={"archived": report})

@@ -78,8 +78,7 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
             topic=self.dead_letter_topic(record.topic),
         )
 
-    def start(self) -> None:
-        super().start()
+    def after_start(self) -> None:
         s = self.settings
         if s.clickhouse_sink_query_port >= 0:
             self.query_server = QueryServer(
@@ -93,21 +92,14 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
                 extra={"query_port": self.query_server.port},
             )
 
-    def stop(self) -> None:
-        runner = getattr(self, "runner", None)
+    def on_drained(self) -> None:
+        """The report reads the tables, so it comes before the store is closed."""
         try:
-            if runner is not None:
-                runner.close(timeout_s=max(1.0, self.settings.shutdown_timeout_s * 0.75))
+            if self.settings.clickhouse_sink_report_file is not None:
+                self.write_report(self.settings.clickhouse_sink_report_file)
         finally:
-            try:
-                if self.settings.clickhouse_sink_report_file is not None and getattr(self, "sink", None) is not None:
-                    self.write_report(self.settings.clickhouse_sink_report_file)
-            finally:
-                if self.query_server is not None:
-                    self.query_server.stop()
-                sink = getattr(self, "sink", None)
-                if sink is not None:
-                    sink.close()
+            if self.query_server is not None:
+                self.query_server.stop()
 
     def report(self) -> dict[str, Any]:
         runner = getattr(self, "runner", None)

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from datetime import datetime
 from typing import cast
 
+from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config, require_topics
 from services.kit.service import Service, SettingsT
 from services.kit.sink.base import OutgoingRecord, Rejection, Sink
@@ -17,10 +18,13 @@ from services.kit.sink.settings import RunnerConfig, SinkSettings
 class SinkService(Service[SettingsT], ABC):
     """A sink as a service: `make_sink()`, `subjects()` and `dead_letter()` are all a subclass must give.
 
-    Settings must be (a subclass of) `SinkSettings`. `stop()` flushes and commits within SHUTDOWN_TIMEOUT_S."""
+    Settings must be (a subclass of) `SinkSettings`. `stop()` flushes and commits within SHUTDOWN_TIMEOUT_S.
+    A subclass adds to `start` and `stop` through the hooks `before_start`, `after_start`, `on_drained` and
+    `after_stop`, not by overriding them."""
 
     runner: SinkRunner
     sink: Sink
+    schemas: SchemaRepository  # the Avro contracts, loaded at start (the runner decodes with them)
 
     @abstractmethod
     def make_sink(self) -> Sink:
@@ -39,12 +43,33 @@ class SinkService(Service[SettingsT], ABC):
         """Where refused records of `topic` go (default `<topic>.<sink name>.dlq`)."""
         return f"{topic}.{self.sink.name}.dlq"
 
+    def dead_letter_topics(self) -> list[str]:
+        """The dead-letter topics that must exist at start (default: that of every input topic)."""
+        return [self.dead_letter_topic(topic) for topic in self.subjects()]
+
+    # --- hooks around start and stop (all optional) ----------------------------------------------------------
+    def before_start(self) -> None:
+        """First thing in `start`, before the store is opened (process-wide settings)."""
+
+    def after_start(self) -> None:
+        """The sink and the runner are made, nothing is consumed yet: more health checks, servers, logs."""
+
+    def on_drained(self) -> None:
+        """In `stop`, the runner flushed, committed and left the group; the store is still open (a final report
+        that reads it, servers to stop). Runs even when draining failed, only if the sink was made."""
+
+    def after_stop(self) -> None:
+        """Last thing in `stop`, the store closed. Runs even when an earlier step failed, only if the sink was made."""
+
+    # --- the frame ----------------------------------------------------------------------------------------------
     def start(self) -> None:
         settings = cast(SinkSettings, self.settings)
+        self.before_start()
         kafka = client_config(settings)
         subjects = self.subjects()
+        self.schemas = SchemaRepository.load()
         self.sink = self.make_sink()
-        require_topics(kafka, *subjects, *(self.dead_letter_topic(t) for t in subjects))
+        require_topics(kafka, *subjects, *self.dead_letter_topics())
         self.runner = SinkRunner(
             self.sink,
             kafka,
@@ -52,6 +77,7 @@ class SinkService(Service[SettingsT], ABC):
             subjects,
             self.dead_letter,
             RunnerConfig.from_settings(settings),
+            schemas=self.schemas,
         )
         self.health.add_check("store", self.runner.readiness)
         self.log.info(
@@ -60,6 +86,7 @@ class SinkService(Service[SettingsT], ABC):
             self.sink.name,
             extra={"consumer_group": settings.consumer_group, "batch_max_rows": settings.batch_max_rows},
         )
+        self.after_start()
 
     def step(self) -> bool:
         self.runner.step()
@@ -67,11 +94,18 @@ class SinkService(Service[SettingsT], ABC):
 
     def stop(self) -> None:
         runner = getattr(self, "runner", None)
+        sink = getattr(self, "sink", None)
         try:
-            if runner is not None:
-                # Leave a margin of the shutdown budget for closing the store and the report.
-                runner.close(timeout_s=max(1.0, self.settings.shutdown_timeout_s * 0.75))
+            try:
+                if runner is not None:
+                    # Leave a margin of the shutdown budget for closing the store and the report.
+                    runner.close(timeout_s=max(1.0, self.settings.shutdown_timeout_s * 0.75))
+            finally:
+                if sink is not None:
+                    try:
+                        self.on_drained()
+                    finally:
+                        sink.close()
         finally:
-            sink = getattr(self, "sink", None)
             if sink is not None:
-                sink.close()
+                self.after_stop()
