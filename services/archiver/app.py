@@ -61,7 +61,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
         )
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
-        """A refused record in the validator's dead-letter format, to `<topic>.archive.dlq`."""
+        """A refused record in the validator's dead-letter format, to `<topic>.archiver.dlq`."""
         record = rejection.record
         return build_dead_letter(
             OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers),

@@ -10,7 +10,8 @@ says which of them the store refused; `SinkRunner` does everything around it, th
   all buffers at once when together they hold `BATCH_MAX_ROWS` (many partitions, none full alone);
 - on `SinkBackpressure` (store slow or down) pauses the partition, backs off exponentially with jitter and
   retries the SAME batch, then resumes: nothing is dropped and nothing is skipped;
-- produces the rejected records to the dead-letter topic (original bytes, reason in `lp-dlq-*` headers),
+- produces the rejected records through the service's dead-letter route (`DeadLetterRoute`: the service
+  gives the format, e.g. original bytes with the reason in `lp-dlq-*` headers; the kit knows none),
   waits for the broker's acknowledgement, and only then commits `last offset + 1` of the batch;
 - on revoke flushes and commits the revoked partitions; on SIGTERM (`close`) flushes and commits everything.
 
