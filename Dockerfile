@@ -20,7 +20,7 @@ RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# The contracts and declarations the services and the operator read at run time (services.kit.paths).
+# The contracts and declarations the services and the declarations library read at run time (services.kit.paths).
 COPY schemas ./schemas
 COPY deploy/k8s ./deploy/k8s
 COPY deploy/debezium ./deploy/debezium

@@ -52,8 +52,8 @@ test-integration: $(STAMP) ## integration tests only (start the embedded stack o
 lint: $(STAMP) ## ruff, generated manifests in sync, Avro compatibility against git
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m services.operator manifests --check
-	$(PY) -m services.operator schema-check
+	$(PY) -m services.declarations manifests --check
+	$(PY) -m services.declarations schema-check
 	$(PY) -m services.ingest.codegen --check
 	$(PY) -m services.cdc server-properties --check
 
@@ -62,10 +62,10 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 manifests: $(STAMP) ## regenerate deploy/k8s EventSchema resources from schemas/avro
-	$(PY) -m services.operator manifests
+	$(PY) -m services.declarations manifests
 
 schema-check: $(STAMP) ## check schemas/avro against git (default: merge-base with origin/main, else HEAD)
-	$(PY) -m services.operator schema-check
+	$(PY) -m services.declarations schema-check
 
 bench: $(STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
 	$(PY) -m bench

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from bench.harness import BenchContext, Result, free_port, produce_all
 from bench.validator_runtime import _bare_loop, _create_topics, worker_rate
+from services.declarations.apply import apply_declarations
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.paths import repo_root
-from services.operator.apply import apply_declarations
 from services.validator.cdc import make_envelope
 from services.validator.runtime import Record
 

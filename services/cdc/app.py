@@ -104,7 +104,7 @@ def prepare(settings: CdcSettings) -> CdcPlan:
     if missing:
         raise PreflightError(
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found: apply the declarations first "
-            "(python -m services.operator apply)"
+            "(python -m services.declarations apply)"
         )
     return CdcPlan(properties, topics, heartbeat, report, resume)
 

@@ -252,7 +252,7 @@ def require_topics(base_config: Mapping[str, Any], *topics: str, timeout: float 
     if missing:
         raise MissingTopicError(
             f"topic(s) {', '.join(repr(t) for t in missing)} do not exist: apply the declarations first "
-            "(python -m services.operator apply)"
+            "(python -m services.declarations apply)"
         )
 
 

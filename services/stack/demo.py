@@ -28,6 +28,8 @@ from confluent_kafka import Message
 
 from services.archiver import runsummary as archive
 from services.cdc.app import TOMBSTONE_OP
+from services.declarations.apply import apply_declarations
+from services.declarations.resources import load_declarations
 from services.generator.app import FAULT_HEADER
 from services.generator.bad_events import BAD_KINDS
 from services.generator.model import Simulation
@@ -36,8 +38,6 @@ from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
 from services.kit.kafka import committed_offsets, scan_topic
 from services.kit.paths import repo_root
-from services.operator.apply import apply_declarations
-from services.operator.resources import load_declarations
 from services.reconcile import runsummary as reconciliation
 from services.snowflake_loader import runsummary as warehouse
 from services.stack.components import ComponentError

@@ -171,7 +171,7 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     ]
     missing = [t for t in needed if t not in existing]
     if missing:
-        print(f"topics missing: {', '.join(missing)} (python -m services.operator apply)", file=sys.stderr)
+        print(f"topics missing: {', '.join(missing)} (python -m services.declarations apply)", file=sys.stderr)
         return 1
     raw = AvroSerializer(SchemaRepository.load()["raw_event"])
     coercer = RecordCoercer.for_raw_event(source=args.source)

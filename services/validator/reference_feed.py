@@ -88,7 +88,9 @@ class ReferenceFeed:
         for topic in self.topics:
             entry = metadata.topics.get(topic)
             if entry is None or entry.error is not None:
-                raise ReferenceFeedError(f"reference topic {topic!r} does not exist: python -m services.operator apply")
+                raise ReferenceFeedError(
+                    f"reference topic {topic!r} does not exist: python -m services.declarations apply"
+                )
             found.extend(TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(entry.partitions))
         return found
 

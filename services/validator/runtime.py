@@ -409,7 +409,7 @@ def resolve_input_topics(patterns: Sequence[str], existing: Iterable[str]) -> li
     if missing:
         raise TopicsMissing(
             "input topics missing on the broker: " + ", ".join(missing) + "; declare them first "
-            "(python -m services.operator apply)"
+            "(python -m services.declarations apply)"
         )
     return list(dict.fromkeys(topics))
 

@@ -668,7 +668,7 @@ def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
     if missing:
         raise TopicsMissing(
             "output topics missing on the broker: " + ", ".join(missing) + "; declare them first "
-            "(python -m services.operator apply)"
+            "(python -m services.declarations apply)"
         )
     tracer = setup_tracing(
         settings.service_name,

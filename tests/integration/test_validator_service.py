@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Message, Producer
 
+from services.declarations.apply import apply_declarations
 from services.generator.bad_events import BAD_KINDS, BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.kit.kafka import scan_topic
-from services.operator.apply import apply_declarations
 from services.validator.cdc import make_envelope
 
 pytestmark = pytest.mark.integration

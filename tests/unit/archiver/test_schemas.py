@@ -199,8 +199,8 @@ def _arrow(table) -> pa.Schema:
 
 def test_the_default_dead_letter_topics_are_every_declared_dead_letter_topic() -> None:
     from services.archiver.schemas import DEFAULT_DEAD_LETTER_TOPICS
+    from services.declarations.resources import load_declarations
     from services.kit.paths import repo_root
-    from services.operator.resources import load_declarations
 
     declared = {t.topic_name for t in load_declarations(repo_root() / "deploy" / "k8s").topics}
     assert {t for t in declared if t.endswith(".dlq")} == set(DEFAULT_DEAD_LETTER_TOPICS)

@@ -157,7 +157,7 @@ def test_routing_refuses_transforms_it_cannot_mirror() -> None:
 
 
 def test_routes_match_the_declared_topics() -> None:
-    from services.operator.resources import VALUE_ENCODING_JSON, load_declarations
+    from services.declarations.resources import VALUE_ENCODING_JSON, load_declarations
 
     root = Path(__file__).resolve().parents[3]
     declared = {t.topic_name: t for t in load_declarations(root / "deploy" / "k8s").topics}

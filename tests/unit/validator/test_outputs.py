@@ -13,8 +13,8 @@ import fastavro
 import pytest
 from fastavro.validation import validate
 
+from services.declarations.avro_compat import parse as strict_parse
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, SchemaRepository
-from services.operator.avro_compat import parse as strict_parse
 from services.validator.cdc import ChangeEvent, make_envelope, parse_envelope
 from services.validator.enrich import enrich_event
 from services.validator.outputs import (
@@ -45,7 +45,8 @@ def round_trip(name: str, record: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", ["processed_event", "processed_transaction", "transaction_status_change"])
 def test_new_schemas_pass_the_platform_checks(name: str) -> None:
     definition = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
-    strict_parse(definition)  # the operator's parser: names, defaults matching the first union branch, logical types
+    # the declarations library's parser: names, defaults matching the first union branch, logical types
+    strict_parse(definition)
     assert definition["doc"]
 
 

@@ -26,7 +26,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from services.operator.resources import TopicSpec
+from services.declarations.resources import TopicSpec
 
 Action = Literal["created", "updated", "unchanged", "error"]
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from services.operator.__main__ import main
-from services.operator.apply import ApplyReport, apply_declarations
-from services.operator.registry import SCHEMAS_TOPIC, KafkaSchemaStore, SchemaIncompatibleError, fingerprint
-from services.operator.resources import DeclarationError, load_declarations
+from services.declarations.__main__ import main
+from services.declarations.apply import ApplyReport, apply_declarations
+from services.declarations.registry import SCHEMAS_TOPIC, KafkaSchemaStore, SchemaIncompatibleError, fingerprint
+from services.declarations.resources import DeclarationError, load_declarations
 from services.stack import LocalStack, StackSettings
 from services.stack.settings import pick_free_ports
 
@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def bootstrap() -> Iterator[str]:
     """A broker of its own: these tests create, alter and break topics."""
-    state_dir = Path(tempfile.mkdtemp(prefix="lp-operator-"))
+    state_dir = Path(tempfile.mkdtemp(prefix="lp-declarations-"))
     try:
         with LocalStack(StackSettings.with_free_ports(state_dir=state_dir), only=["broker"]) as broker_only:
             yield broker_only.bootstrap_servers
@@ -190,9 +190,9 @@ def test_schema_store_semantics(bootstrap: str) -> None:
     store = KafkaSchemaStore(bootstrap, topic="_lp_schemas_store_test", timeout=20)
     assert store.read_all() == {}  # the topic does not exist yet
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    from services.operator.registry import SCHEMAS_TOPIC_SPEC
-    from services.operator.resources import TopicSpec
-    from services.operator.topics import reconcile_topics
+    from services.declarations.registry import SCHEMAS_TOPIC_SPEC
+    from services.declarations.resources import TopicSpec
+    from services.declarations.topics import reconcile_topics
 
     spec = TopicSpec(**{**SCHEMAS_TOPIC_SPEC.__dict__, "topic_name": store.topic, "replication_factor": 1})
     assert reconcile_topics(admin, [spec])[0].action == "created"

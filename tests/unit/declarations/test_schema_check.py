@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from services.operator.__main__ import main
-from services.operator.manifests import sync_manifests
-from services.operator.schema_check import check_schemas, default_revision
+from services.declarations.__main__ import main
+from services.declarations.manifests import sync_manifests
+from services.declarations.schema_check import check_schemas, default_revision
 
 V1: dict[str, Any] = {
     "type": "record",

@@ -11,8 +11,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AlterConfigOpType, ConfigSource
 
-from services.operator.resources import TopicSpec
-from services.operator.topics import reconcile_topics
+from services.declarations.resources import TopicSpec
+from services.declarations.topics import reconcile_topics
 
 
 def done(result: Any = None, error: KafkaError | None = None) -> Future[Any]:

@@ -20,8 +20,8 @@ from typing import Any
 import fastavro
 import yaml
 
-from services.operator.avro_compat import Compatibility
-from services.operator.avro_compat import parse as parse_avro
+from services.declarations.avro_compat import Compatibility
+from services.declarations.avro_compat import parse as parse_avro
 
 API_GROUP = "lambdapipeline.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"

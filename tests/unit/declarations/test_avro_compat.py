@@ -16,7 +16,7 @@ from typing import Any
 import fastavro
 import pytest
 
-from services.operator.avro_compat import (
+from services.declarations.avro_compat import (
     AvroSchemaError,
     Compatibility,
     Incompatibility,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.operator.avro_compat import AvroSchemaError, Incompatibility, check_compatibility
-from services.operator.manifests import AVRO_DIR, declared_compatibility
+from services.declarations.avro_compat import AvroSchemaError, Incompatibility, check_compatibility
+from services.declarations.manifests import AVRO_DIR, declared_compatibility
 
 Status = Literal["compatible", "unchanged", "new", "removed", "incompatible", "error"]
 _MAX_HISTORY = 200  # transitive modes: enough for any real schema's life, bounded for huge histories

@@ -17,9 +17,9 @@ from typing import Any
 import fastavro
 import yaml
 
-from services.operator.avro_compat import Compatibility
-from services.operator.avro_compat import parse as parse_avro
-from services.operator.resources import API_VERSION, DEFAULT_COMPATIBILITY, KIND_SCHEMA
+from services.declarations.avro_compat import Compatibility
+from services.declarations.avro_compat import parse as parse_avro
+from services.declarations.resources import API_VERSION, DEFAULT_COMPATIBILITY, KIND_SCHEMA
 
 AVRO_DIR = Path("schemas/avro")
 K8S_DIR = Path("deploy/k8s")

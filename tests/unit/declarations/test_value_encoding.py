@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.operator.resources import (
+from services.declarations.resources import (
     VALUE_ENCODING_AVRO,
     VALUE_ENCODING_JSON,
     VALUE_ENCODINGS,

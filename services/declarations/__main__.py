@@ -1,4 +1,4 @@
-"""CLI: ``python -m services.operator {apply,manifests,schema-check}`` (also installed as ``lp-operator``)."""
+"""CLI: ``python -m services.declarations {apply,manifests,schema-check}`` (also installed as ``lp-declarations``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.operator.apply import DECLARATIONS_DIR, apply_declarations
-from services.operator.manifests import FIX_HINT, ManifestError, sync_manifests
-from services.operator.resources import DeclarationError
-from services.operator.schema_check import check_schemas
+from services.declarations.apply import DECLARATIONS_DIR, apply_declarations
+from services.declarations.manifests import FIX_HINT, ManifestError, sync_manifests
+from services.declarations.resources import DeclarationError
+from services.declarations.schema_check import check_schemas
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lp-operator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lp-declarations", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     apply = commands.add_parser("apply", help="register the declared schemas and reconcile the declared topics")

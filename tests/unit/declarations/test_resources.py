@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.operator.avro_compat import Compatibility
-from services.operator.resources import DeclarationError, load_declarations
+from services.declarations.avro_compat import Compatibility
+from services.declarations.resources import DeclarationError, load_declarations
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.operator.__main__ import main
-from services.operator.manifests import (
+from services.declarations.__main__ import main
+from services.declarations.manifests import (
     GENERATED_FROM,
     ManifestError,
     resource_name_for,
     subject_for,
     sync_manifests,
 )
-from services.operator.resources import load_declarations
+from services.declarations.resources import load_declarations
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import fastavro
 
+from services.declarations.apply import ApplyReport, SchemaResult
+from services.declarations.registry import SCHEMAS_TOPIC_SPEC, SchemaVersion, fingerprint, schema_identity
+from services.declarations.topics import TopicResult
 from services.kit.avro import schema_fingerprint
-from services.operator.apply import ApplyReport, SchemaResult
-from services.operator.registry import SCHEMAS_TOPIC_SPEC, SchemaVersion, fingerprint, schema_identity
-from services.operator.topics import TopicResult
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 RAW_EVENT = json.loads((REPO_ROOT / "schemas/avro/raw_event.avsc").read_text())

@@ -1,5 +1,5 @@
-"""Apply the declarations (``deploy/k8s``) to a Kafka cluster: the one code path local mode and the
-operator share. Order: the internal ``_lp_schemas`` topic, then schemas, then topics."""
+"""Apply the declarations (``deploy/k8s``) to a Kafka cluster: the one code path local mode, the CLI and
+the future kopf operator share. Order: the internal ``_lp_schemas`` topic, then schemas, then topics."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Any, Literal
 
 from confluent_kafka.admin import AdminClient
 
-from services.operator.registry import (
+from services.declarations.registry import (
     SCHEMAS_TOPIC_SPEC,
     KafkaSchemaStore,
     SchemaIncompatibleError,
     SchemaStoreError,
 )
-from services.operator.resources import KIND_SCHEMA, KIND_TOPIC, Declarations, load_declarations
-from services.operator.topics import TopicResult, reconcile_topics
+from services.declarations.resources import KIND_SCHEMA, KIND_TOPIC, Declarations, load_declarations
+from services.declarations.topics import TopicResult, reconcile_topics
 
 DECLARATIONS_DIR = Path("deploy/k8s")
 

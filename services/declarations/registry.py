@@ -25,8 +25,8 @@ import fastavro
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from services.operator.avro_compat import Compatibility, Incompatibility, check_compatibility
-from services.operator.resources import TopicSpec
+from services.declarations.avro_compat import Compatibility, Incompatibility, check_compatibility
+from services.declarations.resources import TopicSpec
 
 SCHEMAS_TOPIC = "_lp_schemas"
 SCHEMAS_TOPIC_SPEC = TopicSpec(
