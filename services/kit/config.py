@@ -13,6 +13,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.exits import ExitCode
+
 
 class ServiceSettings(BaseSettings):
     """Settings every service shares. Field `x` is read from the environment variable `X`."""
@@ -40,10 +42,10 @@ S = TypeVar("S", bound=BaseSettings)
 
 
 class ConfigError(SystemExit):
-    """Raised (and exits with status 2) when the environment does not describe a valid configuration."""
+    """Raised (and exits with ExitCode.CONFIG, 2) when the environment does not describe a valid configuration."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(2)
+        super().__init__(ExitCode.CONFIG)
         self.message = message
 
     def __str__(self) -> str:

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Generic, TypeVar
 
 from services.kit.config import ServiceSettings
+from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
@@ -39,7 +40,7 @@ class Service(Generic[SettingsT]):
 
     # --- to fill in -------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Connect to dependencies; raise to fail start-up (exit 1 with the message)."""
+        """Connect to dependencies; raise to fail start-up (ExitCode.FAILED with the message)."""
 
     def step(self) -> bool:
         """One unit of work. Return False when the work is finished (bounded runs); True to go on."""
@@ -59,7 +60,7 @@ class Service(Generic[SettingsT]):
         signal.signal(signal.SIGINT, self.request_stop)
         self.http = HealthServer(self.health, self.settings.http_port).start()
         self.log.info("health endpoint on :%d", self.http.port, extra={"http_port": self.http.port})
-        exit_code = 0
+        exit_code = ExitCode.OK
         try:
             self.start()
             tune_gc_for_throughput()
@@ -70,7 +71,7 @@ class Service(Generic[SettingsT]):
                     break
         except Exception:
             self.log.exception("failed")
-            exit_code = 1
+            exit_code = ExitCode.FAILED
         finally:
             self.health.set_ready(False, "shutting down")
             watchdog = threading.Timer(self.settings.shutdown_timeout_s, _hard_exit, args=(self.log,))
@@ -80,7 +81,7 @@ class Service(Generic[SettingsT]):
                 self.stop()
             except Exception:
                 self.log.exception("shutdown failed")
-                exit_code = 1
+                exit_code = ExitCode.FAILED
             finally:
                 watchdog.cancel()
                 shutdown_tracing()
@@ -94,11 +95,11 @@ def _hard_exit(log: logging.Logger) -> None:
     logging.shutdown()
     import os
 
-    os._exit(3)
+    os._exit(ExitCode.SHUTDOWN_TIMEOUT)
 
 
 def main_for(service_cls: type[Service[SettingsT]], settings_cls: type[SettingsT]) -> int:
-    """The usual `__main__`: load settings from the environment (exit 2 if invalid), log, run."""
+    """The usual `__main__`: load settings from the environment (ExitCode.CONFIG if invalid), log, run."""
     from services.kit.config import load_settings
 
     settings = load_settings(settings_cls)
