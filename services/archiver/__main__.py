@@ -31,6 +31,7 @@ from typing import Any
 
 from services.kit.config import ConfigError, load_settings
 from services.kit.durations import parse_duration
+from services.kit.exits import ExitCode
 
 log = logging.getLogger("services.archiver")
 
@@ -131,7 +132,7 @@ def _tools(args: argparse.Namespace) -> int:
         problem = _orphan_arguments(args)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-            return 2
+            return ExitCode.CONFIG
     settings = load_settings(CatalogSettings)
     catalog = open_catalog(settings)
     repository = SchemaRepository.load()
@@ -143,7 +144,7 @@ def _tools(args: argparse.Namespace) -> int:
             for name in TABLES:
                 _, plan = ensure_table(catalog, settings, specs[name], repository, target)
                 _print({"table": name, "changes": plan.describe()})
-            return 0
+            return ExitCode.OK
         if args.command == "evolve":
             breaking = False
             for name in TABLES:
@@ -159,27 +160,27 @@ def _tools(args: argparse.Namespace) -> int:
                 _print({"table": name, "changes": plan.describe(), "problems": plan.problems})
                 if not args.check and not plan.problems and plan.changes:
                     ensure_table(catalog, settings, spec, repository)
-            return 1 if breaking else 0
+            return ExitCode.FAILED if breaking else ExitCode.OK
         if args.command == "stats":
             distinct = dict(item.split(".", 1) for item in args.distinct)
             _print(archive_stats(catalog, settings, TABLES, distinct))
-            return 0
+            return ExitCode.OK
         if args.command == "history":
             for entry in history(load_table(catalog, settings, args.table), args.limit):
                 _print(entry)
-            return 0
+            return ExitCode.OK
         if args.command == "compact":
             small = int(args.small_file_mb * 1024 * 1024) if args.small_file_mb else None
             for name in chosen:
                 table = load_table(catalog, settings, name)
                 _print(compact(table, small_file_bytes=small, min_files=args.min_files, dry_run=args.dry_run).as_dict())
-            return 0
+            return ExitCode.OK
         if args.command == "expire":
             cutoff = datetime.now(UTC) - parse_duration(args.older_than, unitless_seconds=True)
             for name in chosen:
                 table = load_table(catalog, settings, name)
                 _print(expire(table, cutoff, args.retain_last, args.dry_run).as_dict())
-            return 0
+            return ExitCode.OK
         if args.command == "remove-orphans":
             from .maintenance import remove_orphans
 
@@ -191,7 +192,7 @@ def _tools(args: argparse.Namespace) -> int:
                 if report.failed:
                     print(f"error: {name}: {len(report.failed)} orphans could not be deleted", file=sys.stderr)
                     failed += 1
-            return 1 if failed else 0
+            return ExitCode.FAILED if failed else ExitCode.OK
         if args.command == "read":
             table = load_table(catalog, settings, args.table)
             columns = tuple(c.strip() for c in args.columns.split(",") if c.strip()) or ("*",)
@@ -208,12 +209,12 @@ def _tools(args: argparse.Namespace) -> int:
             else:
                 for row in data.to_pylist():
                     _print(row)
-            return 0
+            return ExitCode.OK
         if args.command == "replay":
             return _replay(args, settings, catalog, specs[args.table], repository)
     except (NoSuchTableError, NoSuchSnapshot, BreakingSchemaChange, OrphanCheckError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     raise AssertionError(args.command)
 
 
@@ -245,7 +246,7 @@ def _replay(args: argparse.Namespace, settings: Any, catalog: Any, spec: Any, re
 
     if not settings.kafka_bootstrap_servers:
         print("error: KAFKA_BOOTSTRAP_SERVERS must be set for replay", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     config = client_config(settings, client_id="lp-archiver-replay")
     wait_for_broker(config)
     # All topics, not one by name: Tansu creates any topic a metadata request names.
@@ -269,9 +270,9 @@ def _replay(args: argparse.Namespace, settings: Any, catalog: Any, spec: Any, re
         )
     except ReplayError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     _print(report.as_dict())
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,13 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return main_for(ArchiverService, ArchiverSettings)
-        except ConfigError as error:
-            return int(error.code or 2)
+        except ConfigError:
+            return ExitCode.CONFIG
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _tools(args)
-    except ConfigError as error:
-        return int(error.code or 2)
+    except ConfigError:
+        return ExitCode.CONFIG
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from services.cdc.settings import CdcSettings
 from services.kit.config import load_settings
+from services.kit.exits import ExitCode
 from services.kit.logs import configure_logging
 
 
@@ -52,9 +53,9 @@ def _preflight() -> int:
         )
     except PreflightError as error:
         log.error("preflight failed: %s", error, extra={"preflight": "failed"})
-        return 1
+        return ExitCode.FAILED
     log.info("preflight passed", extra={"report": report.__dict__})
-    return 0
+    return ExitCode.OK
 
 
 def _slots(args: argparse.Namespace) -> int:
@@ -68,30 +69,30 @@ def _slots(args: argparse.Namespace) -> int:
         older_than = parse_duration(args.older_than) if args.action == "drop-stale" else timedelta(0)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     try:
         with connect(settings.postgres_dsn, application_name="lp-cdc-slots") as conn:
             slots = list_slots(conn)
             if args.action == "list":
                 print(format_slots(slots, own_slot=settings.cdc_slot_name))
-                return 0
+                return ExitCode.OK
             chosen = stale_slots(slots, database=conn.info.dbname, older_than=older_than, keep=[settings.cdc_slot_name])
             if not chosen:
                 print(f"no stale slot (inactive logical slots of {conn.info.dbname!r} older than {args.older_than})")
-                return 0
+                return ExitCode.OK
             print(format_slots(chosen))
             if args.dry_run:
                 print(f"dry run: would drop {len(chosen)} slot(s)")
-                return 0
+                return ExitCode.OK
             failed = 0
             for slot in chosen:
                 problem = drop_slot(conn, slot.name)
                 print(f"dropped {slot.name}" if problem is None else f"kept {slot.name}: {problem}")
                 failed += problem is not None
-            return 1 if failed else 0
+            return ExitCode.FAILED if failed else ExitCode.OK
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
 
 
 def _server_properties(args: argparse.Namespace) -> int:
@@ -103,15 +104,15 @@ def _server_properties(args: argparse.Namespace) -> int:
     if args.check:
         if current != rendered:
             print(f"{target} is out of date: run python -m services.cdc server-properties", file=sys.stderr)
-            return 1
+            return ExitCode.FAILED
         print(f"{target} is up to date")
-        return 0
+        return ExitCode.OK
     if current != rendered:
         target.write_text(rendered, encoding="utf-8")
         print(f"wrote {target}")
     else:
         print(f"{target} unchanged")
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

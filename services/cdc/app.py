@@ -37,6 +37,7 @@ from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, start
 from services.cdc.preflight import PreflightError, PreflightReport, connect, run_preflight
 from services.cdc.settings import CdcSettings
 from services.cdc.slots import drop_slot
+from services.kit.exits import ExitCode
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
@@ -357,5 +358,5 @@ def run_service(settings: CdcSettings) -> int:
         plan = prepare(settings)
     except PreflightError as error:
         log.error("preflight failed: %s", error, extra={"preflight": "failed"})
-        return 1
+        return ExitCode.FAILED
     return CdcService(settings, plan).run()

@@ -4,6 +4,7 @@ import sys
 
 from services.clickhouse_sink.app import ClickHouseSinkService
 from services.clickhouse_sink.settings import ClickHouseSinkSettings
+from services.kit.exits import ExitCode
 from services.kit.service import main_for
 
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         return query_main(args[1:])
     if args:
         print("usage: python -m services.clickhouse_sink [query NAME [--json]]", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     return main_for(ClickHouseSinkService, ClickHouseSinkSettings)
 
 

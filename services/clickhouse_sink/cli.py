@@ -18,6 +18,7 @@ from services.clickhouse_sink import queries
 from services.clickhouse_sink.client import ChdbClient, NativeClient, StoreLocked
 from services.clickhouse_sink.settings import ClickHouseSettings
 from services.kit.config import load_settings
+from services.kit.exits import ExitCode
 
 
 class QueryFailed(RuntimeError):
@@ -85,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_query(settings, args.name)
     except QueryFailed as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     if args.name == "counts" and not args.json:
         print(json.dumps(queries.counts_dict(result), indent=2))
     elif args.json:
         print(json.dumps(result.as_dict(), default=str))
     else:
         print(queries.render_text(result))
-    return 0
+    return ExitCode.OK

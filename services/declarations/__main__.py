@@ -12,6 +12,7 @@ from services.declarations.apply import DECLARATIONS_DIR, apply_declarations
 from services.declarations.manifests import FIX_HINT, ManifestError, sync_manifests
 from services.declarations.resources import DeclarationError
 from services.declarations.schema_check import check_schemas
+from services.kit.exits import ExitCode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,16 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _apply(args: argparse.Namespace) -> int:
     if not args.bootstrap:
         print("apply: --bootstrap (or $KAFKA_BOOTSTRAP_SERVERS) is required", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     try:
         report = apply_declarations(
             args.dir, args.bootstrap, timeout=args.timeout, cap_replication_factor=args.cap_replication_factor
         )
     except DeclarationError as error:
         print(error, file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     print(report.table())
-    return 0 if report.ok else 1
+    return ExitCode.OK if report.ok else ExitCode.FAILED
 
 
 def _manifests(args: argparse.Namespace) -> int:
@@ -73,24 +74,24 @@ def _manifests(args: argparse.Namespace) -> int:
         report = sync_manifests(args.root, check=args.check)
     except ManifestError as error:
         print(f"manifests: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     if args.check:
         if report.in_sync:
             print(f"manifests: {len(report.unchanged)} generated file(s) in sync")
-            return 0
+            return ExitCode.OK
         print("manifests are out of sync:", *report.out_of_sync, f"-> {FIX_HINT}", sep="\n  ", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     for label, paths in (("wrote", report.written), ("removed", report.removed)):
         for path in paths:
             print(f"manifests: {label} {path.relative_to(args.root) if path.is_relative_to(args.root) else path}")
     print(f"manifests: {len(report.written)} written, {len(report.removed)} removed, {len(report.unchanged)} unchanged")
-    return 0
+    return ExitCode.OK
 
 
 def _schema_check(args: argparse.Namespace) -> int:
     report = check_schemas(args.root, args.against)
     print(report.render())
-    return 0 if report.ok else 1
+    return ExitCode.OK if report.ok else ExitCode.FAILED
 
 
 if __name__ == "__main__":

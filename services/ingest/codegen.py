@@ -14,6 +14,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from services.kit.exits import ExitCode
 from services.kit.paths import repo_root
 
 PROTO_PACKAGE_PATH = Path("lambda_pipeline/ingest/v1")
@@ -88,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         stale = stale_files()
         if stale:
             print(f"generated ingest API code is out of date ({', '.join(stale)}): {REGENERATE_HINT}", file=sys.stderr)
-            return 1
+            return ExitCode.FAILED
         print("generated ingest API code is up to date")
-        return 0
+        return ExitCode.OK
     for path in write():
         print(f"wrote {path.relative_to(repo_root())}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

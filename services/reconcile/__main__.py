@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 from services.kit.config import ConfigError, settings_from
+from services.kit.exits import ExitCode
 
 from . import metrics
 from .runner import Outcome, run
 from .settings import ReconcileSettings
-
-AGREE, DISAGREE, FAILED = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,20 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(env, args.since, args.until, args.stores)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return FAILED
+        return ExitCode.CONFIG
     _export(outcome, settings, args.metrics_file)
     if outcome.report is None:
         for store, message in outcome.errors.items():
             print(f"error: store {store} could not be read: {message}", file=sys.stderr)
         if args.json:
             print(json.dumps({"agrees": None, "errors": outcome.errors}))
-        return FAILED
+        return ExitCode.NO_VERDICT
     report = outcome.report
     if args.json:
         print(json.dumps(report.as_dict() | {"duration_s": round(outcome.duration_s, 3)}))
     else:
         print(report.render(only_differences=args.differences))
-    return AGREE if report.agrees else DISAGREE
+    return ExitCode.OK if report.agrees else ExitCode.FAILED  # FAILED: the stores disagree
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from services.kit.config import ConfigError, load_settings
+from services.kit.exits import ExitCode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,23 +48,23 @@ def _one_shot(command: str) -> int:
         warehouse = Warehouse(connect(settings))
     except CredentialError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     except Exception as error:
         print(f"error: cannot connect to Snowflake: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     try:
         applied = migrate(warehouse, settings)
         if command == "migrate":
             print(json.dumps({"applied": applied, "database": settings.database}))
-            return 0
+            return ExitCode.OK
         results = Loader(settings, warehouse, open_catalog(settings)).run_once()
         ok = all(r.status != "failed" for r in results)
         print(json.dumps({"ok": ok, "tables": {r.table: r.as_dict() for r in results}}, default=str, sort_keys=True))
-        return 0 if ok else 1
+        return ExitCode.OK if ok else ExitCode.FAILED
     except Exception as error:
         logging.getLogger("services.snowflake_loader").exception("%s failed", command)
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     finally:
         warehouse.close()
 
@@ -79,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return main_for(SnowflakeLoaderService, LoaderSettings)
         return _one_shot(args.command)
-    except ConfigError as error:
-        return int(error.code or 2)
+    except ConfigError:
+        return ExitCode.CONFIG
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
 from services.archiver.catalog import load_table
+from services.kit.exits import ExitCode
 
 from . import lake, sql
 from .connection import Warehouse
@@ -43,8 +44,6 @@ from .migrations import apply_migrations
 from .settings import LoaderSettings, SnowflakeSettings
 
 log = logging.getLogger(__name__)
-
-FAIL_EXIT_CODE = 86
 
 ROWS = Counter("lp_snowflake_loader_rows_loaded_total", "Lake rows copied into RAW and merged.", ["table"])
 BATCHES = Counter("lp_snowflake_loader_batches_total", "Batches committed.", ["table"])
@@ -285,4 +284,4 @@ class _Timer:
 
 def _exit_process(step: str) -> None:
     logging.shutdown()
-    os._exit(FAIL_EXIT_CODE)
+    os._exit(ExitCode.INJECTED_CRASH)

@@ -19,13 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.kit.exits import ExitCode
 from services.stack.components import ComponentError, Postgres, tcp_open
 from services.stack.settings import StackSettings
 from services.stack.stack import LocalStack, StackError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_NOT_RUNNING = 3
 
 
 def _settings(args: argparse.Namespace) -> StackSettings:
@@ -57,7 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"Note: it belongs to process {existing.owner_pid} (e.g. `make run`) and stops with it.")
             print(f"Logs: {existing.log_dir}")
             _print_env(existing.env())
-            return EXIT_OK
+            return ExitCode.OK
         for name, err in problems.items():
             print(f"{name} is unhealthy: {err}", file=sys.stderr)
         print("Restarting the local stack.", file=sys.stderr)
@@ -75,7 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _print_env(stack.env())
     if not args.foreground:
         print("Stop it with: python -m services.stack down")
-        return EXIT_OK
+        return ExitCode.OK
 
     print("Running in the foreground; Ctrl+C stops everything.", flush=True)
     try:
@@ -86,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\nStopping ...", file=sys.stderr)
     finally:
         stack.stop()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -105,7 +102,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("Local stack was not running (cleaned up a stale stack.json).")
     else:
         print("Local stack is not running.")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -113,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     stack = LocalStack.from_state(settings.state_dir)
     if stack is None:
         print(f"Local stack is not running (no {settings.state_dir / 'stack.json'}).")
-        return EXIT_NOT_RUNNING
+        return ExitCode.NOT_RUNNING
     print(f"Local stack in {stack.state_dir}, started {stack.started_at}")
     all_up = True
     for comp in stack.components:
@@ -126,7 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {comp.name:<10} {state:<29} pid {pid!s:<8} port {comp.port:<6} log {comp.log_path}")
     if stack.is_orphaned():
         print("Its owner process is gone; `python -m services.stack down` cleans it up.")
-    return EXIT_OK if all_up else EXIT_ERROR
+    return ExitCode.OK if all_up else ExitCode.FAILED
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -137,7 +134,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     else:
         print("# local stack is not running; values from the current settings", file=sys.stderr)
         _print_env(LocalStack(settings).env())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,11 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ComponentError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.FAILED
     except BrokenPipeError:
         # Output piped into `head` & co.: not an error; keep Python from complaining again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from services.generator.model import Simulation
 from services.generator.oltp import OltpWriter
 from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
+from services.kit.exits import ExitCode
 from services.kit.kafka import committed_offsets, scan_topic
 from services.kit.paths import repo_root
 from services.reconcile import runsummary as reconciliation
@@ -667,16 +668,16 @@ def main(argv: list[str] | None = None) -> int:
         summary = run.execute()
     except PartFailed as error:
         print(f"\nERROR: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except ComponentError as error:
         print(f"\nERROR: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except StackError as error:
         print(f"\nERROR: local stack: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     finally:
         for service in run.services:
             service.stop()
@@ -685,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     path = stack.state_dir / "run-summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, path)
-    return 0 if summary["ok"] else 1
+    return ExitCode.OK if summary["ok"] else ExitCode.FAILED
 
 
 if __name__ == "__main__":

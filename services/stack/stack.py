@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from services.kit.exits import killed_by
 from services.stack.components import (
     Component,
     ComponentError,
@@ -424,7 +425,7 @@ class LocalStack:
         self.stop()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        raise SystemExit(killed_by(signum))
 
     def _atexit_stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from services.kit.config import load_settings
+from services.kit.exits import ExitCode
 from services.kit.logs import configure_logging
 from services.validator import app, stream_app
 from services.validator.runtime import TopicsMissing
@@ -31,7 +32,7 @@ def serve() -> int:
         return stream_app.run(settings, processor)
     except (TopicsMissing, ConnectionError) as error:
         log.error("cannot start: %s", error)
-        return 1
+        return ExitCode.FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.main(args)
     if args:
         print(__doc__, file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     return serve()
 
 

@@ -38,6 +38,7 @@ from confluent_kafka.admin import AdminClient
 
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.config import ServiceSettings, load_settings
+from services.kit.exits import ExitCode
 from services.kit.kafka import KafkaProducer, client_config, scan_topic, wait_for_broker
 from services.validator.app import REPLAY_ID_HEADER, REPLAY_SOURCE_HEADER, ValidatorSettings, make_processor
 from services.validator.batch import BATCH_SOURCE, BatchError, BatchStats, RecordCoercer, read_file
@@ -105,7 +106,7 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
     existing = _existing_topics(config)
     if args.dlq not in existing:
         print(f"dead-letter topic {args.dlq!r} does not exist", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     filters = {
         "rule": args.rule,
         "code": args.code,
@@ -120,7 +121,7 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
     producer = None if args.dry_run else KafkaProducer(config)
     if args.into is not None and args.into not in existing:
         print(f"target topic {args.into!r} does not exist", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     for partition, offset, dead in selected:
         target = args.into or dead.original_topic
         if target not in existing:
@@ -146,7 +147,7 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
             "not_dead_letters": unreadable,
         }
     )
-    return 0
+    return ExitCode.OK
 
 
 # --- load ------------------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
         processor = make_processor(settings, follow_references=not args.no_references)
     except ReferenceFeedError as error:
         print(f"cannot read reference data: {error}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     if processor.feed is not None:
         processor.feed.stop()
     events = processor.events
@@ -172,7 +173,7 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     missing = [t for t in needed if t not in existing]
     if missing:
         print(f"topics missing: {', '.join(missing)} (python -m services.declarations apply)", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     raw = AvroSerializer(SchemaRepository.load()["raw_event"])
     coercer = RecordCoercer.for_raw_event(source=args.source)
     producer = KafkaProducer(config)
@@ -211,7 +212,7 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
             "routes": dict(routes),
         }
     )
-    return 0
+    return ExitCode.OK
 
 
 # --- entry -----------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, Trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.kit.config import load_settings
+from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer
 from services.kit.kafka import client_config, wait_for_broker
 from services.kit.logs import configure_logging
@@ -86,7 +87,6 @@ IN_FLIGHT = Gauge("lp_validator_runtime_in_flight_batches", "Batches produced, n
 ASSIGNED = Gauge("lp_validator_runtime_assigned_partitions", "Input partitions assigned to this worker")
 
 MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
-EXIT_SHUTDOWN_TIMEOUT = 3  # as the kit's Service: SIGTERM work took longer than SHUTDOWN_TIMEOUT_S
 _REQUEST_OVERHEAD = 1024  # produce request and batch headers around a single record
 
 
@@ -650,7 +650,7 @@ class RuntimeWorker(faust.Worker):
 def _exit_after_deadline() -> None:
     log.error("shutdown took longer than SHUTDOWN_TIMEOUT_S: exiting without a clean commit")
     logging.shutdown()
-    os._exit(EXIT_SHUTDOWN_TIMEOUT)
+    os._exit(ExitCode.SHUTDOWN_TIMEOUT)
 
 
 def _broker_topics(settings: StreamRuntimeSettings) -> set[str]:
@@ -698,11 +698,11 @@ def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
         override_logging=False,  # the kit's JSON logging stays in place
         redirect_stdouts=False,
     )
-    status: int = 0
+    status: int = ExitCode.OK
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        status = exit_.code if isinstance(exit_.code, int) else (ExitCode.OK if exit_.code is None else ExitCode.FAILED)
     finally:
         worker.cancel_deadline()
         health.set_ready(False, "stopped")
@@ -733,12 +733,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         processor = load_processor(args.processor)
     except (ImportError, AttributeError, ValueError, TypeError) as error:
         log.error("cannot load processor %s: %s: %s", args.processor, type(error).__name__, error)
-        return 1
+        return ExitCode.FAILED
     try:
         return run(settings, processor)
     except (TopicsMissing, ConnectionError) as error:
         log.error("cannot start: %s", error)
-        return 1
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from services.archiver.samples import START, processed_events, processed_transac
 from services.archiver.schemas import arrow_schema, default_tables
 from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroSerializer, SchemaRepository
+from services.kit.exits import ExitCode
 from services.snowflake_loader.connection import Warehouse, connect
 from services.snowflake_loader.loader import InjectedCrash, Loader, migrate
 from services.snowflake_loader.settings import LoaderSettings
@@ -123,7 +124,7 @@ class Lake:
 
 
 def _raise_crash(step: str) -> None:
-    raise InjectedCrash(86)
+    raise InjectedCrash(ExitCode.INJECTED_CRASH)
 
 
 def events(count: int, seed: int, start_minutes: int = 0) -> list[dict[str, Any]]:
