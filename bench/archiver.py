@@ -39,7 +39,7 @@ ROUNDS = 3
 
 
 def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
-    from services.archiver.samples import encoded_events
+    from services.testing.samples import encoded_events
 
     distinct = [(key, payload) for key, payload, _ in encoded_events(DISTINCT)]
     produce_all(bootstrap, topic, (distinct[i % DISTINCT] for i in range(events)))

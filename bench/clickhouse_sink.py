@@ -44,8 +44,8 @@ ROUNDS = 2
 
 
 def _payloads(count: int) -> list[tuple[str, bytes]]:
-    from services.clickhouse_sink.samples import ProcessedSamples
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.testing.samples import ProcessedSamples
 
     serialize = AvroSerializer(SchemaRepository.load()["processed_event"])
     return [(e["user_id"], serialize(e)) for e in ProcessedSamples(21, 1000, 500).events(count)]
@@ -201,8 +201,8 @@ def _ceiling(ctx: BenchContext, distinct: list[tuple[str, bytes]], events: int, 
 
 
 def _latency(ctx: BenchContext, distinct_count: int, seconds: float) -> dict[str, float]:
-    from services.clickhouse_sink.samples import ProcessedSamples
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.testing.samples import ProcessedSamples
 
     bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
     topic = f"bench.clickhouse.latency.{uuid.uuid4().hex[:6]}"

@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from services.clickhouse_sink.samples import ProcessedSamples
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
+from services.testing.samples import ProcessedSamples
 from services.validator.deadletter import parse_dead_letter
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,6 @@ from confluent_kafka import Producer
 from pyiceberg.exceptions import NoSuchTableError
 
 from services.archiver.catalog import load_table, open_catalog
-from services.archiver.samples import encoded_events
 from services.archiver.settings import CatalogSettings
 from services.kit.config import settings_from
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
@@ -37,6 +36,7 @@ from services.reconcile import runsummary
 from services.snowflake_loader.connection import open_warehouse
 from services.snowflake_loader.settings import SnowflakeSettings
 from services.stack import LocalStack
+from services.testing.samples import encoded_events
 
 pytestmark = pytest.mark.integration
 
