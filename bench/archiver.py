@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -27,10 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.harness import BenchContext, Result, produce_all
 from services.kit.kafka import create_topics
 from services.kit.memory import use_system_arrow_pool
-from services.kit.paths import repo_root
+from services.testing.net import free_port
+from services.testing.processes import start_module
 
 PARTITIONS = 12
 DISTINCT = 20_000  # distinct payloads, cycled: decoding costs the same, seeding is much faster
@@ -39,7 +38,7 @@ ROUNDS = 3
 
 
 def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
-    from services.archiver.samples import encoded_events
+    from services.testing.samples import encoded_events
 
     distinct = [(key, payload) for key, payload, _ in encoded_events(DISTINCT)]
     produce_all(bootstrap, topic, (distinct[i % DISTINCT] for i in range(events)))
@@ -136,14 +135,7 @@ def _archiver(env: dict[str, str], topic: str, events: int, work_dir: Path, name
         "ARCHIVER_COMMIT_INTERVAL_S": "60",
     }
     log_path = work_dir / f"archiver-{namespace}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.archiver", "run"],
-            env=run_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=repo_root(),
-        )
+    process = start_module("services.archiver", "run", env=run_env, log_path=log_path)
     try:
         deadline = time.monotonic() + 900
         while True:

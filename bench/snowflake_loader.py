@@ -31,10 +31,10 @@ def _lake(env: dict[str, str], work_dir: Path, rows: int) -> tuple[Any, Any, dic
     from services.archiver.catalog import ensure_table, open_catalog
     from services.archiver.committer import TableCommitter
     from services.archiver.rows import AvroRowBuilder, RecordColumns
-    from services.archiver.samples import processed_events
     from services.archiver.schemas import arrow_schema, default_tables
     from services.archiver.settings import CatalogSettings
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.testing.samples import processed_events
 
     namespace = f"bench_sf_{uuid.uuid4().hex[:8]}"
     catalog_env = {

@@ -23,12 +23,13 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.harness import BenchContext, Result, produce_all
 from bench.validator_runtime import _bare_loop, _create_topics, worker_rate
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.paths import repo_root
 from services.operator.apply import apply_declarations
+from services.testing.net import free_port
 from services.validator.cdc import make_envelope
 from services.validator.runtime import Record
 

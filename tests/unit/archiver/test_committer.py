@@ -22,8 +22,8 @@ from services.archiver.committer import (
     snapshot_offsets,
 )
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
+from services.testing.samples import encoded_events
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(200)]

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pytest
 
 from services.clickhouse_sink.client import ChdbClient, ClickHouseClient
-from services.clickhouse_sink.samples import ProcessedSamples
 from services.clickhouse_sink.sink import ClickHouseSink, group_token
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
 from services.kit.avro import AvroDeserializer, AvroSerializer, Schema, SchemaRepository
 from services.kit.sink import PartitionBatch, SinkBackpressure, SinkRecord, TopicPartition, WrittenBatch
+from services.testing.samples import ProcessedSamples
 
 EVENTS_TOPIC, TRANSACTIONS_TOPIC = "events.processed", "transactions.processed"
 

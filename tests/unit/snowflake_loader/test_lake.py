@@ -13,11 +13,11 @@ from services.archiver.catalog import ensure_table, open_catalog
 from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import compact
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events, processed_transactions
 from services.archiver.schemas import arrow_schema, default_tables
 from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.snowflake_loader import lake
+from services.testing.samples import encoded_events, processed_transactions
 
 
 @pytest.fixture
