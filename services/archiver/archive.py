@@ -19,9 +19,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
+from services.contracts.deadletter import Stage
 from services.kit.avro import SchemaRepository
 from services.kit.sink import PartitionBatch, Rejection, Sink, SinkBackpressure, TopicPartition, WriteResult
-from services.validator.deadletter import Stage
 
 from .catalog import ensure_table
 from .committer import CommitError, CommitResult, Fenced, TableCommitter

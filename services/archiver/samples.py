@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from services.archiver.committer import TableCommitter
 from services.archiver.rows import AvroRowBuilder, RecordColumns
 from services.archiver.schemas import arrow_schema
+from services.contracts.deadletter import OriginalMessage, Stage, build_dead_letter
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
-from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
 from services.validator.enrich import enrich_event
 from services.validator.outputs import processed_event
 from services.validator.references import ReferenceStore

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from services.clickhouse_sink.tables import TableSpec, structure
+from services.contracts.deadletter import Stage
 from services.kit.avro import AvroSerializer, DecodeError, Schema
 from services.kit.avro_fast import zigzag_varint
 from services.kit.sink import Rejection, SinkRecord, messages_of
@@ -151,7 +152,7 @@ class BatchDecoder:
                 continue
             result = record.decode()
             if isinstance(result, DecodeError):
-                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
+                rejected.append(Rejection(record, str(result.code), result.message, stage=Stage.DECODE))
                 continue
             kept.append(record)
             current.append(self.serialize(result.record))
@@ -192,7 +193,7 @@ class BatchDecoder:
         for record, payload in zip(records, payloads, strict=True):
             result = record.decode()  # the kit's decoder: the reference for what a valid record is
             if isinstance(result, DecodeError):
-                rejected.append(Rejection(record, str(result.code), result.message, stage=_decode_stage()))
+                rejected.append(Rejection(record, str(result.code), result.message, stage=Stage.DECODE))
             else:
                 good_records.append(record)
                 good_payloads.append(payload)
@@ -239,12 +240,6 @@ class BatchDecoder:
                 )
             )
         return rejections
-
-
-def _decode_stage():
-    from services.validator.deadletter import Stage
-
-    return Stage.DECODE
 
 
 def _escape(text: str) -> str:

@@ -66,7 +66,7 @@ from services.kit.tracing import extract_context
 
 # The dead-letter format is the validator's (same headers, same parser, same replay CLI). It belongs in the kit
 # now that sinks share it; until it moves, the sinks import it from there.
-from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
+from services.contracts.deadletter import OriginalMessage, Stage, build_dead_letter  # isort: skip
 
 log = logging.getLogger(__name__)
 

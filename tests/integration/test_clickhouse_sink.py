@@ -33,9 +33,9 @@ import pytest
 from confluent_kafka import Producer
 
 from services.clickhouse_sink.samples import ProcessedSamples
+from services.contracts.deadletter import parse_dead_letter
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
-from services.validator.deadletter import parse_dead_letter
 
 pytestmark = pytest.mark.integration
 

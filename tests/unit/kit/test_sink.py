@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from prometheus_client import REGISTRY
 
+from services.contracts.deadletter import parse_dead_letter
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.kafka import DeliveryFailed
 from services.kit.sink import (
@@ -27,7 +28,6 @@ from services.kit.sink import (
     backoff_delay,
     check_header,
 )
-from services.validator.deadletter import parse_dead_letter
 
 TOPIC = "things"
 SCHEMA = Schema.from_definition(
