@@ -32,6 +32,7 @@ from zlib import crc32
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.harness import BenchContext, Result, produce_all
+from services.contracts.topics import dead_letter_topic
 from services.testing.net import free_port
 from services.testing.processes import start_module
 from services.validator.runtime import InputRecord, Output
@@ -225,7 +226,7 @@ def run(ctx: BenchContext) -> list[Result]:
     bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
     stamp = time.time_ns()
     source = f"bench.vr.in.{stamp}"
-    _create_topics(bootstrap, source, f"{source}.dlq")
+    _create_topics(bootstrap, source, dead_letter_topic(source))
     _seed(bootstrap, source, events)
     work_dir = Path(tempfile.mkdtemp(prefix="validator-runtime-", dir=ctx.work_dir))
     # Alternate the two and keep the best of each: on a small shared machine a single run is as much a

@@ -37,15 +37,21 @@ from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, start
 from services.cdc.preflight import PreflightError, PreflightReport, connect, run_preflight
 from services.cdc.settings import CdcSettings
 from services.cdc.slots import drop_slot
+from services.contracts.envelope import (
+    OP,
+    OP_DELETE,
+    SNAPSHOT_MARKERS,
+    SOURCE,
+    SOURCE_LSN,
+    SOURCE_SNAPSHOT,
+    SOURCE_TABLE,
+    TOMBSTONE_OP,
+)
+from services.contracts.headers import CDC_LSN, CDC_OP
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
-
-LSN_HEADER = "lp-cdc-lsn"
-OP_HEADER = "lp-cdc-op"
-TOMBSTONE_OP = "tombstone"  # lp-cdc-op of the null-value record that follows a delete
-SNAPSHOT_MARKERS = {"true", "first", "first_in_data_collection", "last_in_data_collection", "last"}
 
 EVENTS = PromCounter("lp_cdc_events_total", "Change events produced to Kafka", ["table", "op"])
 HEARTBEATS = PromCounter("lp_cdc_heartbeats_total", "Debezium heartbeat records produced")
@@ -235,17 +241,17 @@ class CdcService(Service[CdcSettings]):
                     op = TOMBSTONE_OP
                 else:
                     envelope = json.loads(value)
-                    source = envelope.get("source") or {}
-                    lsn, op = source.get("lsn"), envelope.get("op") or "?"
-                    table = source.get("table") or table
-                    if op == "d":
+                    source = envelope.get(SOURCE) or {}
+                    lsn, op = source.get(SOURCE_LSN), envelope.get(OP) or "?"
+                    table = source.get(SOURCE_TABLE) or table
+                    if op == OP_DELETE:
                         self._last_delete[(topic, key or "")] = lsn
-                    snapshot = source.get("snapshot")
+                    snapshot = source.get(SOURCE_SNAPSHOT)
                     if snapshot == "last" or snapshot not in SNAPSHOT_MARKERS:
                         self.streaming = True
-                headers = [*base_headers, (OP_HEADER, op.encode())]
+                headers = [*base_headers, (CDC_OP, op.encode())]
                 if lsn is not None:
-                    headers.append((LSN_HEADER, str(lsn).encode()))
+                    headers.append((CDC_LSN, str(lsn).encode()))
                     last_lsn = lsn
                 self.producer.produce(topic, value.encode() if value is not None else None, key, headers)
                 counts[(table, op)] += 1

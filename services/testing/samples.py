@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from services.contracts.deadletter import OriginalMessage, Stage, build_dead_letter
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.validator.cdc import make_envelope
-from services.validator.deadletter import OriginalMessage, Stage, build_dead_letter
 from services.validator.enrich import enrich_event
 from services.validator.outputs import CENT, MONEY_COLUMNS, processed_event
 from services.validator.references import ReferenceStore

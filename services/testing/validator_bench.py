@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from services.contracts.deadletter import OriginalMessage
 from services.generator.bad_events import BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.testing.samples import load_references
-from services.validator.deadletter import OriginalMessage
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
 from services.validator.enrich import enrich_event

@@ -43,6 +43,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.contracts.headers import TRACEPARENT
 from services.kit.config import load_settings
 from services.kit.health import Health, HealthServer
 from services.kit.kafka import client_config, wait_for_broker
@@ -528,7 +529,7 @@ class BatchRunner(Service):
 def _remote_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None:
     """A W3C traceparent header as a remote SpanContext, parsed by hand (cheaper than the propagator)."""
     for name, value in headers:
-        if name == "traceparent" and value:
+        if name == TRACEPARENT and value:
             parts = value.split(b"-")
             if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
                 return None

@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from services.contracts.deadletter import parse_dead_letter
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
 from services.testing.net import free_port, http_status, metric_totals
 from services.testing.processes import run_module, start_module, stop, wait_for
 from services.testing.samples import ProcessedSamples
-from services.validator.deadletter import parse_dead_letter
 
 pytestmark = pytest.mark.integration
 
