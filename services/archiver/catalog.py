@@ -17,7 +17,10 @@ up metadata files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pyiceberg.catalog import Catalog, load_catalog
@@ -28,6 +31,9 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
 )
 from pyiceberg.table import Table
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from services.kit.avro import SchemaRepository
 
@@ -76,12 +82,7 @@ def catalog_properties(settings: CatalogSettings) -> dict[str, Any]:
         **s3_properties(settings),
     }
     if settings.iceberg_catalog == "sql":
-        uri = settings.sql_uri
-        if uri.startswith("sqlite:///"):
-            from pathlib import Path
-
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        props |= {"type": "sql", "uri": uri, "init_catalog_tables": "true"}
+        props |= {"type": "sql", "uri": settings.sql_uri, "init_catalog_tables": "true"}
     else:
         props |= {"type": "rest", "uri": settings.iceberg_rest_uri}
         if settings.iceberg_rest_token:
@@ -122,9 +123,77 @@ def ensure_table_bucket(settings: CatalogSettings) -> None:
 
 
 def open_catalog(settings: CatalogSettings) -> Catalog:
-    if settings.iceberg_catalog == "rest" and settings.iceberg_create_table_bucket:
+    properties = catalog_properties(settings)
+    if settings.iceberg_catalog == "sql":
+        return open_sql_catalog(settings.iceberg_catalog_name, properties)
+    if settings.iceberg_create_table_bucket:
         ensure_table_bucket(settings)
-    return load_catalog(settings.iceberg_catalog_name, **catalog_properties(settings))
+    return load_catalog(settings.iceberg_catalog_name, **properties)
+
+
+# pyiceberg's SqlCatalog keeps its own tables, and creates them on first open by check-then-create (SQLAlchemy
+# `create_all`): processes opening a fresh catalog together race, and the loser fails with "table iceberg_tables
+# already exists" (two archivers started at once did).
+SQL_CATALOG_TABLES = ("iceberg_tables", "iceberg_namespace_properties")
+
+
+def open_sql_catalog(name: str, properties: dict[str, Any]) -> Catalog:
+    """The SQL catalog, opened safely beside other processes opening it for the first time.
+
+    A SQLite file: an exclusive lock beside it serialises the opening (the first creates the tables, the others
+    find them). Another database: see `load_sql_catalog_retrying`."""
+    database = sqlite_file(properties["uri"])
+    if database is None:
+        return load_sql_catalog_retrying(name, properties)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(database.with_name(database.name + ".lock")):
+        return load_catalog(name, **properties)
+
+
+def load_sql_catalog_retrying(name: str, properties: dict[str, Any], attempts: int = 3) -> Catalog:
+    """An error while opening, once the catalog's tables exist, was a concurrent creator's ("already exists",
+    a unique violation): open again, which creates only what is still missing."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return load_catalog(name, **properties)
+        except DBAPIError as error:
+            if attempt == attempts or not sql_catalog_tables_exist(properties["uri"]):
+                raise
+            log.info("opening the SQL catalog raced another process (%s): opening again", type(error).__name__)
+    raise AssertionError("unreachable")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite URI; None for another database or SQLite in memory."""
+    url = make_url(uri)
+    if (
+        url.get_backend_name() != "sqlite"
+        or url.database in (None, "", ":memory:")
+        or url.query.get("mode") == "memory"
+    ):
+        return None
+    return Path(url.database.removeprefix("file:"))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Held by one process (and one thread) at a time; released on exit, or by the OS if the process dies."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sql_catalog_tables_exist(uri: str) -> bool:
+    """Any of the SQL catalog's own tables exists (some process created them, or is creating them)."""
+    engine = create_engine(uri)
+    try:
+        names = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    return any(table in names for table in SQL_CATALOG_TABLES)
 
 
 def ensure_namespace(catalog: Catalog, namespace: str) -> None:
