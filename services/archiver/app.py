@@ -15,9 +15,9 @@ from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config, require_topics
 from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import RunnerConfig, SinkRunner, SinkService, TopicPartition
+from services.stores.iceberg import open_catalog
 
 from .archive import ArchiverSink
-from .catalog import open_catalog
 from .schemas import TableSpec, default_tables
 from .settings import ArchiverSettings
 

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .catalog import open_catalog
+from services.stores.iceberg import CatalogSettings, open_catalog
+
 from .maintenance import archive_stats
 from .schemas import DEFAULT_DEAD_LETTER_TOPICS, TRANSACTIONS, USER_EVENTS
-from .settings import CatalogSettings
 
 GROUP = "lp-archiver"
 INPUTS = ("events.processed", "transactions.processed", *DEFAULT_DEAD_LETTER_TOPICS)

@@ -22,16 +22,16 @@ from pathlib import Path
 import boto3
 import pytest
 
-from services.archiver.catalog import ensure_table, open_catalog
+from services.archiver.catalog import ensure_table
 from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import compact, read
 from services.archiver.rows import AvroRowBuilder, RecordColumns
 from services.archiver.samples import encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.archiver.writer import write_data_files
 from services.kit.avro import SchemaRepository
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, open_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +46,12 @@ CRASHING_COMMIT = textwrap.dedent(
     """
     import os, sys
     from pyiceberg.catalog.sql import SqlCatalog
-    from services.archiver.catalog import load_table, open_catalog
+    from services.stores.iceberg import load_table, open_catalog
     from services.archiver.committer import TableCommitter
     from services.archiver.rows import AvroRowBuilder, RecordColumns
     from services.archiver.samples import encoded_events
     from services.archiver.schemas import arrow_schema
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings
     from services.kit.avro import SchemaRepository
 
     settings = CatalogSettings.from_env(os.environ)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.archiver.__main__ import main
-from services.archiver.catalog import catalog_properties
-from services.archiver.settings import ArchiverSettings, CatalogSettings
+from services.archiver.settings import ArchiverSettings
 from services.kit.config import ConfigError, load_settings
+from services.stores.iceberg import CatalogSettings, catalog_properties
 
 
 def test_sql_catalog_defaults_to_sqlite_under_the_state_dir(monkeypatch, tmp_path) -> None:

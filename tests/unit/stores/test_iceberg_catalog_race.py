@@ -17,7 +17,7 @@ import pytest
 from pyiceberg.catalog import Catalog, load_catalog
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 
-from services.archiver.catalog import load_sql_catalog_retrying, open_sql_catalog
+from services.stores.iceberg import load_sql_catalog_retrying, open_sql_catalog
 
 OPENERS = 4
 
