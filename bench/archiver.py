@@ -46,7 +46,7 @@ def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
 
 
 def _settings(env: dict[str, str]) -> Any:
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings
 
     return CatalogSettings(**{k.lower(): v for k, v in env.items() if k.lower() in CatalogSettings.model_fields})
 
@@ -65,10 +65,11 @@ def _ceiling(env: dict[str, str], payloads: list[bytes], events: int, namespace:
     from pyiceberg.partitioning import PartitionField, PartitionSpec
     from pyiceberg.transforms import IdentityTransform
 
-    from services.archiver.catalog import ensure_namespace, open_catalog, table_properties
+    from services.archiver.catalog import ensure_namespace, table_properties
     from services.archiver.rows import AvroRowBuilder, RecordColumns
     from services.archiver.schemas import arrow_schema, iceberg_schema
     from services.kit.avro import SchemaRepository
+    from services.stores.iceberg import open_catalog
 
     repository = SchemaRepository.load()
     settings = _settings(env)
@@ -154,7 +155,7 @@ def _archiver(env: dict[str, str], topic: str, events: int, work_dir: Path, name
         if process.poll() is None:
             process.kill()
             process.wait()
-    from services.archiver.catalog import load_table, open_catalog
+    from services.stores.iceberg import load_table, open_catalog
 
     settings = _settings(catalog_env)
     table = load_table(open_catalog(settings), settings, "user_events")

@@ -207,7 +207,12 @@ def _run_ceiling() -> int:
     properties = local_properties(
         load_properties(settings.cdc_connector_properties), settings.connector_variables(), settings.offsets_file
     )
-    run_preflight(settings.postgres_dsn, settings.tables, properties["publication.name"], properties["slot.name"])
+    run_preflight(
+        settings.postgres_dsn.get_secret_value(),
+        settings.tables,
+        properties["publication.name"],
+        properties["slot.name"],
+    )
     start_jvm(jvm_options(settings.cdc_jvm_heap_mb, "bench-cdc-ceiling", "WARN", "text"))
     counted = 0
     users_topic = properties["transforms.route.replacement"].replace("$1", "users")

@@ -120,12 +120,12 @@ def ceiling_child(database_dir: str, batch_rows: int, payload_file: str, events:
     """In a child process: decode the batches once, then time bare inserts of them (prints rows/s)."""
     import pyarrow as pa
 
-    from services.clickhouse_sink.client import ChdbClient
     from services.clickhouse_sink.decode import BatchDecoder
     from services.clickhouse_sink.sink import ClickHouseSink, insert_settings
     from services.clickhouse_sink.tables import EVENTS
     from services.kit.avro import AvroDeserializer, SchemaRepository
     from services.kit.sink import SinkRecord
+    from services.stores.clickhouse import ChdbClient
 
     schemas = SchemaRepository.load()
     client = ChdbClient(Path(database_dir))

@@ -16,9 +16,9 @@ from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
 from services.contracts.topics import dead_letter_topic
 from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import Rejection, SinkService, TopicPartition
+from services.stores.iceberg import open_catalog
 
 from .archive import ArchiverSink
-from .catalog import open_catalog
 from .schemas import TableSpec, default_tables
 from .settings import ArchiverSettings
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from services.contracts.topics import EVENTS_PROCESSED, TRANSACTIONS_PROCESSED
+from services.stores.iceberg import CatalogSettings, open_catalog
 
-from .catalog import open_catalog
 from .maintenance import archive_stats
 from .schemas import DEFAULT_DEAD_LETTER_TOPICS, TRANSACTIONS, USER_EVENTS
-from .settings import CatalogSettings
 
 GROUP = "lp-archiver"
 INPUTS = (EVENTS_PROCESSED, TRANSACTIONS_PROCESSED, *DEFAULT_DEAD_LETTER_TOPICS)

@@ -100,7 +100,7 @@ def prepare(settings: CdcSettings) -> CdcPlan:
     forget_offsets_of_another_cluster(settings, properties["slot.name"], cluster_id(kafka))
     resume = settings.offsets_file.exists() and settings.offsets_file.stat().st_size > 0
     report = run_preflight(
-        settings.postgres_dsn,
+        settings.postgres_dsn.get_secret_value(),
         captured_tables(properties),
         properties["publication.name"],
         properties["slot.name"],
@@ -129,7 +129,7 @@ def forget_offsets_of_another_cluster(settings: CdcSettings, slot: str, cluster:
             extra={"offsets_cluster": recorded, "kafka_cluster": cluster, "slot": slot},
         )
         settings.offsets_file.unlink()
-        with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn:
+        with psycopg.connect(settings.postgres_dsn.get_secret_value(), autocommit=True) as conn:
             row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
             if row is not None and (row[0] or drop_slot(conn, slot) is not None):
                 raise PreflightError(f"replication slot {slot} is in use by another process: cannot start over")
@@ -318,7 +318,9 @@ class CdcService(Service[CdcSettings]):
         self._lag_checked = now
         try:
             if self._lag_conn is None or self._lag_conn.closed:
-                self._lag_conn = connect(self.settings.postgres_dsn, connect_timeout=2, application_name="lp-cdc-lag")
+                self._lag_conn = connect(
+                    self.settings.postgres_dsn.get_secret_value(), connect_timeout=2, application_name="lp-cdc-lag"
+                )
             row = self._lag_conn.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
                 "WHERE slot_name = %s",

@@ -14,27 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from services.clickhouse_sink import queries
-from services.clickhouse_sink.client import ChdbClient, ClickHouseClient, NativeClient
 from services.clickhouse_sink.query_server import QueryServer
-from services.clickhouse_sink.settings import ClickHouseSettings, ClickHouseSinkSettings
+from services.clickhouse_sink.settings import ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
 from services.contracts.topics import dead_letter_topic
 from services.kit.sink import Rejection, Sink, SinkService
-
-
-def make_client(settings: ClickHouseSettings) -> ClickHouseClient:
-    if settings.clickhouse_client == "chdb":
-        return ChdbClient(settings.clickhouse_chdb_path)
-    return NativeClient(
-        settings.clickhouse_host,
-        settings.clickhouse_port,
-        settings.clickhouse_user,
-        settings.clickhouse_password,
-        settings.clickhouse_secure,
-    )
+from services.stores import clickhouse_queries as queries
+from services.stores.clickhouse import make_client
 
 
 class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.contracts.headers import INJECTED_FAULT, PRODUCER
 from services.contracts.topics import EVENTS_RAW
@@ -39,7 +39,7 @@ PENDING = Gauge("lp_generator_pending_deliveries", "Records handed to the produc
 
 class GeneratorSettings(ServiceSettings):
     service_name: str = "generator"
-    postgres_dsn: str = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string.")
+    postgres_dsn: SecretStr = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string.")
     events_topic: str = EVENTS_RAW
     events: int = Field(0, ge=0, description="Stop after this many events; 0 runs until SIGTERM.")
     rate: float = Field(1000.0, ge=0, description="Events per second; 0 = as fast as possible.")
@@ -72,7 +72,7 @@ class Generator(Service[GeneratorSettings]):
         self.producer = KafkaProducer(kafka)
         self.producer.stats.latency.histogram = PRODUCE_LATENCY
         self.producer.warm_up(s.events_topic)
-        self.oltp = OltpWriter.connect(s.postgres_dsn)
+        self.oltp = OltpWriter.connect(s.postgres_dsn.get_secret_value())
         self.oltp.apply_schema()
         self.sim = Simulation(s.seed, s.users, s.products, start_time=s.simulated_start)
         self.bad = BadEventGenerator(s.seed, self.sim.users, self.sim.products, share=s.bad_event_share)

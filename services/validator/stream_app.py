@@ -557,7 +557,7 @@ def _broker_credentials(settings: StreamRuntimeSettings) -> Any:
         return faust.SSLCredentials(context)
     return faust.SASLCredentials(
         username=settings.kafka_sasl_username,
-        password=settings.kafka_sasl_password,
+        password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
         mechanism=settings.kafka_sasl_mechanism or "PLAIN",
         ssl_context=context,
     )

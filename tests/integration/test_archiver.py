@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Message, Producer
 
-from services.archiver.catalog import ensure_table, load_table, open_catalog
-from services.archiver.committer import Fenced, TableCommitter, snapshot_offsets
+from services.archiver.catalog import ensure_table
+from services.archiver.committer import Fenced, TableCommitter
 from services.archiver.rows import AvroRowBuilder, RecordColumns
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, load_table, open_catalog
+from services.stores.iceberg_offsets import snapshot_offsets
 from services.testing.net import free_port, metric_totals
 from services.testing.processes import log_tails, run_module, start_module, stop, wait_for
 from services.testing.samples import START, dead_letter, encoded_events, processed_transactions

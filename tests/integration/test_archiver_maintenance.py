@@ -22,14 +22,14 @@ from pathlib import Path
 import boto3
 import pytest
 
-from services.archiver.catalog import ensure_table, open_catalog
+from services.archiver.catalog import ensure_table
 from services.archiver.maintenance import compact, read
 from services.archiver.rows import AvroRowBuilder, RecordColumns
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.archiver.writer import write_data_files
 from services.kit.avro import SchemaRepository
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, open_catalog
 from services.testing.archiver_samples import commit_samples
 from services.testing.processes import run_module
 from services.testing.samples import encoded_events
@@ -47,12 +47,12 @@ CRASHING_COMMIT = textwrap.dedent(
     """
     import os, sys
     from pyiceberg.catalog.sql import SqlCatalog
-    from services.archiver.catalog import load_table, open_catalog
+    from services.stores.iceberg import load_table, open_catalog
     from services.archiver.committer import TableCommitter
     from services.archiver.rows import AvroRowBuilder, RecordColumns
     from services.testing.samples import encoded_events
     from services.archiver.schemas import arrow_schema
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings
     from services.kit.avro import SchemaRepository
 
     settings = CatalogSettings.from_env(os.environ)

@@ -24,14 +24,12 @@ import pytest
 from confluent_kafka import Producer
 from pyiceberg.exceptions import NoSuchTableError
 
-from services.archiver.catalog import load_table, open_catalog
-from services.archiver.settings import CatalogSettings
 from services.kit.config import settings_from
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 from services.reconcile import runsummary
-from services.snowflake_loader.connection import open_warehouse
-from services.snowflake_loader.settings import SnowflakeSettings
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, load_table, open_catalog
+from services.stores.snowflake import SnowflakeSettings, open_warehouse
 from services.testing.net import free_port
 from services.testing.processes import kill, run_module, start_module, stop, wait_for
 from services.testing.samples import encoded_events
@@ -211,7 +209,7 @@ def test_a_planted_discrepancy_is_named_with_its_store_and_exits_1(loaded: Loade
     assert gone_day != altered_day
     # ClickHouse loses an event (a lightweight DELETE, through the sink's own client on its folder) ...
     script = (
-        "import sys; from pathlib import Path; from services.clickhouse_sink.client import ChdbClient\n"
+        "import sys; from pathlib import Path; from services.stores.clickhouse import ChdbClient\n"
         "c = ChdbClient(Path(sys.argv[1]))\n"
         "c.execute(f\"ALTER TABLE lambda_pipeline.user_events_realtime DELETE WHERE event_id = toUUID('{sys.argv[2]}') "
         'SETTINGS mutations_sync = 2")\n'

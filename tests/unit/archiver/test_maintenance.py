@@ -10,9 +10,10 @@ import pytest
 
 import services.archiver.maintenance as maintenance
 from services.archiver.catalog import ensure_table
-from services.archiver.committer import TableCommitter, snapshot_offsets
+from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import NoSuchSnapshot, compact, expire, history, read, stats
 from services.archiver.schemas import default_tables
+from services.stores.iceberg_offsets import snapshot_offsets
 from services.testing.archiver_samples import commit_samples
 from services.testing.samples import encoded_events
 
