@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -27,10 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.harness import BenchContext, Result, produce_all
 from services.kit.kafka import create_topics
 from services.kit.memory import use_system_arrow_pool
-from services.kit.paths import repo_root
+from services.testing.net import free_port
+from services.testing.processes import start_module
 
 PARTITIONS = 12
 DISTINCT = 20_000  # distinct payloads, cycled: decoding costs the same, seeding is much faster
@@ -39,7 +38,7 @@ ROUNDS = 3
 
 
 def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
-    from services.archiver.samples import encoded_events
+    from services.testing.samples import encoded_events
 
     distinct = [(key, payload) for key, payload, _ in encoded_events(DISTINCT)]
     produce_all(bootstrap, topic, (distinct[i % DISTINCT] for i in range(events)))
@@ -47,7 +46,7 @@ def _seed(bootstrap: str, topic: str, events: int) -> list[bytes]:
 
 
 def _settings(env: dict[str, str]) -> Any:
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings
 
     return CatalogSettings(**{k.lower(): v for k, v in env.items() if k.lower() in CatalogSettings.model_fields})
 
@@ -66,10 +65,11 @@ def _ceiling(env: dict[str, str], payloads: list[bytes], events: int, namespace:
     from pyiceberg.partitioning import PartitionField, PartitionSpec
     from pyiceberg.transforms import IdentityTransform
 
-    from services.archiver.catalog import ensure_namespace, open_catalog, table_properties
+    from services.archiver.catalog import ensure_namespace, table_properties
     from services.archiver.rows import AvroRowBuilder, RecordColumns
     from services.archiver.schemas import arrow_schema, iceberg_schema
     from services.kit.avro import SchemaRepository
+    from services.stores.iceberg import open_catalog
 
     repository = SchemaRepository.load()
     settings = _settings(env)
@@ -136,14 +136,7 @@ def _archiver(env: dict[str, str], topic: str, events: int, work_dir: Path, name
         "ARCHIVER_COMMIT_INTERVAL_S": "60",
     }
     log_path = work_dir / f"archiver-{namespace}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.archiver", "run"],
-            env=run_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=repo_root(),
-        )
+    process = start_module("services.archiver", "run", env=run_env, log_path=log_path)
     try:
         deadline = time.monotonic() + 900
         while True:
@@ -162,7 +155,7 @@ def _archiver(env: dict[str, str], topic: str, events: int, work_dir: Path, name
         if process.poll() is None:
             process.kill()
             process.wait()
-    from services.archiver.catalog import load_table, open_catalog
+    from services.stores.iceberg import load_table, open_catalog
 
     settings = _settings(catalog_env)
     table = load_table(open_catalog(settings), settings, "user_events")

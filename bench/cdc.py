@@ -29,7 +29,8 @@ from psycopg.conninfo import make_conninfo
 from bench.harness import BenchContext, Result
 from services.cdc.slots import drop_database_and_slots
 from services.generator.oltp import OltpWriter
-from services.stack.settings import pick_free_ports
+from services.testing.net import free_port
+from services.testing.processes import start_module
 
 BATCH_ROWS = 1_000
 _INSERT = (
@@ -91,10 +92,7 @@ def _ceiling(ctx: BenchContext, admin_dsn: str, rows: int) -> float:
         "LOG_LEVEL": "WARNING",
     }
     try:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.cdc", "ceiling"], env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+        process = start_module("bench.cdc", "ceiling", env=env, log_path=log)
         try:
             _wait_file(ready, process, 120, log)
             started = _insert(dsn, rows)
@@ -125,7 +123,7 @@ def _service(ctx: BenchContext, admin_dsn: str, rows: int) -> tuple[float, dict[
     topics = [NewTopic(f"{prefix}.postgres.{table}", n, 1) for table, n in partitions.items()]
     for future in admin.create_topics([*topics, NewTopic(f"{prefix}.heartbeat", 1, 1)]).values():
         future.result(timeout=30)
-    (port,) = pick_free_ports(1)
+    port = free_port()
     report = ctx.work_dir / "cdc-service-report.json"
     log = ctx.work_dir / "cdc-service-log.txt"
     env = {
@@ -141,10 +139,7 @@ def _service(ctx: BenchContext, admin_dsn: str, rows: int) -> tuple[float, dict[
         "LOG_LEVEL": "WARNING",
     }
     try:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services.cdc"], env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+        process = start_module("services.cdc", env=env, log_path=log)
         try:
             deadline = time.monotonic() + 120
             while True:  # streaming: the empty snapshot is done once the first heartbeat went through
@@ -212,7 +207,12 @@ def _run_ceiling() -> int:
     properties = local_properties(
         load_properties(settings.cdc_connector_properties), settings.connector_variables(), settings.offsets_file
     )
-    run_preflight(settings.postgres_dsn, settings.tables, properties["publication.name"], properties["slot.name"])
+    run_preflight(
+        settings.postgres_dsn.get_secret_value(),
+        settings.tables,
+        properties["publication.name"],
+        properties["slot.name"],
+    )
     start_jvm(jvm_options(settings.cdc_jvm_heap_mb, "bench-cdc-ceiling", "WARN", "text"))
     counted = 0
     users_topic = properties["transforms.route.replacement"].replace("$1", "users")

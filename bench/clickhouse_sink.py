@@ -25,16 +25,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
 
-from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.harness import BenchContext, Result, produce_all
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 from services.kit.paths import repo_root
+from services.testing.net import free_port, metric_totals
+from services.testing.processes import start_module
 
 PARTITIONS = 12
 DISTINCT = 20_000  # distinct payloads, cycled: decoding and inserting cost the same, seeding is much faster
@@ -44,8 +45,8 @@ ROUNDS = 2
 
 
 def _payloads(count: int) -> list[tuple[str, bytes]]:
-    from services.clickhouse_sink.samples import ProcessedSamples
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.testing.samples import ProcessedSamples
 
     serialize = AvroSerializer(SchemaRepository.load()["processed_event"])
     return [(e["user_id"], serialize(e)) for e in ProcessedSamples(21, 1000, 500).events(count)]
@@ -53,20 +54,6 @@ def _payloads(count: int) -> list[tuple[str, bytes]]:
 
 def _produce(bootstrap: str, topic: str, distinct: list[tuple[str, bytes]], events: int) -> None:
     produce_all(bootstrap, topic, (distinct[i % len(distinct)] for i in range(events)))
-
-
-def _metrics(port: int) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return totals
 
 
 class _Sink:
@@ -91,14 +78,7 @@ class _Sink:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.clickhouse_sink"],
-                env=self.env,
-                cwd=repo_root(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = start_module("services.clickhouse_sink", env=self.env, log_path=self.log)
 
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -120,7 +100,7 @@ def _sink_rate(ctx: BenchContext, topic: str, events: int, round_: int) -> tuple
     deadline = time.monotonic() + 600
     while True:
         sink.check()
-        written = _metrics(sink.port).get("lp_sink_rows_written_total", 0.0)
+        written = metric_totals(sink.port).get("lp_sink_rows_written_total", 0.0)
         now = time.monotonic()
         if first is None and written > 0:
             first = (now, written)
@@ -129,7 +109,7 @@ def _sink_rate(ctx: BenchContext, topic: str, events: int, round_: int) -> tuple
         if now > deadline:
             raise RuntimeError(f"the sink wrote {written:.0f}/{events} rows in 600 s; log: {sink.log}")
         time.sleep(0.05)
-    inserts = int(_metrics(sink.port).get("lp_clickhouse_inserts_total", 0.0))
+    inserts = int(metric_totals(sink.port).get("lp_clickhouse_inserts_total", 0.0))
     sink.stop()
     assert first is not None
     seconds = max(1e-6, now - first[0])
@@ -140,12 +120,12 @@ def ceiling_child(database_dir: str, batch_rows: int, payload_file: str, events:
     """In a child process: decode the batches once, then time bare inserts of them (prints rows/s)."""
     import pyarrow as pa
 
-    from services.clickhouse_sink.client import ChdbClient
     from services.clickhouse_sink.decode import BatchDecoder
     from services.clickhouse_sink.sink import ClickHouseSink, insert_settings
     from services.clickhouse_sink.tables import EVENTS
     from services.kit.avro import AvroDeserializer, SchemaRepository
     from services.kit.sink import SinkRecord
+    from services.stores.clickhouse import ChdbClient
 
     schemas = SchemaRepository.load()
     client = ChdbClient(Path(database_dir))
@@ -201,8 +181,8 @@ def _ceiling(ctx: BenchContext, distinct: list[tuple[str, bytes]], events: int, 
 
 
 def _latency(ctx: BenchContext, distinct_count: int, seconds: float) -> dict[str, float]:
-    from services.clickhouse_sink.samples import ProcessedSamples
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.testing.samples import ProcessedSamples
 
     bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
     topic = f"bench.clickhouse.latency.{uuid.uuid4().hex[:6]}"
@@ -211,7 +191,9 @@ def _latency(ctx: BenchContext, distinct_count: int, seconds: float) -> dict[str
     sink.start()
     # Wait until the sink owns its partitions (its group join takes seconds on the local broker).
     deadline = time.monotonic() + 120
-    while _metrics(sink.port).get("lp_sink_paused_partitions", 1.0) != 0.0 or "assigned" not in sink.log.read_text():
+    while (
+        metric_totals(sink.port).get("lp_sink_paused_partitions", 1.0) != 0.0 or "assigned" not in sink.log.read_text()
+    ):
         sink.check()
         if time.monotonic() > deadline:
             raise RuntimeError(f"the sink did not get its partitions; log: {sink.log}")
@@ -227,7 +209,7 @@ def _latency(ctx: BenchContext, distinct_count: int, seconds: float) -> dict[str
         if ahead > 0:
             producer.poll(ahead)
     producer.flush(60)
-    while _metrics(sink.port).get("lp_sink_rows_written_total", 0.0) < total:
+    while metric_totals(sink.port).get("lp_sink_rows_written_total", 0.0) < total:
         sink.check()
         time.sleep(0.2)
     report = sink.stop()

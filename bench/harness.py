@@ -142,9 +142,3 @@ def produce_all(
     remaining = producer.flush(120)
     if remaining:
         raise RuntimeError(f"producing to {topic} left {remaining} records undelivered")
-
-
-def free_port() -> int:
-    from services.stack.settings import pick_free_ports
-
-    return pick_free_ports(1)[0]

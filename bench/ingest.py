@@ -17,11 +17,11 @@ from bench.harness import BenchContext, Result
 from services.generator.model import Simulation
 from services.ingest.client import IngestClient
 from services.ingest.contract import SOURCE, record_to_event
-from services.ingest.launcher import IngestProcess
 from services.ingest.v1 import ingest_pb2 as pb
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import count_messages, create_topics
 from services.kit.metrics import LatencyRecorder
+from services.testing.ingest import IngestProcess
 
 BATCH = 500
 CLIENT_THREADS = 4

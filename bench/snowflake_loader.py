@@ -28,13 +28,13 @@ DISTINCT = 20_000  # distinct sample events, repeated with fresh event ids: gene
 
 
 def _lake(env: dict[str, str], work_dir: Path, rows: int) -> tuple[Any, Any, dict[str, str]]:
-    from services.archiver.catalog import ensure_table, open_catalog
+    from services.archiver.catalog import ensure_table
     from services.archiver.committer import TableCommitter
     from services.archiver.rows import AvroRowBuilder, RecordColumns
-    from services.archiver.samples import processed_events
     from services.archiver.schemas import arrow_schema, default_tables
-    from services.archiver.settings import CatalogSettings
     from services.kit.avro import AvroSerializer, SchemaRepository
+    from services.stores.iceberg import CatalogSettings, open_catalog
+    from services.testing.samples import processed_events
 
     namespace = f"bench_sf_{uuid.uuid4().hex[:8]}"
     catalog_env = {
@@ -81,9 +81,9 @@ def _ceiling(env: dict[str, str], table: Any, work_dir: Path) -> float:
     """Rows/s of bare write_pandas of the RAW-shaped rows into RAW.USER_EVENTS (table made by the migrations)."""
     from snowflake.connector.pandas_tools import write_pandas
 
-    from services.snowflake_loader.connection import Warehouse, connect
     from services.snowflake_loader.lake import raw_rows
     from services.snowflake_loader.loader import migrate
+    from services.stores.snowflake import Warehouse, connect
 
     settings = _settings(env, f"BENCH_WP_{uuid.uuid4().hex[:8].upper()}", work_dir)
     shaped = [
@@ -107,8 +107,8 @@ def _ceiling(env: dict[str, str], table: Any, work_dir: Path) -> float:
 
 
 def _loader(env: dict[str, str], catalog: Any, rows: int, work_dir: Path) -> tuple[float, dict[str, float]]:
-    from services.snowflake_loader.connection import Warehouse, connect
     from services.snowflake_loader.loader import Loader, migrate
+    from services.stores.snowflake import Warehouse, connect
 
     settings = _settings(env, f"BENCH_LD_{uuid.uuid4().hex[:8].upper()}", work_dir)
     warehouse = Warehouse(connect(settings))

@@ -23,12 +23,14 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.harness import BenchContext, Result, free_port, produce_all
+from bench.harness import BenchContext, Result, produce_all
 from bench.validator_runtime import _bare_loop, _create_topics, worker_rate
+from services.contracts.topics import CDC_PRODUCTS, CDC_USERS, EVENTS_RAW
 from services.declarations.apply import apply_declarations
 from services.generator.model import Simulation
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.paths import repo_root
+from services.testing.net import free_port
 from services.validator.cdc import make_envelope
 from services.validator.runtime import Record
 
@@ -54,8 +56,8 @@ def _seed_references(bootstrap: str, simulation: Simulation) -> None:
     for product in simulation.products:
         envelope = make_envelope("r", "products", after=asdict(product), ts_ms=stamp)
         products.append((json.dumps({"product_id": product.product_id}), json.dumps(envelope, default=str).encode()))
-    produce_all(bootstrap, "cdc.postgres.users", users)
-    produce_all(bootstrap, "cdc.postgres.products", products)
+    produce_all(bootstrap, CDC_USERS, users)
+    produce_all(bootstrap, CDC_PRODUCTS, products)
 
 
 def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
@@ -67,12 +69,12 @@ def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
         "CONSUMER_GROUP": f"bench-validator-{time.time_ns()}",
         "HTTP_PORT": str(port),
     }
-    return worker_rate(["services.validator"], run_env, port, "events.raw", events, work_dir / "validator-bench.log")
+    return worker_rate(["services.validator"], run_env, port, EVENTS_RAW, events, work_dir / "validator-bench.log")
 
 
 def _processor_rate(simulation: Simulation, records: list[tuple[bytes, bytes]]) -> float:
     """The processor alone, in batches of 2000 as the runtime hands them over, no Kafka."""
-    from services.validator.app import ValidatorProcessor
+    from services.validator.processor import ValidatorProcessor
     from services.validator.rulebook import RuleBook
 
     processor = ValidatorProcessor(RuleBook(), SchemaRepository.load())
@@ -80,7 +82,7 @@ def _processor_rate(simulation: Simulation, records: list[tuple[bytes, bytes]]) 
         processor.references.put("users", {k: v for k, v in asdict(user).items() if k != "shipping_address"})
     for product in simulation.products:
         processor.references.put("products", asdict(product))
-    batch = [Record("events.raw", 0, offset, key, value) for offset, (key, value) in enumerate(records)]
+    batch = [Record(EVENTS_RAW, 0, offset, key, value) for offset, (key, value) in enumerate(records)]
     started = time.perf_counter()
     for start in range(0, len(batch), 2000):
         processor(batch[start : start + 2000])
@@ -95,13 +97,13 @@ def run(ctx: BenchContext) -> list[Result]:
         raise RuntimeError(f"declarations not applied:\n{report.table()}")
     simulation, records = _events(events)
     _seed_references(bootstrap, simulation)
-    produce_all(bootstrap, "events.raw", records)
+    produce_all(bootstrap, EVENTS_RAW, records)
     work_dir = Path(tempfile.mkdtemp(prefix="validator-", dir=ctx.work_dir))
     ceilings, services = [], []
     for round_ in range(ROUNDS):  # alternate and keep the best of each: the machine is small and shared
         bare_out = f"bench.validator.bare.{time.time_ns()}.{round_}"
         _create_topics(bootstrap, bare_out)
-        ceilings.append(asyncio.run(_bare_loop(bootstrap, "events.raw", bare_out, events)))
+        ceilings.append(asyncio.run(_bare_loop(bootstrap, EVENTS_RAW, bare_out, events)))
         services.append(_service_rate(ctx.env, events, work_dir))
     ceiling, service = max(ceilings), max(services)
     in_process = _processor_rate(simulation, records[: min(len(records), 40_000)])

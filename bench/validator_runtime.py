@@ -31,8 +31,10 @@ from zlib import crc32
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.harness import BenchContext, Result, free_port, produce_all
-from services.kit.paths import repo_root
+from bench.harness import BenchContext, Result, produce_all
+from services.contracts.topics import dead_letter_topic
+from services.testing.net import free_port
+from services.testing.processes import start_module
 from services.validator.runtime import InputRecord, Output
 
 PARTITIONS = 12
@@ -163,10 +165,7 @@ def worker_rate(
 ) -> float:
     """Run `python -m <module_args>` (a streaming-runtime worker) and return its records/s on `topic`, from its
     first processed record to the `events`-th, read from its /metrics (start-up excluded)."""
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", *module_args], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=repo_root()
-        )
+    process = start_module(*module_args, env=env, log_path=log_path)
     try:
         first: tuple[float, float] | None = None
         deadline = time.monotonic() + 900
@@ -227,7 +226,7 @@ def run(ctx: BenchContext) -> list[Result]:
     bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
     stamp = time.time_ns()
     source = f"bench.vr.in.{stamp}"
-    _create_topics(bootstrap, source, f"{source}.dlq")
+    _create_topics(bootstrap, source, dead_letter_topic(source))
     _seed(bootstrap, source, events)
     work_dir = Path(tempfile.mkdtemp(prefix="validator-runtime-", dir=ctx.work_dir))
     # Alternate the two and keep the best of each: on a small shared machine a single run is as much a

@@ -122,18 +122,19 @@ def _tools(args: argparse.Namespace) -> int:
     from pyiceberg.exceptions import NoSuchTableError
 
     from services.kit.avro import SchemaRepository
+    from services.stores.iceberg import load_table, open_catalog
 
-    from .catalog import ensure_table, load_table, open_catalog
+    from .catalog import ensure_table
     from .maintenance import NoSuchSnapshot, OrphanCheckError, archive_stats, compact, expire, history, read
     from .schemas import BreakingSchemaChange, default_tables, fields_with_default, plan_evolution
-    from .settings import ArchiverSettings, CatalogSettings
+    from .settings import ArchiverCommandSettings, ArchiverSettings
 
     if args.command == "remove-orphans":
         problem = _orphan_arguments(args)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return ExitCode.CONFIG
-    settings = load_settings(CatalogSettings)
+    settings = load_settings(ArchiverCommandSettings)
     catalog = open_catalog(settings)
     repository = SchemaRepository.load()
     specs = {spec.name: spec for spec in default_tables()}
@@ -240,8 +241,8 @@ def _replay(args: argparse.Namespace, settings: Any, catalog: Any, spec: Any, re
     from confluent_kafka.admin import AdminClient
 
     from services.kit.kafka import KafkaProducer, client_config, wait_for_broker
+    from services.stores.iceberg import load_table
 
-    from .catalog import load_table
     from .replay import ReplayError, replay
 
     if not settings.kafka_bootstrap_servers:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
-from typing import cast
 
+from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
+from services.contracts.topics import dead_letter_topic
 from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import Rejection, SinkService, TopicPartition
-from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
+from services.stores.iceberg import open_catalog
 
 from .archive import ArchiverSink
-from .catalog import open_catalog
 from .schemas import TableSpec, default_tables
 from .settings import ArchiverSettings
 
@@ -61,17 +61,10 @@ class ArchiverService(SinkService[ArchiverSettings]):
         )
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
-        """A refused record in the validator's dead-letter format, to `<topic>.archiver.dlq`."""
-        record = rejection.record
-        return build_dead_letter(
-            OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers),
-            code=rejection.code,
-            stage=cast(Stage, str(rejection.stage)),  # "store" is no validator stage yet
-            message=rejection.message,
-            now=now,
-            field=rejection.field,
-            topic=self.dead_letter_topic(record.topic),
-        )
+        return from_sink_rejection(rejection, now=now, sink=self.sink.name)
+
+    def dead_letter_topic(self, topic: str) -> str:
+        return dead_letter_topic(topic, self.sink.name)
 
     def _on_fenced(self, partitions: list[TopicPartition]) -> None:
         self._resync.extend(partitions)  # applied after the runner's step (we are inside its write here)

@@ -1,7 +1,4 @@
-"""The Iceberg catalog chosen by the environment, and the archive tables in it.
-
-Locally: pyiceberg's SQL catalog (SQLite under the state dir) with data on SeaweedFS's S3. On Kubernetes: a
-REST catalog (any: Polaris, Lakekeeper, S3 Tables, SeaweedFS's own) and any S3. The same code runs on both.
+"""The archive tables in the Iceberg catalog (`services.stores.iceberg` opens it): creating and evolving them.
 
 `ensure_table` creates a table (partitioned by day of event time and by event type, Parquet + zstd, few large
 files) or brings an existing one to the current Avro contract (`schemas.plan_evolution`: new optional columns
@@ -18,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
-from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import (
     CommitFailedException,
     NamespaceAlreadyExistsError,
@@ -30,9 +26,9 @@ from pyiceberg.exceptions import (
 from pyiceberg.table import Table
 
 from services.kit.avro import SchemaRepository
+from services.stores.iceberg import CatalogSettings, identifier
 
 from .schemas import BreakingSchemaChange, Evolution, TableSpec, fields_with_default, plan_evolution
-from .settings import CatalogSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,93 +53,9 @@ def table_properties(target_file_size_bytes: int = 512 * 1024 * 1024) -> dict[st
 ENFORCED_PROPERTIES = (COMMIT_RETRIES, "write.metadata.delete-after-commit.enabled")
 
 
-def s3_properties(settings: CatalogSettings) -> dict[str, str]:
-    props = {"s3.region": settings.aws_region}
-    if settings.s3_endpoint_url:
-        props["s3.endpoint"] = settings.s3_endpoint_url
-        props["s3.path-style-access"] = "true"
-    if settings.aws_access_key_id:
-        props["s3.access-key-id"] = settings.aws_access_key_id
-    if settings.aws_secret_access_key:
-        props["s3.secret-access-key"] = settings.aws_secret_access_key
-    return props
-
-
-def catalog_properties(settings: CatalogSettings) -> dict[str, Any]:
-    props: dict[str, Any] = {
-        "warehouse": settings.warehouse,
-        "py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO",
-        **s3_properties(settings),
-    }
-    if settings.iceberg_catalog == "sql":
-        uri = settings.sql_uri
-        if uri.startswith("sqlite:///"):
-            from pathlib import Path
-
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        props |= {"type": "sql", "uri": uri, "init_catalog_tables": "true"}
-    else:
-        props |= {"type": "rest", "uri": settings.iceberg_rest_uri}
-        if settings.iceberg_rest_token:
-            props["token"] = settings.iceberg_rest_token
-        elif settings.iceberg_rest_sigv4:
-            props |= {"rest.sigv4-enabled": "true", "rest.signing-region": settings.aws_region}
-        else:
-            credential = settings.iceberg_rest_credential
-            if credential is None and settings.aws_access_key_id and settings.aws_secret_access_key:
-                credential = f"{settings.aws_access_key_id}:{settings.aws_secret_access_key}"
-            if credential:
-                props["credential"] = credential
-    return props
-
-
-def ensure_table_bucket(settings: CatalogSettings) -> None:
-    """SeaweedFS (like AWS S3 Tables) serves a REST warehouse per s3tables table bucket: create it once."""
-    import boto3
-    from botocore.exceptions import ClientError
-
-    name = settings.warehouse.removeprefix("s3://").split("/", 1)[0]
-    client = boto3.client(
-        "s3tables",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.aws_region,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=settings.aws_secret_access_key,
-    )
-    existing = {bucket["name"] for bucket in client.list_table_buckets().get("tableBuckets", [])}
-    if name in existing:
-        return
-    try:
-        client.create_table_bucket(name=name)
-        log.info("created table bucket %s", name)
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") not in ("ConflictException", "BucketAlreadyExists"):
-            raise
-
-
-def open_catalog(settings: CatalogSettings) -> Catalog:
-    if settings.iceberg_catalog == "rest" and settings.iceberg_create_table_bucket:
-        ensure_table_bucket(settings)
-    return load_catalog(settings.iceberg_catalog_name, **catalog_properties(settings))
-
-
 def ensure_namespace(catalog: Catalog, namespace: str) -> None:
     with contextlib.suppress(NamespaceAlreadyExistsError):
         catalog.create_namespace(namespace)
-
-
-def identifier(settings: CatalogSettings, table: str) -> str:
-    return f"{settings.iceberg_namespace}.{table}"
-
-
-def load_table(catalog: Catalog, settings: CatalogSettings, table: str) -> Table:
-    try:
-        return catalog.load_table(identifier(settings, table))
-    except NoSuchTableError:
-        raise NoSuchTableError(
-            f"table {identifier(settings, table)} does not exist yet: start the archiver once "
-            "(python -m services.archiver run) or run `python -m services.archiver init`"
-        ) from None
 
 
 def ensure_table(

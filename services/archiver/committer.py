@@ -48,62 +48,24 @@ import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import Snapshot
+
+from services.stores.iceberg_offsets import (
+    COMMIT_ID_PROPERTY,
+    COMMITTER_PROPERTY,
+    OFFSETS_PROPERTY,
+    ROWS_PROPERTY,
+    TOPIC_IDS_PROPERTY,
+    TopicPartition,
+    encode_offsets,
+    snapshot_offsets,
+    snapshot_topic_ids,
+)
 
 from .catalog import COMMIT_RETRIES
 from .schemas import KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TOPIC
 from .writer import commit_files, delete_files, write_data_files
 
 log = logging.getLogger(__name__)
-
-OFFSETS_PROPERTY = "lp.offsets"
-TOPIC_IDS_PROPERTY = "lp.topic-ids"  # {"topic": Kafka topic id}: a re-created topic starts again at 0
-COMMITTER_PROPERTY = "lp.committer"
-COMMIT_ID_PROPERTY = "lp.commit-id"
-ROWS_PROPERTY = "lp.rows"
-
-TopicPartition = tuple[str, int]
-
-
-def encode_offsets(offsets: Mapping[TopicPartition, int]) -> str:
-    return json.dumps({f"{topic}:{partition}": offset for (topic, partition), offset in sorted(offsets.items())})
-
-
-def decode_offsets(text: str) -> dict[TopicPartition, int]:
-    out: dict[TopicPartition, int] = {}
-    for key, offset in json.loads(text).items():
-        topic, _, partition = key.rpartition(":")
-        out[(topic, int(partition))] = int(offset)
-    return out
-
-
-def _nearest_property(table: Table, snapshot: Snapshot | None, name: str) -> str | None:
-    """`name` of `snapshot` (default: the current one) or of its nearest ancestor that has it."""
-    snapshot = snapshot if snapshot is not None else table.current_snapshot()
-    while snapshot is not None:
-        text = snapshot.summary.additional_properties.get(name) if snapshot.summary else None
-        if text is not None:
-            return text
-        if snapshot.parent_snapshot_id is None:
-            break
-        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id)
-    return None
-
-
-def snapshot_topic_ids(table: Table, snapshot: Snapshot | None = None) -> dict[str, str]:
-    """The Kafka topic ids the offsets stored with `snapshot` belong to (a re-created topic starts again at 0)."""
-    text = _nearest_property(table, snapshot, TOPIC_IDS_PROPERTY)
-    return dict(json.loads(text)) if text is not None else {}
-
-
-def snapshot_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[TopicPartition, int]:
-    """The offsets stored with `snapshot` (default: the current one), from the nearest ancestor that has them.
-
-    Compaction copies them forward, so this is normally the snapshot itself; the walk covers snapshots other
-    tools made (a delete from a notebook) that do not know about `lp.offsets`.
-    """
-    text = _nearest_property(table, snapshot, OFFSETS_PROPERTY)
-    return decode_offsets(text) if text is not None else {}
 
 
 class Fenced(RuntimeError):

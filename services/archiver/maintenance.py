@@ -36,8 +36,15 @@ from pyiceberg.manifest import DataFile
 from pyiceberg.table import FileScanTask, Table
 from pyiceberg.table.snapshots import Snapshot
 
-from .committer import COMMITTER_PROPERTY, OFFSETS_PROPERTY, ROWS_PROPERTY, encode_offsets, snapshot_offsets
-from .settings import CatalogSettings
+from services.stores.iceberg import CatalogSettings, load_table
+from services.stores.iceberg_offsets import (
+    COMMITTER_PROPERTY,
+    OFFSETS_PROPERTY,
+    ROWS_PROPERTY,
+    encode_offsets,
+    snapshot_offsets,
+)
+
 from .writer import commit_files, delete_files, write_data_files
 
 log = logging.getLogger(__name__)
@@ -449,8 +456,6 @@ def archive_stats(
     """`stats` of each table (zeros and "missing" for one not created yet). `distinct` = {table: column}: also
     count the rows whose value of that column is not unique (`duplicates`; reads the column of the table)."""
     from pyiceberg.exceptions import NoSuchTableError
-
-    from .catalog import load_table
 
     out: dict[str, dict[str, Any]] = {}
     for name in tables:

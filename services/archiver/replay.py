@@ -30,15 +30,12 @@ import pyarrow as pa
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
+from services.contracts.headers import REPLAY_ID, REPLAY_PREFIX, REPLAY_SNAPSHOT, REPLAY_SOURCE
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import Headers, KafkaProducer
 
 from .maintenance import check_filter, resolve_snapshot
 from .schemas import KAFKA_KEY, KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TOPIC, TableSpec
-
-REPLAY_ID_HEADER = "lp-replay-id"  # the validator's names: it drops a replay source it has seen
-REPLAY_SOURCE_HEADER = "lp-replay-source"
-REPLAY_SNAPSHOT_HEADER = "lp-replay-snapshot"
 
 
 class ReplayError(ValueError):
@@ -177,10 +174,10 @@ def replay(
                 continue
             source = f"iceberg:{name}@{sid}:{m[KAFKA_TOPIC]}:{m[KAFKA_PARTITION]}:{m[KAFKA_OFFSET]}"
             headers = [
-                *[(k, v) for k, v in headers if not k.startswith("lp-replay-")],
-                (REPLAY_ID_HEADER, report.replay_id.encode()),
-                (REPLAY_SOURCE_HEADER, source.encode()),
-                (REPLAY_SNAPSHOT_HEADER, str(sid).encode()),
+                *[(k, v) for k, v in headers if not k.startswith(REPLAY_PREFIX)],
+                (REPLAY_ID, report.replay_id.encode()),  # the validator processes each replay source once
+                (REPLAY_SOURCE, source.encode()),
+                (REPLAY_SNAPSHOT, str(sid).encode()),
             ]
             # Same topic and a partition it has: keep the original partition (key order); else hash the key.
             same = target == m[KAFKA_TOPIC] and m[KAFKA_PARTITION] < count

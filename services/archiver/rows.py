@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from services.contracts.deadletter import NotADeadLetter, parse_dead_letter
 from services.kit.avro import AvroDeserializer, Decoded, DecodeError, SchemaRepository
-from services.validator.deadletter import NotADeadLetter, parse_dead_letter
 
 from .columnar import ColumnarDecoder, FastPathUnsupported
 from .schemas import KAFKA_COLUMN_NAMES, KAFKA_KEY, KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TIMESTAMP, KAFKA_TOPIC

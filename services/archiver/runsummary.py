@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .catalog import open_catalog
+from services.contracts.topics import EVENTS_PROCESSED, TRANSACTIONS_PROCESSED
+from services.stores.iceberg import CatalogSettings, open_catalog
+
 from .maintenance import archive_stats
 from .schemas import DEFAULT_DEAD_LETTER_TOPICS, TRANSACTIONS, USER_EVENTS
-from .settings import CatalogSettings
 
 GROUP = "lp-archiver"
-INPUTS = ("events.processed", "transactions.processed", *DEFAULT_DEAD_LETTER_TOPICS)
+INPUTS = (EVENTS_PROCESSED, TRANSACTIONS_PROCESSED, *DEFAULT_DEAD_LETTER_TOPICS)
 TABLES = (USER_EVENTS, TRANSACTIONS, "dead_letters")
 
 
@@ -54,10 +55,10 @@ def summarise(
     dead_letters = sum(count for topic, count in topics.items() if topic in DEFAULT_DEAD_LETTER_TOPICS)
     checks = {
         "archiver: user_events got every record of events.processed": figures[USER_EVENTS]["rows"]
-        == topics.get("events.processed", 0),
+        == topics.get(EVENTS_PROCESSED, 0),
         "archiver: no event_id twice in user_events": after[USER_EVENTS].get("duplicates", 0) == 0,
         "archiver: transactions got every record of transactions.processed": figures[TRANSACTIONS]["rows"]
-        == topics.get("transactions.processed", 0),
+        == topics.get(TRANSACTIONS_PROCESSED, 0),
         "archiver: dead_letters got every dead letter of the run": figures["dead_letters"]["rows"] == dead_letters,
     }
     return figures, checks

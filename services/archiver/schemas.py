@@ -48,6 +48,14 @@ from pyiceberg.types import (
     TimeType,
 )
 
+from services.contracts.topics import (
+    CDC_TOPICS,
+    EVENTS_PROCESSED,
+    EVENTS_RAW,
+    EVENTS_RAW_RETRY,
+    TRANSACTIONS_PROCESSED,
+    dead_letter_topic,
+)
 from services.kit.avro import SchemaRepository
 
 KAFKA_TOPIC = "_kafka_topic"
@@ -250,21 +258,18 @@ USER_EVENTS = "user_events"
 TRANSACTIONS = "transactions"
 DEAD_LETTERS = "dead_letters"
 DEFAULT_DEAD_LETTER_TOPICS = (  # every dead-letter topic declared in deploy/k8s/topics
-    "events.raw.dlq",
-    "events.raw.retry.dlq",
-    "cdc.postgres.users.dlq",
-    "cdc.postgres.products.dlq",
-    "cdc.postgres.transactions.dlq",
-    "events.processed.clickhouse.dlq",
-    "transactions.processed.clickhouse.dlq",
-    "events.processed.archiver.dlq",
-    "transactions.processed.archiver.dlq",
+    *(dead_letter_topic(t) for t in (EVENTS_RAW, EVENTS_RAW_RETRY, *CDC_TOPICS)),
+    *(
+        dead_letter_topic(t, sink)  # a sink's own dead letters: <topic>.<sink name>.dlq
+        for sink in ("clickhouse", "archiver")
+        for t in (EVENTS_PROCESSED, TRANSACTIONS_PROCESSED)
+    ),
 )
 
 
 def default_tables(
-    events_topics: Iterable[str] = ("events.processed",),
-    transactions_topics: Iterable[str] = ("transactions.processed",),
+    events_topics: Iterable[str] = (EVENTS_PROCESSED,),
+    transactions_topics: Iterable[str] = (TRANSACTIONS_PROCESSED,),
     dead_letter_topics: Iterable[str] = DEFAULT_DEAD_LETTER_TOPICS,
 ) -> list[TableSpec]:
     return [

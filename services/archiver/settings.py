@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from typing import Literal
-
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from services.kit.config import ServiceSettings
-from services.kit.paths import repo_root
 from services.kit.sink import SinkSettings
+from services.stores.iceberg import CatalogSettings
 
 from .schemas import DEFAULT_DEAD_LETTER_TOPICS
 
@@ -19,74 +15,16 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def default_sql_uri() -> str:
-    """SQLite next to the local stack's other state (LP_STATE_DIR, else .local in the checkout)."""
-    state = os.environ.get("LP_STATE_DIR") or str(repo_root() / ".local")
-    return f"sqlite:///{state}/iceberg/catalog.db"
+class ArchiverCommandSettings(CatalogSettings, ServiceSettings):
+    """The commands (`init`, `stats`, `compact`, `replay`, ...): the catalog, and Kafka for `replay` only."""
 
-
-class CatalogSettings(ServiceSettings):
-    """Where the tables live: catalog, warehouse and S3. Shared by the service and every CLI command."""
-
-    kafka_bootstrap_servers: str = Field("", description="Only the service and `replay` need Kafka.")
-    iceberg_catalog: Literal["sql", "rest"] = Field(
-        "sql", description="sql: SQLAlchemy catalog (SQLite locally); rest: an Iceberg REST catalog."
-    )
-    iceberg_catalog_name: str = Field("lp", description="Catalog name (the SQL catalog keys its rows by it).")
-    iceberg_sql_uri: str | None = Field(
-        None, description="SQLAlchemy URI of the SQL catalog; default sqlite:///$LP_STATE_DIR/iceberg/catalog.db."
-    )
-    iceberg_rest_uri: str | None = Field(None, description="Base URI of the REST catalog (ICEBERG_CATALOG=rest).")
-    iceberg_rest_credential: str | None = Field(
-        None,
-        description="OAuth2 client credential id:secret for the REST catalog; default "
-        "AWS_ACCESS_KEY_ID:AWS_SECRET_ACCESS_KEY (what SeaweedFS expects).",
-    )
-    iceberg_rest_token: str | None = Field(None, description="Bearer token for the REST catalog instead.")
-    iceberg_rest_sigv4: bool = Field(False, description="Sign REST catalog requests with SigV4 (AWS S3 Tables, Glue).")
-    iceberg_warehouse: str | None = Field(
-        None,
-        description="sql: where table data goes (default s3://$S3_BUCKET/warehouse); rest: the warehouse the "
-        "catalog serves (SeaweedFS: s3://<table bucket>, default s3://lp-tables).",
-    )
-    iceberg_create_table_bucket: bool = Field(
-        True, description="rest: create the s3tables table bucket named by the warehouse if missing (SeaweedFS)."
-    )
-    iceberg_namespace: str = Field("lp", min_length=1, description="Namespace of the archive tables.")
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3.")
-    s3_bucket: str = Field("lakehouse", min_length=1)
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = None
-    aws_region: str = "us-east-1"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> CatalogSettings:
-        """From an environment other than the process's own (e.g. `LocalStack.env()` plus overrides)."""
-        return cls(**{k.lower(): v for k, v in env.items() if k.lower() in cls.model_fields})
-
-    @field_validator("iceberg_rest_uri", mode="after")
-    @classmethod
-    def _rest_needs_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if info.data.get("iceberg_catalog") == "rest" and not value:
-            raise ValueError("must be set when ICEBERG_CATALOG=rest")
-        return value
-
-    @property
-    def sql_uri(self) -> str:
-        return self.iceberg_sql_uri or default_sql_uri()
-
-    @property
-    def warehouse(self) -> str:
-        if self.iceberg_warehouse:
-            return self.iceberg_warehouse
-        return f"s3://{self.s3_bucket}/warehouse" if self.iceberg_catalog == "sql" else "s3://lp-tables"
+    kafka_bootstrap_servers: str = Field("", description="Only `replay` needs Kafka.")
 
 
 class ArchiverSettings(CatalogSettings, SinkSettings):
     """The service (`python -m services.archiver run`): the catalog, the kit's sink settings, and its own."""
 
     service_name: str = "archiver"
-    kafka_bootstrap_servers: str = Field(..., min_length=1, description="host:port[,host:port...]")
     consumer_group: str = Field("lp-archiver", min_length=1, description="Kafka consumer group of the archiver.")
     batch_max_rows: int = Field(
         50_000, ge=1, le=1_000_000, description="Records of one partition decoded together (then buffered)."

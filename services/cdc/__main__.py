@@ -49,7 +49,10 @@ def _preflight() -> int:
     log = logging.getLogger(settings.service_name)
     try:
         report = run_preflight(
-            settings.postgres_dsn, settings.tables, settings.cdc_publication_name, settings.cdc_slot_name
+            settings.postgres_dsn.get_secret_value(),
+            settings.tables,
+            settings.cdc_publication_name,
+            settings.cdc_slot_name,
         )
     except PreflightError as error:
         log.error("preflight failed: %s", error, extra={"preflight": "failed"})
@@ -71,7 +74,7 @@ def _slots(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.CONFIG
     try:
-        with connect(settings.postgres_dsn, application_name="lp-cdc-slots") as conn:
+        with connect(settings.postgres_dsn.get_secret_value(), application_name="lp-cdc-slots") as conn:
             slots = list_slots(conn)
             if args.action == "list":
                 print(format_slots(slots, own_slot=settings.cdc_slot_name))

@@ -37,16 +37,22 @@ from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, start
 from services.cdc.preflight import PreflightError, PreflightReport, connect, run_preflight
 from services.cdc.settings import CdcSettings
 from services.cdc.slots import drop_slot
+from services.contracts.envelope import (
+    OP,
+    OP_DELETE,
+    SNAPSHOT_MARKERS,
+    SOURCE,
+    SOURCE_LSN,
+    SOURCE_SNAPSHOT,
+    SOURCE_TABLE,
+    TOMBSTONE_OP,
+)
+from services.contracts.headers import CDC_LSN, CDC_OP
 from services.kit.exits import ExitCode
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
-
-LSN_HEADER = "lp-cdc-lsn"
-OP_HEADER = "lp-cdc-op"
-TOMBSTONE_OP = "tombstone"  # lp-cdc-op of the null-value record that follows a delete
-SNAPSHOT_MARKERS = {"true", "first", "first_in_data_collection", "last_in_data_collection", "last"}
 
 EVENTS = PromCounter("lp_cdc_events_total", "Change events produced to Kafka", ["table", "op"])
 HEARTBEATS = PromCounter("lp_cdc_heartbeats_total", "Debezium heartbeat records produced")
@@ -95,7 +101,7 @@ def prepare(settings: CdcSettings) -> CdcPlan:
     forget_offsets_of_another_cluster(settings, properties["slot.name"], cluster_id(kafka))
     resume = settings.offsets_file.exists() and settings.offsets_file.stat().st_size > 0
     report = run_preflight(
-        settings.postgres_dsn,
+        settings.postgres_dsn.get_secret_value(),
         captured_tables(properties),
         properties["publication.name"],
         properties["slot.name"],
@@ -124,7 +130,7 @@ def forget_offsets_of_another_cluster(settings: CdcSettings, slot: str, cluster:
             extra={"offsets_cluster": recorded, "kafka_cluster": cluster, "slot": slot},
         )
         settings.offsets_file.unlink()
-        with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn:
+        with psycopg.connect(settings.postgres_dsn.get_secret_value(), autocommit=True) as conn:
             row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
             if row is not None and (row[0] or drop_slot(conn, slot) is not None):
                 raise PreflightError(f"replication slot {slot} is in use by another process: cannot start over")
@@ -236,17 +242,17 @@ class CdcService(Service[CdcSettings]):
                     op = TOMBSTONE_OP
                 else:
                     envelope = json.loads(value)
-                    source = envelope.get("source") or {}
-                    lsn, op = source.get("lsn"), envelope.get("op") or "?"
-                    table = source.get("table") or table
-                    if op == "d":
+                    source = envelope.get(SOURCE) or {}
+                    lsn, op = source.get(SOURCE_LSN), envelope.get(OP) or "?"
+                    table = source.get(SOURCE_TABLE) or table
+                    if op == OP_DELETE:
                         self._last_delete[(topic, key or "")] = lsn
-                    snapshot = source.get("snapshot")
+                    snapshot = source.get(SOURCE_SNAPSHOT)
                     if snapshot == "last" or snapshot not in SNAPSHOT_MARKERS:
                         self.streaming = True
-                headers = [*base_headers, (OP_HEADER, op.encode())]
+                headers = [*base_headers, (CDC_OP, op.encode())]
                 if lsn is not None:
-                    headers.append((LSN_HEADER, str(lsn).encode()))
+                    headers.append((CDC_LSN, str(lsn).encode()))
                     last_lsn = lsn
                 self.producer.produce(topic, value.encode() if value is not None else None, key, headers)
                 counts[(table, op)] += 1
@@ -313,7 +319,9 @@ class CdcService(Service[CdcSettings]):
         self._lag_checked = now
         try:
             if self._lag_conn is None or self._lag_conn.closed:
-                self._lag_conn = connect(self.settings.postgres_dsn, connect_timeout=2, application_name="lp-cdc-lag")
+                self._lag_conn = connect(
+                    self.settings.postgres_dsn.get_secret_value(), connect_timeout=2, application_name="lp-cdc-lag"
+                )
             row = self._lag_conn.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
                 "WHERE slot_name = %s",

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from services.contracts.topics import CDC_OFFSETS
 from services.kit.paths import repo_root
 
 ROUTER_TYPE = "org.apache.kafka.connect.transforms.RegexRouter"
@@ -261,7 +262,7 @@ SERVER_ONLY: tuple[tuple[str, str], ...] = (
     ("debezium.format.key", "json"),
     ("debezium.format.value", "json"),
     ("debezium.source.offset.storage", KAFKA_OFFSET_STORE),
-    ("debezium.source.offset.storage.topic", "${CDC_OFFSETS_TOPIC:_lp_cdc_offsets}"),
+    ("debezium.source.offset.storage.topic", f"${{CDC_OFFSETS_TOPIC:{CDC_OFFSETS}}}"),
     ("debezium.source.offset.storage.partitions", "1"),
     ("debezium.source.offset.storage.replication.factor", "${CDC_OFFSETS_REPLICATION:3}"),
     ("debezium.source.bootstrap.servers", "${KAFKA_BOOTSTRAP_SERVERS}"),

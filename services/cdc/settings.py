@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.cdc.connector import default_properties_path, normalize_tables
 from services.kit.config import ServiceSettings
@@ -18,7 +18,9 @@ _SLOT_NAME_PATTERN = r"^[a-z0-9_]{1,63}$"  # PostgreSQL's rule for replication s
 
 class CdcSettings(ServiceSettings):
     service_name: str = "cdc"
-    postgres_dsn: str = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string to capture from.")
+    postgres_dsn: SecretStr = Field(
+        ..., min_length=1, description="PostgreSQL (OLTP) connection string to capture from."
+    )
     cdc_tables: str = Field(
         "public.users,public.products,public.transactions",
         description="Tables to capture, comma-separated; `users` means `public.users`.",
@@ -67,7 +69,7 @@ class CdcSettings(ServiceSettings):
         The PG* variables come from POSTGRES_DSN, falling back to libpq's own environment variables and defaults,
         so the DSN means the same to psycopg (preflight) and to pgjdbc (Debezium).
         """
-        dsn = conninfo_to_dict(self.postgres_dsn)
+        dsn = conninfo_to_dict(self.postgres_dsn.get_secret_value())
         user = str(dsn.get("user") or os.environ.get("PGUSER") or getpass.getuser())
         host = str(dsn.get("host") or os.environ.get("PGHOST") or "localhost")
         if host.startswith("/"):

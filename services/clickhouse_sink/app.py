@@ -12,28 +12,17 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from services.clickhouse_sink import queries
-from services.clickhouse_sink.client import ChdbClient, ClickHouseClient, NativeClient
 from services.clickhouse_sink.query_server import QueryServer
-from services.clickhouse_sink.settings import ClickHouseSettings, ClickHouseSinkSettings
+from services.clickhouse_sink.settings import ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
+from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
+from services.contracts.topics import dead_letter_topic
 from services.kit.sink import Rejection, Sink, SinkService
-from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
-
-
-def make_client(settings: ClickHouseSettings) -> ClickHouseClient:
-    if settings.clickhouse_client == "chdb":
-        return ChdbClient(settings.clickhouse_chdb_path)
-    return NativeClient(
-        settings.clickhouse_host,
-        settings.clickhouse_port,
-        settings.clickhouse_user,
-        settings.clickhouse_password,
-        settings.clickhouse_secure,
-    )
+from services.stores import clickhouse_queries as queries
+from services.stores.clickhouse import make_client
 
 
 class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
@@ -66,17 +55,10 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
         )
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
-        """A refused record in the validator's dead-letter format, to `<topic>.clickhouse.dlq`."""
-        record = rejection.record
-        return build_dead_letter(
-            OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers),
-            code=rejection.code,
-            stage=cast(Stage, str(rejection.stage)),  # "store" is no validator stage yet
-            message=rejection.message,
-            now=now,
-            field=rejection.field,
-            topic=self.dead_letter_topic(record.topic),
-        )
+        return from_sink_rejection(rejection, now=now, sink=self.sink.name)
+
+    def dead_letter_topic(self, topic: str) -> str:
+        return dead_letter_topic(topic, self.sink.name)
 
     def after_start(self) -> None:
         s = self.settings

@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from services.clickhouse_sink import queries
+from services.stores import clickhouse_queries as queries
 
 log = logging.getLogger(__name__)
 

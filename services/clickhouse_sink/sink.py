@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram
 
-from services.clickhouse_sink.client import ClickHouseClient
 from services.clickhouse_sink.decode import (
     DATA_CODES,
     OFFSET_COLUMN,
@@ -60,6 +59,7 @@ from services.kit.sink import (
     WrittenBatch,
     messages_of,
 )
+from services.stores.clickhouse import ClickHouseClient
 
 log = logging.getLogger(__name__)
 

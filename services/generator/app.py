@@ -15,8 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
+from services.contracts.headers import INJECTED_FAULT, PRODUCER
+from services.contracts.topics import EVENTS_RAW
 from services.generator.bad_events import BadEvent, BadEventGenerator
 from services.generator.model import Simulation, StatusChange, Transaction
 from services.generator.oltp import OltpWriter
@@ -32,14 +34,13 @@ OLTP_ROWS = Counter("lp_generator_oltp_rows_total", "Rows written to PostgreSQL"
 PRODUCE_LATENCY = Histogram(
     "lp_generator_produce_latency_seconds", "produce() to broker acknowledgement", buckets=LATENCY_BUCKETS
 )
-FAULT_HEADER = "lp-injected-fault"
 PENDING = Gauge("lp_generator_pending_deliveries", "Records handed to the producer, not yet acknowledged")
 
 
 class GeneratorSettings(ServiceSettings):
     service_name: str = "generator"
-    postgres_dsn: str = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string.")
-    events_topic: str = "events.raw"
+    postgres_dsn: SecretStr = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string.")
+    events_topic: str = EVENTS_RAW
     events: int = Field(0, ge=0, description="Stop after this many events; 0 runs until SIGTERM.")
     rate: float = Field(1000.0, ge=0, description="Events per second; 0 = as fast as possible.")
     seed: int = Field(42, description="Same seed, same users, products, ids and event sequence.")
@@ -71,7 +72,7 @@ class Generator(Service[GeneratorSettings]):
         self.producer = KafkaProducer(kafka)
         self.producer.stats.latency.histogram = PRODUCE_LATENCY
         self.producer.warm_up(s.events_topic)
-        self.oltp = OltpWriter.connect(s.postgres_dsn)
+        self.oltp = OltpWriter.connect(s.postgres_dsn.get_secret_value())
         self.oltp.apply_schema()
         self.sim = Simulation(s.seed, s.users, s.products, start_time=s.simulated_start)
         self.bad = BadEventGenerator(s.seed, self.sim.users, self.sim.products, share=s.bad_event_share)
@@ -131,11 +132,11 @@ class Generator(Service[GeneratorSettings]):
         with self.tracer.start_as_current_span("generator.batch") as span:
             span.set_attribute("messaging.batch.message_count", len(records))
             self._write_oltp(transactions, changes)  # before the events: enrichment then finds the rows
-            headers = inject_headers([("producer", b"generator")])
+            headers = inject_headers([(PRODUCER, b"generator")])
             for key, value, fault in records:
                 # The fault header lets tests and the run summary tell injected faults apart; the validator
                 # must never read it (it judges payloads, not labels).
-                record_headers = headers if fault is None else [*headers, (FAULT_HEADER, fault.encode())]
+                record_headers = headers if fault is None else [*headers, (INJECTED_FAULT, fault.encode())]
                 self.producer.produce(s.events_topic, value, key=key, headers=record_headers)
             self.producer.poll(0)
         self.produced += len(records)

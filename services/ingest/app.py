@@ -22,6 +22,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
 
+from services.contracts.headers import PRODUCER
+from services.contracts.topics import EVENTS_RAW
 from services.ingest.backlog import Backlog, Backpressure
 from services.ingest.contract import SOURCE, EventGate, reason_name
 from services.ingest.v1 import ingest_pb2 as pb
@@ -59,7 +61,7 @@ class IngestSettings(ServiceSettings):
     max_concurrent_requests: int = Field(
         64, ge=1, description="Calls in progress (incl. health checks); more get RESOURCE_EXHAUSTED from gRPC."
     )
-    events_topic: str = Field("events.raw", min_length=1)
+    events_topic: str = Field(EVENTS_RAW, min_length=1)
     max_batch_events: int = Field(1000, ge=1, description="Most events per request; more: INVALID_ARGUMENT.")
     max_event_bytes: int = Field(
         65_536, ge=256, le=1_000_000, description="Largest event, Avro-encoded; larger ones: TOO_LARGE."
@@ -169,7 +171,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 batch = service.backlog.admit(len(accepted), size)
             except Backpressure as error:
                 raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), s.retry_after_ms) from None
-            headers = inject_headers([("producer", SOURCE.encode())])  # the server span: consumers join the trace
+            headers = inject_headers([(PRODUCER, SOURCE.encode())])  # the server span: consumers join the trace
             produced = 0
             try:
                 for event in accepted:

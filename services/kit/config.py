@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.exits import ExitCode
@@ -29,7 +29,7 @@ class ServiceSettings(BaseSettings):
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = None
+    kafka_sasl_password: SecretStr | None = None
     otel_exporter_otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint of the trace backend (e.g. Grafana Tempo's :4318)."
     )
@@ -39,6 +39,9 @@ class ServiceSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=BaseSettings)
+
+# A setting whose name holds one of these is a secret (and a `SecretStr`): its value is never shown in an error.
+SECRET_WORDS = ("password", "secret", "token", "credential", "private_key", "dsn", "passphrase")
 
 
 class ConfigError(SystemExit):
@@ -60,7 +63,7 @@ def describe_errors(cls: type[BaseSettings], error: ValidationError) -> str:
         variable = prefix + field.upper()
         given = item.get("input")
         shown = "" if item["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
-        if "password" in field or "secret" in field:
+        if any(word in field for word in SECRET_WORDS):
             shown = ""
         lines.append(f"  {variable}: {item['msg']}{shown}")
     return "\n".join(lines)

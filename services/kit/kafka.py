@@ -36,7 +36,7 @@ def client_config(settings: ServiceSettings, client_id: str | None = None) -> di
         config |= {
             "sasl.mechanism": settings.kafka_sasl_mechanism,
             "sasl.username": settings.kafka_sasl_username or "",
-            "sasl.password": settings.kafka_sasl_password or "",
+            "sasl.password": settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else "",
         }
     return config
 

@@ -1,8 +1,8 @@
 """Configuration of the reconciliation (docs/reconciliation.md has the table), and how to read a day window.
 
-Each store keeps its own settings class, read from the same environment the store's writer uses, so the command
-needs no variable of its own to find a store: ClickHouse `ClickHouseSettings` (CLICKHOUSE_*), Iceberg
-`CatalogSettings` (ICEBERG_*, S3_*, AWS_*), Snowflake the loader's `SnowflakeSettings` (SNOWFLAKE_*).
+Each store's settings class (`services.stores`) is read from the same environment the store's writer uses, so the
+command needs no variable of its own to find a store: ClickHouse `ClickHouseSettings` (CLICKHOUSE_*), Iceberg
+`CatalogSettings` (ICEBERG_*, S3_*, AWS_*), Snowflake `SnowflakeSettings` (SNOWFLAKE_*).
 """
 
 from __future__ import annotations

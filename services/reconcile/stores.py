@@ -1,9 +1,9 @@
-"""Read (day, event_type) -> distinct events and revenue from each store, through each store's own access code.
+"""Read (day, event_type) -> distinct events and revenue from each store, through the stores layer.
 
-- ClickHouse: the sink's named query `daily` via `run_query` (a running sink's /query port, else the chDB folder,
+- ClickHouse: the named query `daily` via `run_query` (a running sink's /query port, else the chDB folder,
   or the server with CLICKHOUSE_CLIENT=native). The query returns every day; the window is applied here.
-- Iceberg: the archiver's catalog; a scan of four columns, pruned to the window by day(event_time) partitions,
-  grouped in DuckDB.
+- Iceberg: the archiver's tables in the catalog; a scan of four columns, pruned to the window by day(event_time)
+  partitions, grouped in DuckDB.
 - Snowflake: STAGING.EVENTS_CLEANED with the real connector; grouped in the warehouse.
 Every store counts each event_id once, whatever duplicates it holds, and sums its amount once.
 """
@@ -31,8 +31,7 @@ class StoreUnavailable(RuntimeError):
 
 
 def read_clickhouse(env: Mapping[str, str], window: Window) -> dict[Key, Figures]:
-    from services.clickhouse_sink.cli import QueryFailed, run_query
-    from services.clickhouse_sink.settings import ClickHouseSettings
+    from services.stores.clickhouse import ClickHouseSettings, QueryFailed, run_query
 
     settings = settings_from(ClickHouseSettings, env)
     try:
@@ -62,8 +61,7 @@ def read_iceberg(env: Mapping[str, str], window: Window, table_name: str = "user
     import duckdb
     from pyiceberg.exceptions import NoSuchTableError
 
-    from services.archiver.catalog import load_table, open_catalog
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings, load_table, open_catalog
 
     settings = settings_from(CatalogSettings, env)
     try:
@@ -108,10 +106,9 @@ def snowflake_sql(table: str, window: Window) -> tuple[str, dict[str, Any]]:
 
 
 def read_snowflake(env: Mapping[str, str], window: Window, table: str = "STAGING.EVENTS_CLEANED") -> dict[Key, Figures]:
-    from services.snowflake_loader.connection import CredentialError, open_warehouse
-    from services.snowflake_loader.settings import SnowflakeSettings
+    from services.stores.snowflake import CredentialError, SnowflakeSettings, open_warehouse
 
-    settings = settings_from(SnowflakeSettings, env)  # the loader's: same variables, same credential handling
+    settings = settings_from(SnowflakeSettings, env)  # the loader's variables, the same credential handling
     sql, params = snowflake_sql(table, window)
     try:
         with open_warehouse(settings) as warehouse:

@@ -34,10 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_shot(command: str) -> int:
-    from services.archiver.catalog import open_catalog
     from services.kit.logs import configure_logging
+    from services.stores.iceberg import open_catalog
+    from services.stores.snowflake import CredentialError, Warehouse, connect
 
-    from .connection import CredentialError, Warehouse, connect
     from .loader import Loader, migrate
     from .settings import LoaderSettings
 

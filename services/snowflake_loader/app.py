@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from services.archiver.catalog import open_catalog
 from services.kit.service import Service
+from services.stores.iceberg import open_catalog
+from services.stores.snowflake import Warehouse, connect, quiet_connector
 
-from .connection import Warehouse, connect, quiet_connector
 from .loader import Loader, migrate
 from .settings import LoaderSettings
 

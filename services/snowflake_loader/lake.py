@@ -33,7 +33,7 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.table import Table
 
-from services.archiver.committer import TopicPartition, snapshot_offsets, snapshot_topic_ids
+from services.stores.iceberg_offsets import TopicPartition, snapshot_offsets, snapshot_topic_ids
 
 Offsets = dict[TopicPartition, int]
 

@@ -35,13 +35,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
-from services.archiver.catalog import load_table
 from services.kit.exits import ExitCode
+from services.stores.iceberg import load_table
+from services.stores.snowflake import Warehouse
 
 from . import lake, sql
-from .connection import Warehouse
 from .migrations import apply_migrations
-from .settings import LoaderSettings, SnowflakeSettings
+from .settings import LoaderSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ LOADED_SNAPSHOT_AGE = Gauge(
 )
 
 
-def schemas_of(settings: SnowflakeSettings) -> sql.Schemas:
+def schemas_of(settings: LoaderSettings) -> sql.Schemas:
     return sql.Schemas(settings.raw, settings.staging, settings.marts, settings.control)
 
 
-def migrate(warehouse: Warehouse, settings: SnowflakeSettings) -> list[int]:
+def migrate(warehouse: Warehouse, settings: LoaderSettings) -> list[int]:
     """Create the database (if asked), apply the DDL, create the stage, select the control schema."""
     if settings.snowflake_create_database:
         warehouse.execute(f"CREATE DATABASE IF NOT EXISTS {settings.database}")

@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow.compute as pc
 from pyiceberg.exceptions import NoSuchTableError
 
-from services.archiver.catalog import load_table, open_catalog
 from services.kit.config import settings_from
+from services.stores.iceberg import load_table, open_catalog
+from services.stores.snowflake import open_warehouse
 
-from .connection import open_warehouse
 from .settings import LoaderSettings
 
 TABLES = (

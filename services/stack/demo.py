@@ -27,10 +27,23 @@ import psycopg
 from confluent_kafka import Message
 
 from services.archiver import runsummary as archive
-from services.cdc.app import TOMBSTONE_OP
+from services.contracts.envelope import TOMBSTONE_OP
+from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, INJECTED_FAULT, PRODUCER
+from services.contracts.topics import (
+    CDC_PRODUCTS,
+    CDC_TRANSACTIONS,
+    CDC_USERS,
+    EVENTS_PROCESSED,
+    EVENTS_RAW,
+    EVENTS_RAW_RETRY,
+    TRANSACTIONS_PROCESSED,
+    TRANSACTIONS_STATUS_HISTORY,
+    cdc_topic,
+    dead_letter_topic,
+    is_dead_letter_topic,
+)
 from services.declarations.apply import apply_declarations
 from services.declarations.resources import load_declarations
-from services.generator.app import FAULT_HEADER
 from services.generator.bad_events import BAD_KINDS
 from services.generator.model import Simulation
 from services.generator.oltp import OltpWriter
@@ -414,17 +427,17 @@ class DemoRun:
 
         def collect_purchase(message: Message) -> None:
             headers = dict(message.headers() or ())
-            if FAULT_HEADER in headers or headers.get("producer") != b"generator":
+            if INJECTED_FAULT in headers or headers.get(PRODUCER) != b"generator":
                 return
             result = decode(message.value())
             if isinstance(result, Decoded) and result.record["event_type"] == "purchase":
                 purchases.add(result.record["transaction_id"])
 
         validation = ValidationTally(SchemaRepository.load())
-        collectors: dict[str, Callable[[Message], None]] = {"events.raw": collect_purchase}
-        collectors["events.processed"] = validation.processed
+        collectors: dict[str, Callable[[Message], None]] = {EVENTS_RAW: collect_purchase}
+        collectors[EVENTS_PROCESSED] = validation.processed
         for topic in before:
-            if topic.endswith(".dlq"):
+            if is_dead_letter_topic(topic):
                 collectors[topic] = validation.dead_letter
         topics: dict[str, int] = {}
         for topic, start in before.items():
@@ -440,7 +453,7 @@ class DemoRun:
                 "SELECT count(*) FROM transactions WHERE transaction_id = ANY(%s::uuid[])", (list(purchases),)
             ).fetchone()[0]
         checks = {
-            "events.raw has every produced and every accepted event": topics.get("events.raw")
+            "events.raw has every produced and every accepted event": topics.get(EVENTS_RAW)
             == generator["events_produced"] + ingest["accepted"],
             "ingest API accepted every well-formed event": ingest["accepted"] + sum(ingest["rejected"].values())
             == ingest["sent"]
@@ -453,26 +466,24 @@ class DemoRun:
             n for op, n in cdc["events_by_table"].get("transactions", {}).items() if op != TOMBSTONE_OP
         )
         checks |= {
-            "validator: every event of events.raw processed or dead-lettered, once": topics.get("events.processed", 0)
-            + topics.get("events.raw.dlq", 0)
-            + topics.get("events.raw.retry.dlq", 0)
-            == topics.get("events.raw"),
+            "validator: every event of events.raw processed or dead-lettered, once": topics.get(EVENTS_PROCESSED, 0)
+            + topics.get(dead_letter_topic(EVENTS_RAW), 0)
+            + topics.get(dead_letter_topic(EVENTS_RAW_RETRY), 0)
+            == topics.get(EVENTS_RAW),
             "validator: every injected bad event dead-lettered": validation.injected_dead == injected,
             "validator: no good event dead-lettered": validation.good_dead == 0,
-            "validator: every CDC transaction change processed or dead-lettered": topics.get(
-                "transactions.processed", 0
-            )
-            + topics.get("cdc.postgres.transactions.dlq", 0)
+            "validator: every CDC transaction change processed or dead-lettered": topics.get(TRANSACTIONS_PROCESSED, 0)
+            + topics.get(dead_letter_topic(CDC_TRANSACTIONS), 0)
             == cdc_transactions,
         }
         ch_tables = clickhouse.get("tables") or {}
         stores |= {f"clickhouse.{name}": rows for name, rows in ch_tables.items() if ":" not in name}
         checks |= {
             "clickhouse: every processed event stored or dead-lettered": clickhouse["rows_written"].get(
-                "events.processed", 0
+                EVENTS_PROCESSED, 0
             )
-            + clickhouse["rows_rejected"].get("events.processed", 0)
-            == topics.get("events.processed", 0),
+            + clickhouse["rows_rejected"].get(EVENTS_PROCESSED, 0)
+            == topics.get(EVENTS_PROCESSED, 0),
             "clickhouse: no event_id twice": ch_tables.get("user_events_realtime: duplicate rows") == 0,
             "clickhouse: views agree with the table": ch_tables.get("user_activity_summary: events")
             == ch_tables.get("user_events_realtime"),
@@ -491,8 +502,7 @@ class DemoRun:
             )
             tombstones = captured.get(TOMBSTONE_OP, 0)
             checks[f"cdc.postgres.{table} holds every captured event"] = (
-                topics.get(f"cdc.postgres.{table}")
-                == sum(n for op, n in captured.items() if op != TOMBSTONE_OP) + tombstones
+                topics.get(cdc_topic(table)) == sum(n for op, n in captured.items() if op != TOMBSTONE_OP) + tombstones
             )
         return {
             "started_at": started.isoformat(timespec="seconds"),
@@ -528,15 +538,9 @@ class DemoRun:
 
 CDC_SLOT = "lp_cdc"  # CdcSettings.cdc_slot_name's default
 CLICKHOUSE_GROUP = "lp-clickhouse-sink"
-CLICKHOUSE_INPUTS = ("events.processed", "transactions.processed")
+CLICKHOUSE_INPUTS = (EVENTS_PROCESSED, TRANSACTIONS_PROCESSED)
 VALIDATOR_GROUP = "lp-validator"
-VALIDATOR_INPUTS = (
-    "events.raw",
-    "events.raw.retry",
-    "cdc.postgres.users",
-    "cdc.postgres.products",
-    "cdc.postgres.transactions",
-)
+VALIDATOR_INPUTS = (EVENTS_RAW, EVENTS_RAW_RETRY, CDC_USERS, CDC_PRODUCTS, CDC_TRANSACTIONS)
 CAPTURED_TABLES = ("users", "products", "transactions")
 
 
@@ -568,19 +572,19 @@ class ValidationTally:
 
     def dead_letter(self, message: Message) -> None:
         headers = dict(message.headers() or ())
-        code = (headers.get("lp-dlq-error-code") or b"?").decode()
-        rule = (headers.get("lp-dlq-rule") or b"").decode()
+        code = (headers.get(DLQ_ERROR_CODE) or b"?").decode()
+        rule = (headers.get(DLQ_RULE) or b"").decode()
         self.dead[f"{message.topic()}: {code}" + (f" ({rule})" if rule else "")] += 1
-        if FAULT_HEADER in headers:
+        if INJECTED_FAULT in headers:
             self.injected_dead += 1
-        elif headers.get("producer") == b"generator":
+        elif headers.get(PRODUCER) == b"generator":
             self.good_dead += 1
 
     def summary(self, topics: dict[str, int]) -> dict[str, Any]:
         return {
-            "processed": {t: topics.get(t, 0) for t in ("events.processed", "transactions.processed")},
-            "status_changes": topics.get("transactions.status_history", 0),
-            "retries_produced": topics.get("events.raw.retry", 0),
+            "processed": {t: topics.get(t, 0) for t in (EVENTS_PROCESSED, TRANSACTIONS_PROCESSED)},
+            "status_changes": topics.get(TRANSACTIONS_STATUS_HISTORY, 0),
+            "retries_produced": topics.get(EVENTS_RAW_RETRY, 0),
             "dead_lettered": dict(sorted(self.dead.items())),
             "dead_lettered_injected_faults": self.injected_dead,
             "dead_lettered_good_generator_events": self.good_dead,

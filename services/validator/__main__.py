@@ -1,6 +1,6 @@
 """`python -m services.validator` runs the validator service; `replay` and `load` are its tools (cli.py).
 
-python -m services.validator            # the streaming service (stream_app.run with app.make_processor)
+python -m services.validator            # the streaming service (stream_app.run with processor.make_processor)
 python -m services.validator replay ... # dead letters back to their original topic
 python -m services.validator load F...  # batch files through the same processor path
 """
@@ -15,21 +15,20 @@ from collections.abc import Sequence
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.kit.logs import configure_logging
-from services.validator import app, stream_app
+from services.validator import processor, stream_app
 from services.validator.runtime import TopicsMissing
 
 log = logging.getLogger("services.validator")
 
 
 def serve() -> int:
-    os.environ.setdefault("OUTPUT_TOPICS", ",".join(app.output_topics()))
-    settings = load_settings(app.ValidatorSettings)
+    os.environ.setdefault("OUTPUT_TOPICS", ",".join(processor.output_topics()))
+    settings = load_settings(processor.ValidatorSettings)
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     for chatty in ("faust", "mode"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        processor = app.make_processor(settings)  # reads users/products to their end first
-        return stream_app.run(settings, processor)
+        return stream_app.run(settings, processor.make_processor(settings))  # reads users/products to their end first
     except (TopicsMissing, ConnectionError) as error:
         log.error("cannot start: %s", error)
         return ExitCode.FAILED

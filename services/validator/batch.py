@@ -23,18 +23,14 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from services.contracts.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter
+from services.contracts.topics import EVENTS_RAW, dead_letter_topic
 from services.kit.paths import avro_schema_dir
 from services.validator.cdc import to_timestamp
-from services.validator.deadletter import (
-    BATCH_PARSE_ERROR,
-    DeadLetterRecord,
-    OriginalMessage,
-    Stage,
-    build_dead_letter,
-)
+from services.validator.rejections import BATCH_PARSE_ERROR
 
 BATCH_SOURCE = "batch-file"
-BATCH_DLQ_TOPIC = "events.raw.dlq"
+BATCH_DLQ_TOPIC = dead_letter_topic(EVENTS_RAW)  # rows of a file are raw events
 INT_RANGE = (-(2**31), 2**31 - 1)
 LONG_RANGE = (-(2**63), 2**63 - 1)
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}

@@ -1,15 +1,12 @@
 """Debezium change envelopes of `cdc.postgres.<table>`, parsed into typed rows. All CDC parsing lives here.
 
-Envelope (JSON, `schemas.enable=false`; a `{"schema":..., "payload":...}` wrapper is unwrapped too)::
-
-    {"before": {...} | null, "after": {...} | null, "op": "r|c|u|d", "ts_ms": ...,
-     "source": {"lsn": ..., "ts_ms": ..., "snapshot": ..., "table": ...}}
-
-A Kafka tombstone (null value) follows each delete. Column values arrive as Debezium encodes them: numerics
-as strings (`decimal.handling.mode=string`), timestamps as epoch micro- or milliseconds (or ISO-8601 text for
-`timestamptz` as ZonedTimestamp, which is what the platform's connector writes), dates as days since the
-epoch (or ISO text). `TableSpec` turns them into `Decimal`, aware `datetime` and `date`, from the column types
-of schemas/postgres/oltp.sql. The envelope contract is schemas/avro/cdc_<table>.avsc (valueEncoding: json).
+The envelope's shape (before, after, op, source.lsn, ...) is the contract in `services.contracts.envelope`; a
+`{"schema":..., "payload":...}` wrapper is unwrapped too, and a Kafka tombstone (null value) follows each delete.
+Column values arrive as Debezium encodes them: numerics as strings (`decimal.handling.mode=string`), timestamps
+as epoch micro- or milliseconds (or ISO-8601 text for `timestamptz` as ZonedTimestamp, which is what the
+platform's connector writes), dates as days since the epoch (or ISO text). `TableSpec` turns them into `Decimal`,
+aware `datetime` and `date`, from the column types of schemas/postgres/oltp.sql. The envelope contract is
+schemas/avro/cdc_<table>.avsc (valueEncoding: json).
 """
 
 from __future__ import annotations
@@ -21,7 +18,22 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-OPS = frozenset({"r", "c", "u", "d"})
+from services.contracts.envelope import (
+    AFTER,
+    BEFORE,
+    OP,
+    OP_DELETE,
+    OP_READ,
+    OPS,
+    SOURCE,
+    SOURCE_LSN,
+    SOURCE_SNAPSHOT,
+    SOURCE_TS_MS,
+    TS_MS,
+    unwrap,
+)
+from services.contracts.topics import CDC_TOPIC_PREFIX
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_DATE = date(1970, 1, 1)
 # Epoch integers above this are microseconds: as milliseconds it would be the year 5138, as microseconds 1973.
@@ -190,7 +202,7 @@ TRANSACTIONS = TableSpec(
 TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (USERS, PRODUCTS, TRANSACTIONS)}
 
 
-def table_of_topic(topic: str, prefix: str = "cdc.postgres.") -> str:
+def table_of_topic(topic: str, prefix: str = CDC_TOPIC_PREFIX) -> str:
     """`cdc.postgres.users` -> `users` (Debezium may also put the schema in between: `cdc.postgres.public.users`)."""
     if not topic.startswith(prefix):
         raise ValueError(f"{topic!r} is not a CDC topic (expected the prefix {prefix!r})")
@@ -230,12 +242,6 @@ def _json(value: bytes | str | Mapping[str, Any]) -> Any:
         raise CdcFormatError(f"not JSON: {error}") from None
 
 
-def _unwrap(document: Any) -> Any:
-    if isinstance(document, Mapping) and "payload" in document and "schema" in document:
-        return document["payload"]
-    return document
-
-
 def _optional_int(value: Any, name: str) -> int | None:
     if value is None:
         return None
@@ -251,35 +257,35 @@ def parse_envelope(
     """The change, typed by `spec` (default: the table's known spec); None for a tombstone."""
     if value is None or value in (b"", ""):
         return None
-    document = _unwrap(_json(value))
+    document = unwrap(_json(value))
     if document is None:
         return None
     if not isinstance(document, Mapping):
         raise CdcFormatError(f"envelope is a JSON {type(document).__name__}, not an object")
-    op = document.get("op")
+    op = document.get(OP)
     if op not in OPS:
         raise CdcFormatError(f"op {op!r} is not one of r, c, u, d")
     spec = spec or TABLES.get(table)
-    before, after = document.get("before"), document.get("after")
-    for name, row in (("before", before), ("after", after)):
+    before, after = document.get(BEFORE), document.get(AFTER)
+    for name, row in ((BEFORE, before), (AFTER, after)):
         if row is not None and not isinstance(row, Mapping):
             raise CdcFormatError(f"{name} is not an object")
-    if op == "d" and before is None:
+    if op == OP_DELETE and before is None:
         raise CdcFormatError("delete without `before`")
-    if op != "d" and after is None:
+    if op != OP_DELETE and after is None:
         raise CdcFormatError(f"op {op!r} without `after`")
-    source = document.get("source") or {}
+    source = document.get(SOURCE) or {}
     if not isinstance(source, Mapping):
         raise CdcFormatError("source is not an object")
-    snapshot = source.get("snapshot")
+    snapshot = source.get(SOURCE_SNAPSHOT)
     return ChangeEvent(
         table=table,
         op=op,
         before=None if before is None else (spec.typed_row(before) if spec else dict(before)),
         after=None if after is None else (spec.typed_row(after) if spec else dict(after)),
-        lsn=_optional_int(source.get("lsn"), "source.lsn"),
-        source_ts_ms=_optional_int(source.get("ts_ms"), "source.ts_ms"),
-        ts_ms=_optional_int(document.get("ts_ms"), "ts_ms"),
+        lsn=_optional_int(source.get(SOURCE_LSN), "source.lsn"),
+        source_ts_ms=_optional_int(source.get(SOURCE_TS_MS), "source.ts_ms"),
+        ts_ms=_optional_int(document.get(TS_MS), "ts_ms"),
         # Debezium writes "true", "last", "first", "incremental", "false" or a boolean
         snapshot=snapshot not in (None, False, "false"),
     )
@@ -290,11 +296,11 @@ def parse_key(key: bytes | str | Mapping[str, Any] | None, primary_key: str) -> 
     if key is None:
         return None
     if isinstance(key, Mapping):
-        document: Any = _unwrap(key)
+        document: Any = unwrap(key)
     else:
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
         try:
-            document = _unwrap(json.loads(text))
+            document = unwrap(json.loads(text))
         except json.JSONDecodeError:
             return text or None
     if isinstance(document, Mapping):
@@ -334,10 +340,10 @@ def make_envelope(
         "connector": "postgresql",
         "name": "cdc",
         "ts_ms": ts_ms,
-        "snapshot": "true" if op == "r" else "false",
+        "snapshot": "true" if op == OP_READ else "false",
         "db": "lambda",
         "schema": "public",
         "table": table,
-        "lsn": lsn,
+        SOURCE_LSN: lsn,
     }
-    return {"before": _encode_row(before), "after": _encode_row(after), "source": source, "op": op, "ts_ms": ts_ms}
+    return {BEFORE: _encode_row(before), AFTER: _encode_row(after), SOURCE: source, OP: op, TS_MS: ts_ms}

@@ -36,13 +36,15 @@ from typing import Any
 from confluent_kafka import Message
 from confluent_kafka.admin import AdminClient
 
+from services.contracts.deadletter import DeadLetter, NotADeadLetter, OriginalMessage, parse_dead_letter
+from services.contracts.headers import BATCH_ORIGIN, REPLAY_ID, REPLAY_PREFIX, REPLAY_SOURCE
+from services.contracts.topics import EVENTS_RAW, dead_letter_topic
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.config import ServiceSettings, load_settings
 from services.kit.exits import ExitCode
 from services.kit.kafka import KafkaProducer, client_config, scan_topic, wait_for_broker
-from services.validator.app import REPLAY_ID_HEADER, REPLAY_SOURCE_HEADER, ValidatorSettings, make_processor
 from services.validator.batch import BATCH_SOURCE, BatchError, BatchStats, RecordCoercer, read_file
-from services.validator.deadletter import DeadLetter, NotADeadLetter, OriginalMessage, parse_dead_letter
+from services.validator.processor import ValidatorSettings, make_processor
 from services.validator.reference_feed import ReferenceFeedError
 
 Headers = list[tuple[str, bytes]]
@@ -84,7 +86,7 @@ def select_dead_letters(
             unreadable += 1
             return
         for name, value in dead.original_headers:
-            if name == REPLAY_SOURCE_HEADER:
+            if name == REPLAY_SOURCE:
                 superseded.add(value.decode("utf-8", "replace"))
         if dead.matches(**filters):
             selected.append((message.partition(), message.offset(), dead))
@@ -96,8 +98,9 @@ def select_dead_letters(
 
 
 def replay_headers(dead: DeadLetter, replay_id: str, source: str) -> Headers:
-    kept = [(k, v) for k, v in dead.original_headers if k not in (REPLAY_ID_HEADER, REPLAY_SOURCE_HEADER)]
-    return [*kept, (REPLAY_ID_HEADER, replay_id.encode()), (REPLAY_SOURCE_HEADER, source.encode())]
+    """The dead letter's original headers (an earlier replay's `lp-replay-*` replaced) plus this replay's."""
+    kept = [(k, v) for k, v in dead.original_headers if not k.startswith(REPLAY_PREFIX)]
+    return [*kept, (REPLAY_ID, replay_id.encode()), (REPLAY_SOURCE, source.encode())]
 
 
 def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
@@ -194,7 +197,7 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
                 value: bytes | None = raw(item.record)  # what a retry or dead letter carries: the raw event
             except (ValueError, TypeError, OverflowError):
                 value = json.dumps(item.record, default=str).encode()
-            headers: Headers = [("lp-batch-origin", f"{item.origin}:{item.position}".encode())]
+            headers: Headers = [(BATCH_ORIGIN, f"{item.origin}:{item.position}".encode())]
             message = OriginalMessage(item.origin, -1, item.position, key, value, headers)
             out = events.process_record(item.record, message, now=now)
             producer.produce(out.topic, out.value, out.key, out.headers)
@@ -222,7 +225,8 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m services.validator", description=__doc__.split("\n\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
     rep = commands.add_parser("replay", help="re-inject dead letters into their original topic")
-    rep.add_argument("--dlq", default="events.raw.dlq", help="dead-letter topic to read (default events.raw.dlq)")
+    default_dlq = dead_letter_topic(EVENTS_RAW)
+    rep.add_argument("--dlq", default=default_dlq, help=f"dead-letter topic to read (default {default_dlq})")
     rep.add_argument("--rule", help="only dead letters of this rule id")
     rep.add_argument("--code", help="only this error code (lp-dlq-error-code)")
     rep.add_argument("--topic", help="only dead letters whose original topic is this")

@@ -15,9 +15,10 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from services.contracts.envelope import OP_DELETE, OP_READ, OP_UPDATE
 from services.validator.cdc import ChangeEvent
-from services.validator.deadletter import OUTPUT_CONTRACT
 from services.validator.enrich import hash_email, is_email_key
+from services.validator.rejections import OUTPUT_CONTRACT
 
 CENT = Decimal("0.01")
 
@@ -108,12 +109,12 @@ def processed_transaction(
 
 def status_change(change: ChangeEvent) -> dict[str, Any] | None:
     """The transactions.status_history record, or None when the change moved no status (or is a delete)."""
-    if change.op == "d" or change.after is None:
+    if change.op == OP_DELETE or change.after is None:
         return None
     new_status = change.after.get("status")
     if new_status is None:
         return None
-    if change.op == "u":
+    if change.op == OP_UPDATE:
         old_status = change.before.get("status") if change.before is not None else None
         if old_status == new_status:
             return None
@@ -128,6 +129,6 @@ def status_change(change: ChangeEvent) -> dict[str, Any] | None:
         "old_status": old_status,
         "new_status": new_status,
         "changed_at": changed_at,
-        "source": "cdc-snapshot" if change.op == "r" else "cdc",
+        "source": "cdc-snapshot" if change.op == OP_READ else "cdc",
         "source_lsn": change.lsn,
     }

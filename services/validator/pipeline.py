@@ -18,16 +18,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from services.contracts import topics
+from services.contracts.deadletter import DeadLetterRecord, OriginalMessage, Stage
+from services.contracts.envelope import OP_DELETE
+from services.contracts.headers import STALE_ON_DEAD_LETTER
 from services.kit.avro import AvroDeserializer, AvroSerializer, DecodeError, SchemaRepository
-from services.validator import deadletter
+from services.validator import rejections
 from services.validator.cdc import CdcFormatError, parse_envelope, table_of_topic
-from services.validator.deadletter import OriginalMessage, Stage
 from services.validator.engine import Outcome, RuleEngine, Verdict
 from services.validator.enrich import enrich_event
 from services.validator.outputs import processed_event, processed_transaction, status_change
 from services.validator.references import ApplyResult, ReferenceStore
 from services.validator.retry import (
-    RETRY_HEADERS,
     Retry,
     RetryPolicy,
     RetryState,
@@ -57,14 +59,14 @@ class Output:
 
 @dataclass(frozen=True)
 class Topics:
-    events_raw: str = "events.raw"
-    events_retry: str = "events.raw.retry"
-    events_dead_letter: str = "events.raw.dlq"
-    events_processed: str = "events.processed"
-    transactions_cdc: str = "cdc.postgres.transactions"
-    transactions_dead_letter: str = "cdc.postgres.transactions.dlq"
-    transactions_processed: str = "transactions.processed"
-    status_history: str = "transactions.status_history"
+    events_raw: str = topics.EVENTS_RAW
+    events_retry: str = topics.EVENTS_RAW_RETRY
+    events_dead_letter: str = topics.dead_letter_topic(topics.EVENTS_RAW)  # also of retried events
+    events_processed: str = topics.EVENTS_PROCESSED
+    transactions_cdc: str = topics.CDC_TRANSACTIONS
+    transactions_dead_letter: str = topics.dead_letter_topic(topics.CDC_TRANSACTIONS)
+    transactions_processed: str = topics.TRANSACTIONS_PROCESSED
+    status_history: str = topics.TRANSACTIONS_STATUS_HISTORY
 
 
 DEFAULT_TOPICS = Topics()
@@ -73,14 +75,10 @@ DEFAULT_RETRY_POLICY = RetryPolicy()
 
 def _passthrough_headers(headers: Sequence[tuple[str, bytes | None]]) -> Headers:
     """The producer's own headers (trace context, ...), without retry/dead-letter bookkeeping."""
-    return [
-        (k, v if v is not None else b"")
-        for k, v in headers
-        if k not in RETRY_HEADERS and k not in deadletter.DLQ_HEADERS
-    ]
+    return [(k, v if v is not None else b"") for k, v in headers if not k.startswith(STALE_ON_DEAD_LETTER)]
 
 
-def _dead(record: deadletter.DeadLetterRecord) -> Output:
+def _dead(record: DeadLetterRecord) -> Output:
     return Output(Route.DEAD_LETTER, record.topic, record.key, record.value, record.headers)
 
 
@@ -110,7 +108,7 @@ class EventProcessor:
         decoded = self.decode(message.value)
         if isinstance(decoded, DecodeError):
             state = parse_retry_headers(message.headers)
-            dead = deadletter.from_decode_error(
+            dead = rejections.from_decode_error(
                 message, decoded, now=now, topic=self.topics.events_dead_letter, retry_state=state
             )
             return _dead(dead)
@@ -126,7 +124,7 @@ class EventProcessor:
         verdict = self.engine.evaluate(record, "event", attempt=state.attempt if state else 0, now=now)
         if verdict.outcome is Outcome.REJECT:
             return _dead(
-                deadletter.from_failures(message, verdict.errors, now=now, topic=dead_topic, retry_state=state)
+                rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic, retry_state=state)
             )
         if verdict.outcome is Outcome.RETRY:
             return self._retry(message, verdict, state, now)
@@ -137,9 +135,9 @@ class EventProcessor:
             )
             value = self.serialize(out)
         except (ValueError, TypeError, OverflowError) as error:  # OutputContractError, or fastavro refusing
-            dead = deadletter.from_exception(
+            dead = rejections.from_exception(
                 message,
-                deadletter.OUTPUT_CONTRACT,
+                rejections.OUTPUT_CONTRACT,
                 error,
                 stage=Stage.ENRICH,
                 now=now,
@@ -155,7 +153,7 @@ class EventProcessor:
         first_seen = state.first_seen if state is not None else now
         decision = retry_decision(verdict.attempt, first_seen, now, self.retry_policy)
         if not isinstance(decision, Retry):
-            dead = deadletter.from_retry_exhausted(
+            dead = rejections.from_retry_exhausted(
                 message, decision, state, verdict.errors, now=now, topic=self.topics.events_dead_letter
             )
             return _dead(dead)
@@ -186,7 +184,7 @@ class TransactionProcessor:
         try:
             change = parse_envelope(message.value, "transactions")
         except CdcFormatError as error:
-            dead = deadletter.from_exception(
+            dead = rejections.from_exception(
                 message, CdcFormatError.code, error, stage=Stage.DECODE, now=now, topic=dead_topic
             )
             return [_dead(dead)]
@@ -194,10 +192,10 @@ class TransactionProcessor:
             return []  # the tombstone after a delete: the delete envelope already said everything
         flags: list[str] = []
         version = self.engine.rulebook.current.version
-        if change.op != "d":  # a delete is a fact at the source; there is nothing left to judge
+        if change.op != OP_DELETE:  # a delete is a fact at the source; there is nothing left to judge
             verdict = self.engine.evaluate(change.row, "transaction", now=now)
             if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
-                return [_dead(deadletter.from_failures(message, verdict.errors, now=now, topic=dead_topic))]
+                return [_dead(rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic))]
             flags, version = verdict.flags, verdict.rules_version
         headers = _passthrough_headers(message.headers)
         try:
@@ -210,8 +208,8 @@ class TransactionProcessor:
                 value = self.serialize_status(history)
                 outputs.append(Output(Route.STATUS_HISTORY, self.topics.status_history, key, value, headers))
         except (ValueError, TypeError, OverflowError) as error:
-            dead = deadletter.from_exception(
-                message, deadletter.OUTPUT_CONTRACT, error, stage=Stage.ENRICH, now=now, topic=dead_topic
+            dead = rejections.from_exception(
+                message, rejections.OUTPUT_CONTRACT, error, stage=Stage.ENRICH, now=now, topic=dead_topic
             )
             return [_dead(dead)]
         return outputs
@@ -230,7 +228,7 @@ def apply_reference(
             return None
         return references.apply_envelope(table, message.key, message.value)
     except CdcFormatError as error:
-        dead = deadletter.from_exception(message, CdcFormatError.code, error, stage=Stage.DECODE, now=now)
+        dead = rejections.from_exception(message, CdcFormatError.code, error, stage=Stage.DECODE, now=now)
         return _dead(dead)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from services.contracts.envelope import OP_DELETE, OP_READ
 from services.validator.cdc import PRODUCTS, USERS, ChangeEvent, TableSpec, parse_envelope, parse_key
 from services.validator.enrich import VIEWS, hash_email
 
@@ -104,7 +105,7 @@ class ReferenceStore:
         """Insert a typed row directly (bootstrap from a database query, tests)."""
         state = self._table(table)
         key = row[state.spec.primary_key]
-        change = ChangeEvent(table, "r", None, dict(row), lsn, None, None, True)
+        change = ChangeEvent(table, OP_READ, None, dict(row), lsn, None, None, True)
         return self._count(table, self._apply(state, change, key))
 
     def _apply(self, state: _Table, change: ChangeEvent, key: str) -> ApplyResult:
@@ -113,7 +114,7 @@ class ReferenceStore:
             known = state.versions.get(key) if key in state.versions else state.deleted.get(key)
             if known is not None and lsn <= known:
                 return ApplyResult.STALE
-        if change.op == "d":
+        if change.op == OP_DELETE:
             state.rows.pop(key, None)
             state.views.pop(key, None)
             state.versions.pop(key, None)

@@ -15,25 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-REFERENCE_NOT_FOUND = "REFERENCE_NOT_FOUND"
-
-# Headers of a record on the retry topic. Times are epoch milliseconds, as decimal text.
-RETRY_ATTEMPT = "lp-retry-attempt"  # the number of this retry: 1 for the first
-RETRY_NOT_BEFORE = "lp-retry-not-before"
-RETRY_FIRST_SEEN = "lp-retry-first-seen"
-RETRY_RULE = "lp-retry-rule"
-RETRY_ORIGINAL_TOPIC = "lp-retry-original-topic"
-RETRY_ORIGINAL_PARTITION = "lp-retry-original-partition"
-RETRY_ORIGINAL_OFFSET = "lp-retry-original-offset"
-RETRY_HEADERS = (
+from services.contracts.headers import (
     RETRY_ATTEMPT,
-    RETRY_NOT_BEFORE,
     RETRY_FIRST_SEEN,
-    RETRY_RULE,
-    RETRY_ORIGINAL_TOPIC,
-    RETRY_ORIGINAL_PARTITION,
+    RETRY_HEADERS,
+    RETRY_NOT_BEFORE,
     RETRY_ORIGINAL_OFFSET,
+    RETRY_ORIGINAL_PARTITION,
+    RETRY_ORIGINAL_TOPIC,
+    RETRY_RULE,
 )
+
+REFERENCE_NOT_FOUND = "REFERENCE_NOT_FOUND"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,6 @@ payload). What the runtime adds is the part no processor should have to get righ
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,9 @@ from typing import Protocol
 
 from pydantic import Field
 
+from services.contracts.deadletter import Stage, build_dead_letter
+from services.contracts.headers import TRACE_HEADERS, TRACEPARENT
+from services.contracts.topics import CDC_TOPIC_PREFIX, EVENTS_RAW, dead_letter_topic, is_dead_letter_topic
 from services.kit.config import ServiceSettings
 
 Header = tuple[str, bytes]
@@ -125,37 +127,8 @@ def load_processor(spec: str) -> Processor:
 
 
 # --- dead letters ----------------------------------------------------------------------------------------------
-# The header names of `services.validator.deadletter`, so one replay tool reads every dead letter.
-from services.validator.deadletter import (  # noqa: E402
-    DLQ_TOPIC_SUFFIX,
-    HEADER_ATTEMPT,
-    HEADER_ERROR_CODE,
-    HEADER_FIELD,
-    HEADER_MESSAGE,
-    HEADER_ORIGINAL_OFFSET,
-    HEADER_ORIGINAL_PARTITION,
-    HEADER_ORIGINAL_TOPIC,
-    HEADER_RULE,
-    HEADER_STAGE,
-    HEADER_TIME,
-    HEADER_TRACE_ID,
-    MAX_MESSAGE_BYTES,  # noqa: F401 (part of the runtime's dead-letter contract, re-exported)
-    _truncate,
-    format_time,
-    trace_id_from_headers,
-)
-
-STAGE_PROCESS = "process"
 PROCESSOR_EXCEPTION = "PROCESSOR_EXCEPTION"  # the processor raised for this record alone
 PROCESSOR_OUTPUT_INVALID = "PROCESSOR_OUTPUT_INVALID"  # it returned something the runtime cannot produce
-# Bookkeeping of an earlier dead letter or retry is dropped, so a replayed record carries no stale reason.
-_STALE_HEADER_PREFIXES = ("lp-dlq-", "lp-retry-")
-HEADER_VALUE_TRUNCATED_FROM = "lp-dlq-value-truncated-from"
-HEADER_VALUE_SHA256 = "lp-dlq-value-sha256"
-
-
-def dead_letter_topic(topic: str) -> str:
-    return topic + DLQ_TOPIC_SUFFIX
 
 
 def dead_letter(
@@ -166,39 +139,22 @@ def dead_letter(
     trace_id: str | None = None,
     max_record_bytes: int | None = None,
 ) -> Output:
-    """The record, key and value unchanged, on `<topic>.dlq` with the reason in `lp-dlq-*` headers.
+    """The record, key and value unchanged, on `<topic>.dlq` with the reason in `lp-dlq-*` headers (stage
+    `process`), in the platform's one dead-letter format, so one replay tool reads every dead letter.
 
-    Last resort: if the dead letter would exceed `max_record_bytes` (an input within a few hundred bytes of the
-    broker's limit), its value is cut to fit and `lp-dlq-value-truncated-from` / `lp-dlq-value-sha256` say so:
-    a dead letter the broker refuses would stop the worker on every restart, losing far more."""
-    kept: list[Header] = [
-        (name, value if value is not None else b"")
-        for name, value in record.headers
-        if not name.startswith(_STALE_HEADER_PREFIXES)
-    ]
-    kept += [
-        (HEADER_ERROR_CODE, code.encode()),
-        (HEADER_RULE, b""),
-        (HEADER_FIELD, b""),
-        (HEADER_MESSAGE, _truncate(message)),
-        (HEADER_STAGE, STAGE_PROCESS.encode()),
-        (HEADER_ORIGINAL_TOPIC, record.topic.encode()),
-        (HEADER_ORIGINAL_PARTITION, str(record.partition).encode()),
-        (HEADER_ORIGINAL_OFFSET, str(record.offset).encode()),
-        (HEADER_TIME, format_time(now).encode()),
-        (HEADER_TRACE_ID, (trace_id_from_headers(record.headers) or trace_id or "").encode()),
-        (HEADER_ATTEMPT, b"0"),
-    ]
-    value = record.value
-    if max_record_bytes is not None and value is not None:
-        overhead = len(record.key or b"") + sum(len(k) + len(v) for k, v in kept) + 256  # + the two headers below
-        if overhead + len(value) > max_record_bytes:
-            kept += [
-                (HEADER_VALUE_TRUNCATED_FROM, str(len(value)).encode()),
-                (HEADER_VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
-            ]
-            value = value[: max(0, max_record_bytes - overhead)]
-    return Output(dead_letter_topic(record.topic), record.key, value, kept, source=record)
+    `trace_id` (the batch span's) stands in for a record without a traceparent. Last resort: if the dead letter
+    would exceed `max_record_bytes`, its value is cut to fit (`lp-dlq-value-truncated-from` says so): a dead
+    letter the broker refuses would stop the worker on every restart, losing far more."""
+    letter = build_dead_letter(
+        record,
+        code=code,
+        stage=Stage.PROCESS,
+        message=message,
+        now=now,
+        fallback_trace_id=trace_id,
+        max_record_bytes=max_record_bytes,
+    )
+    return Output(letter.topic, letter.key, letter.value, letter.headers, source=record)
 
 
 # --- running a processor -----------------------------------------------------------------------------------------
@@ -305,7 +261,6 @@ class Batch:
 
 
 # --- trace context on outputs --------------------------------------------------------------------------------------
-TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 def trace_headers(record: InputRecord) -> list[Header]:
@@ -320,7 +275,7 @@ def headers_with_trace(output: Output, fallback: Sequence[Header]) -> list[Heade
     than the processing itself at 10k+ records/s (see docs/validator-runtime.md)."""
     headers = list(output.headers)
     for name, _ in headers:
-        if name == "traceparent":
+        if name == TRACEPARENT:
             return headers
     if output.source is not None:
         inherited = False
@@ -342,7 +297,7 @@ class StreamRuntimeSettings(ServiceSettings):
 
     service_name: str = "validator"
     input_topics: str = Field(
-        "events.raw,cdc.postgres.*",
+        f"{EVENTS_RAW},{CDC_TOPIC_PREFIX}*",
         description="Comma-separated topics to consume; shell-style patterns (cdc.postgres.*) are matched against "
         "the broker's topics at start and never match a *.dlq topic.",
     )
@@ -397,7 +352,7 @@ def resolve_input_topics(patterns: Sequence[str], existing: Iterable[str]) -> li
             matched = [
                 t
                 for t in existing
-                if fnmatch.fnmatchcase(t, pattern) and not t.endswith(DLQ_TOPIC_SUFFIX) and not t.startswith("__")
+                if fnmatch.fnmatchcase(t, pattern) and not is_dead_letter_topic(t) and not t.startswith("__")
             ]
             if not matched:
                 missing.append(f"{pattern} (no topic matches)")

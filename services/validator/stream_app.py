@@ -43,6 +43,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.contracts.headers import TRACEPARENT
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer
@@ -528,7 +529,7 @@ class BatchRunner(Service):
 def _remote_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None:
     """A W3C traceparent header as a remote SpanContext, parsed by hand (cheaper than the propagator)."""
     for name, value in headers:
-        if name == "traceparent" and value:
+        if name == TRACEPARENT and value:
             parts = value.split(b"-")
             if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
                 return None
@@ -556,7 +557,7 @@ def _broker_credentials(settings: StreamRuntimeSettings) -> Any:
         return faust.SSLCredentials(context)
     return faust.SASLCredentials(
         username=settings.kafka_sasl_username,
-        password=settings.kafka_sasl_password,
+        password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
         mechanism=settings.kafka_sasl_mechanism or "PLAIN",
         ssl_context=context,
     )

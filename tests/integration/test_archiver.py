@@ -6,16 +6,11 @@ Each test uses its own topics, namespace (or table bucket) and consumer group: t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,37 +19,23 @@ from typing import Any
 import pytest
 from confluent_kafka import Message, Producer
 
-from services.archiver.catalog import ensure_table, load_table, open_catalog
-from services.archiver.committer import Fenced, TableCommitter, snapshot_offsets
+from services.archiver.catalog import ensure_table
+from services.archiver.committer import Fenced, TableCommitter
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import START, dead_letter, encoded_events, processed_transactions
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, load_table, open_catalog
+from services.stores.iceberg_offsets import snapshot_offsets
+from services.testing.net import free_port, metric_totals
+from services.testing.processes import log_tails, run_module, start_module, stop, wait_for
+from services.testing.samples import START, dead_letter, encoded_events, processed_transactions
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 24_000
 STEP = timedelta(milliseconds=200)  # 24k events over 80 minutes of event time
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, logs: list[Path] = ()) -> None:  # type: ignore[assignment]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
 @dataclass
@@ -84,31 +65,15 @@ class Setup:
     def start(self, label: str, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         log = self.stack.log_dir / f"archiver-{self.name}-{label}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
         self.logs.append(log)
-        env = {**os.environ, **self.env, "HTTP_PORT": str(port), **extra}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services.archiver", "run"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-            )
-        return process, port
+        env = {**self.env, "HTTP_PORT": str(port), **extra}
+        return start_module("services.archiver", "run", env=env, log_path=log), port
 
     def tails(self) -> str:
-        return "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in self.logs if p.exists())
+        return log_tails(self.logs)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "services.archiver", *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-            timeout=300,
-        )
+        return run_module("services.archiver", *args, env=self.env)
 
 
 def make_setup(stack: LocalStack, **catalog: str) -> Setup:
@@ -163,25 +128,6 @@ def produce_load(setup: Setup, count: int, rate: float, invalid_every: int = 97)
 def archived_ids(setup: Setup) -> list[str]:
     table = setup.table()
     return table.scan(selected_fields=("event_id",)).to_arrow().column("event_id").to_pylist()
-
-
-def metrics(port: int) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=60)
 
 
 # --- crash and restart ---------------------------------------------------------------------------------------
@@ -331,7 +277,9 @@ def test_two_archivers_on_the_same_table_are_fenced_and_never_duplicate(stack: L
         valid, _ = produce_load(setup, count, 4000, invalid_every=10**9)
         wait_for(lambda: _table_exists(setup) and len(archived_ids(setup)) >= count, 180, "all events", setup.logs)
         time.sleep(3)
-        fenced = metrics(port_a).get("lp_archiver_fenced_total", 0) + metrics(port_b).get("lp_archiver_fenced_total", 0)
+        fenced = metric_totals(port_a).get("lp_archiver_fenced_total", 0) + metric_totals(port_b).get(
+            "lp_archiver_fenced_total", 0
+        )
         assert stop(a) == 0, setup.tails()
         assert stop(b) == 0, setup.tails()
     finally:

@@ -22,16 +22,17 @@ from pathlib import Path
 import boto3
 import pytest
 
-from services.archiver.catalog import ensure_table, open_catalog
-from services.archiver.committer import TableCommitter
+from services.archiver.catalog import ensure_table
 from services.archiver.maintenance import compact, read
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.archiver.writer import write_data_files
 from services.kit.avro import SchemaRepository
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, open_catalog
+from services.testing.archiver_samples import commit_samples
+from services.testing.processes import run_module
+from services.testing.samples import encoded_events
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +47,12 @@ CRASHING_COMMIT = textwrap.dedent(
     """
     import os, sys
     from pyiceberg.catalog.sql import SqlCatalog
-    from services.archiver.catalog import load_table, open_catalog
+    from services.stores.iceberg import load_table, open_catalog
     from services.archiver.committer import TableCommitter
     from services.archiver.rows import AvroRowBuilder, RecordColumns
-    from services.archiver.samples import encoded_events
+    from services.testing.samples import encoded_events
     from services.archiver.schemas import arrow_schema
-    from services.archiver.settings import CatalogSettings
+    from services.stores.iceberg import CatalogSettings
     from services.kit.avro import SchemaRepository
 
     settings = CatalogSettings.from_env(os.environ)
@@ -120,22 +121,10 @@ class Archive:
         return rows, columns.consumed()
 
     def commit(self, commits: int) -> None:
-        committer = TableCommitter(self.table)
-        start = committer.claim([(TOPIC, 0)])[(TOPIC, 0)] or 0
-        for n in range(commits):
-            rows, consumed = self.rows(PER_COMMIT, start + n * PER_COMMIT)
-            committer.add(rows, consumed)
-            committer.commit()
+        commit_samples(self.table, self.repository, PAYLOADS, commits, PER_COMMIT, topic=TOPIC)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "services.archiver", *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-            timeout=300,
-        )
+        return run_module("services.archiver", *args, env=self.env)
 
     def offsets(self, **kwargs: object) -> list[int]:
         return sorted(read(self.table, columns=("_kafka_offset",), **kwargs).column("_kafka_offset").to_pylist())

@@ -13,18 +13,14 @@ pod. Rows are counted through the sink's own /query endpoint while it runs, and 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,30 +28,14 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from services.clickhouse_sink.samples import ProcessedSamples
+from services.contracts.deadletter import parse_dead_letter
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics, scan_topic
-from services.validator.deadletter import parse_dead_letter
+from services.testing.net import free_port, http_status, metric_totals
+from services.testing.processes import run_module, start_module, stop, wait_for
+from services.testing.samples import ProcessedSamples
 
 pytestmark = pytest.mark.integration
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    tail = log.read_text()[-5000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 @dataclass
@@ -99,15 +79,7 @@ class Sink:
     def start(self, wait_ready: bool = True, **extra: str) -> None:
         log_path = self.log_dir / f"sink-{len(self.runs)}.log"
         self.runs.append(log_path)
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.clickhouse_sink"],
-                env={**self.env, **extra},
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        self.process = start_module("services.clickhouse_sink", env={**self.env, **extra}, log_path=log_path)
         if wait_ready:
             wait_for(self.ready, 90, "the sink to be ready", log_path)
 
@@ -122,21 +94,10 @@ class Sink:
         return self.http_status("/readyz") == 200
 
     def http_status(self, path: str) -> int | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return None
+        return http_status(self.http_port, path)
 
     def metric(self, name: str) -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and " " in line)
+        return metric_totals(self.http_port).get(name, 0.0)
 
     def counts(self) -> dict[str, int]:
         """Rows per table from the running sink's /query endpoint ({} while it cannot answer)."""
@@ -150,14 +111,7 @@ class Sink:
 
     def stop(self) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
+        return stop(self.process)
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -169,21 +123,13 @@ class Sink:
         return self.process.wait(timeout=timeout)
 
     def query_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "services.clickhouse_sink", "query", *args],
-            env=self.env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_module("services.clickhouse_sink", "query", *args, env=self.env, timeout=120)
 
 
 @pytest.fixture
 def sink(stack, topics: Topics, tmp_path: Path):
     query_port, http_port = free_port(), free_port()
     env = {
-        **os.environ,
         **stack.env(),
         "SERVICE_NAME": "clickhouse-sink-test",
         "CONSUMER_GROUP": f"lp-clickhouse-sink-test-{uuid.uuid4().hex[:8]}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from services.generator.app import FAULT_HEADER
+from services.contracts.headers import INJECTED_FAULT
 from services.kit.avro import AvroDeserializer, Decoded, DecodeError, SchemaRepository
 from services.kit.kafka import create_topics, scan_topic
 
@@ -65,9 +65,9 @@ def test_bounded_run_produces_exactly_and_writes_postgres(stack, tmp_path):
         headers = dict(message.headers() or [])
         assert "traceparent" in headers  # W3C context travels with every record
         result = decode(message.value())
-        if FAULT_HEADER in headers:
-            faults[headers[FAULT_HEADER].decode()] += 1
-            if headers[FAULT_HEADER] in (b"garbage_bytes", b"wrong_types"):
+        if INJECTED_FAULT in headers:
+            faults[headers[INJECTED_FAULT].decode()] += 1
+            if headers[INJECTED_FAULT] in (b"garbage_bytes", b"wrong_types"):
                 assert isinstance(result, DecodeError)
             continue
         assert isinstance(result, Decoded), result

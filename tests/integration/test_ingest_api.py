@@ -23,10 +23,10 @@ from confluent_kafka import Message
 
 from services.generator.model import Simulation
 from services.ingest.client import IngestClient, IngestError
-from services.ingest.launcher import IngestProcess
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
 from services.kit.kafka import create_topics, scan_topic
 from services.stack import LocalStack, StackSettings
+from services.testing.ingest import IngestProcess
 
 pytestmark = pytest.mark.integration
 

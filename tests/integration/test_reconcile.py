@@ -10,15 +10,11 @@ while the sink runs (ClickHouse read through the sink's /query port), then on th
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -28,15 +24,15 @@ import pytest
 from confluent_kafka import Producer
 from pyiceberg.exceptions import NoSuchTableError
 
-from services.archiver.catalog import load_table, open_catalog
-from services.archiver.samples import encoded_events
-from services.archiver.settings import CatalogSettings
 from services.kit.config import settings_from
 from services.kit.kafka import PRODUCER_DEFAULTS, create_topics
 from services.reconcile import runsummary
-from services.snowflake_loader.connection import open_warehouse
-from services.snowflake_loader.settings import SnowflakeSettings
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, load_table, open_catalog
+from services.stores.snowflake import SnowflakeSettings, open_warehouse
+from services.testing.net import free_port
+from services.testing.processes import kill, run_module, start_module, stop, wait_for
+from services.testing.samples import encoded_events
 
 pytestmark = pytest.mark.integration
 
@@ -45,38 +41,18 @@ EVENTS = 600
 STEP = timedelta(minutes=6)  # 600 events over 60 hours of event time: three UTC days
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
 def load_warehouse(env: dict[str, str], work_dir: Path) -> dict[str, Any]:
     """`python -m services.snowflake_loader run-once`: the lake's user_events into Snowflake, as `make run` does."""
-    done = subprocess.run(
-        [sys.executable, "-m", "services.snowflake_loader", "run-once"],
+    done = run_module(
+        "services.snowflake_loader",
+        "run-once",
         env={
-            **os.environ,
             **env,
             "SNOWFLAKE_CREATE_DATABASE": "true",
             "SNOWFLAKE_LOADER_TABLES": "user_events",
             "SNOWFLAKE_LOADER_WORK_DIR": str(work_dir),
             "SNOWFLAKE_NETWORK_TIMEOUT_S": "60",
         },
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -92,14 +68,7 @@ class Loaded:
     query_port: int
 
     def reconcile(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "services.reconcile", *args],
-            env={**os.environ, **self.env, **extra},
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_module("services.reconcile", *args, env={**self.env, **extra}, timeout=120)
 
     def expected(self) -> dict[tuple[str, str], tuple[int, float]]:
         """(day, event type) -> (events, revenue), from the records produced."""
@@ -112,19 +81,7 @@ class Loaded:
 
     def stop_sink(self) -> None:
         if self.sink.poll() is None:
-            self.sink.send_signal(signal.SIGTERM)
-            assert self.sink.wait(timeout=60) == 0
-
-
-def _start(module: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            env={**os.environ, **env},
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+            assert stop(self.sink) == 0
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +122,8 @@ def loaded(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     logs = [tmp / "sink.log", tmp / "archiver.log"]
     sink_env = {**env, "CONSUMER_GROUP": f"{name}-sink", "HTTP_PORT": str(free_port())}
     archiver_env = {**env, "CONSUMER_GROUP": f"{name}-archiver", "HTTP_PORT": str(free_port())}
-    sink = _start("services.clickhouse_sink", sink_env, logs[0])
-    archiver = _start("services.archiver", archiver_env, logs[1], "run")
+    sink = start_module("services.clickhouse_sink", env=sink_env, log_path=logs[0])
+    archiver = start_module("services.archiver", "run", env=archiver_env, log_path=logs[1])
     catalog = CatalogSettings.from_env(env)
     loaded = Loaded(
         {**env, "CLICKHOUSE_SINK_QUERY_URL": f"http://127.0.0.1:{query_port}"}, records, sink, logs, query_port
@@ -181,17 +138,14 @@ def loaded(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
             return len(table.scan(selected_fields=("event_id",)).to_arrow())
 
         wait_for(lambda: archived() == EVENTS, 120, f"{EVENTS} rows in Iceberg", logs)
-        archiver.send_signal(signal.SIGTERM)
-        assert archiver.wait(timeout=60) == 0
+        assert stop(archiver) == 0
         wait_for(lambda: clickhouse_events(query_port) == EVENTS, 120, f"{EVENTS} rows in ClickHouse", logs)
         load = load_warehouse(env, tmp / "loader")
         assert (load["status"], load["rows"]) == ("loaded", EVENTS)
         yield loaded
     finally:
         for process in (sink, archiver):
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+            kill(process)
 
 
 def clickhouse_events(query_port: int) -> int:
@@ -255,7 +209,7 @@ def test_a_planted_discrepancy_is_named_with_its_store_and_exits_1(loaded: Loade
     assert gone_day != altered_day
     # ClickHouse loses an event (a lightweight DELETE, through the sink's own client on its folder) ...
     script = (
-        "import sys; from pathlib import Path; from services.clickhouse_sink.client import ChdbClient\n"
+        "import sys; from pathlib import Path; from services.stores.clickhouse import ChdbClient\n"
         "c = ChdbClient(Path(sys.argv[1]))\n"
         "c.execute(f\"ALTER TABLE lambda_pipeline.user_events_realtime DELETE WHERE event_id = toUUID('{sys.argv[2]}') "
         'SETTINGS mutations_sync = 2")\n'

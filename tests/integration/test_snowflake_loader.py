@@ -21,20 +21,20 @@ from typing import Any
 import pyarrow.compute as pc
 import pytest
 
-from services.archiver.catalog import ensure_table, load_table, open_catalog
+from services.archiver.catalog import ensure_table
 from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import compact
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import START, processed_events, processed_transactions
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.exits import ExitCode
-from services.snowflake_loader.connection import Warehouse, connect
 from services.snowflake_loader.loader import InjectedCrash, Loader, migrate
 from services.snowflake_loader.settings import LoaderSettings
 from services.snowflake_loader.sql import attributes_hash, user_key
 from services.stack import LocalStack
+from services.stores.iceberg import CatalogSettings, load_table, open_catalog
+from services.stores.snowflake import Warehouse, connect
+from services.testing.samples import START, processed_events, processed_transactions
 
 pytestmark = pytest.mark.integration
 

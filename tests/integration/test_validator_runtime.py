@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +27,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.kit.kafka import scan_topic
+from services.testing.net import free_port
+from services.testing.processes import kill, start_module, wait_for
 from services.validator.runtime import InputRecord, Output
 
 pytestmark = pytest.mark.integration
@@ -92,23 +92,6 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: max(tp.offset, 0) for tp in offsets}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, worker: Worker | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if worker is not None and worker.process.poll() is not None:
-            raise AssertionError(f"worker exited ({worker.process.returncode}) waiting for {what}:\n{worker.log()}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}" + (f":\n{worker.log()}" if worker else ""))
-
-
 @dataclass
 class Worker:
     process: subprocess.Popen[bytes]
@@ -139,6 +122,10 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text()[-5000:]
 
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """`wait_for` that fails as soon as this worker exits, with its log."""
+        wait_for(condition, timeout, what, self.log_path, process=self.process, poll_s=0.1)
+
 
 @pytest.fixture
 def start_worker(stack, tmp_path: Path):
@@ -148,7 +135,6 @@ def start_worker(stack, tmp_path: Path):
         port = free_port()
         log_path = tmp_path / f"worker-{len(started)}.log"
         env = {
-            **os.environ,
             **stack.env(),
             "INPUT_TOPICS": topic,
             "OUTPUT_TOPICS": output,
@@ -159,23 +145,14 @@ def start_worker(stack, tmp_path: Path):
             "SHUTDOWN_TIMEOUT_S": "30",
             **extra,
         }
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services.validator.stream_app", "--processor", PROCESSOR],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[2],
-            )
+        process = start_module("services.validator.stream_app", "--processor", PROCESSOR, env=env, log_path=log_path)
         worker = Worker(process, port, log_path)
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
-        if worker.process.poll() is None:
-            worker.process.kill()
-            worker.process.wait(timeout=10)
+        kill(worker.process)
 
 
 def sources(messages: list[Any]) -> Counter[tuple[int, int]]:
@@ -201,12 +178,12 @@ def test_every_record_out_once_with_trace_context_then_sigterm_exits_0(stack, st
     worker = start_worker(topic, output, group)
 
     # The health endpoint answers from the start; joining the group takes seconds on the local broker.
-    wait_for(lambda: worker.get("/readyz")[0] != 0, 30, "the health endpoint", worker)
+    worker.wait_for(lambda: worker.get("/readyz")[0] != 0, 30, "the health endpoint")
     status, body = worker.get("/readyz")
     assert status == 503 and "starting" in body
-    wait_for(worker.ready, 60, "readiness (partitions assigned)", worker)
+    worker.wait_for(worker.ready, 60, "readiness (partitions assigned)")
     assert worker.get("/healthz")[0] == 200
-    wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 60, "all offsets committed", worker)
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 60, "all offsets committed")
     assert worker.processed(topic) == n
     assert worker.stop() == 0, worker.log()
 
@@ -235,7 +212,7 @@ def test_processor_errors_go_to_the_dead_letter_topic_with_headers(stack, start_
     produce(bootstrap, topic, values)
     group = f"g-{uuid.uuid4().hex[:6]}"
     worker = start_worker(topic, output, group)
-    wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 1000, 60, "all committed", worker)
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 1000, 60, "all committed")
     assert worker.stop() == 0, worker.log()
 
     dead = read(bootstrap, f"{topic}.dlq")
@@ -268,7 +245,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(stack, start_worker):
     group = f"g-{uuid.uuid4().hex[:6]}"
     slow = {"BATCH_MAX_RECORDS": "500", "TEST_BATCH_DELAY_S": "0.03", "COMMIT_INTERVAL_S": "0.5"}
     first = start_worker(topic, output, group, **slow)
-    wait_for(lambda: first.processed(topic) >= n / 3, 90, "a third processed", first)
+    first.wait_for(lambda: first.processed(topic) >= n / 3, 90, "a third processed")
     first.process.kill()  # SIGKILL: no flush, no commit, no leaving the group
     first.process.wait(timeout=10)
     at_kill = committed(bootstrap, group, topic)
@@ -276,7 +253,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(stack, start_worker):
     assert 0 < sum(at_kill.values()) < n
 
     second = start_worker(topic, output, group)
-    wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed after restart", second)
+    second.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed after restart")
     assert second.stop() == 0, second.log()
 
     counts = sources(read(bootstrap, output))
@@ -297,7 +274,7 @@ def test_sigterm_mid_stream_finishes_in_flight_and_restart_resumes_without_loss(
     group = f"g-{uuid.uuid4().hex[:6]}"
     slow = {"BATCH_MAX_RECORDS": "500", "TEST_BATCH_DELAY_S": "0.03"}
     first = start_worker(topic, output, group, **slow)
-    wait_for(lambda: first.processed(topic) >= n / 4, 90, "a quarter processed", first)
+    first.wait_for(lambda: first.processed(topic) >= n / 4, 90, "a quarter processed")
     assert first.stop(signal.SIGTERM) == 0, first.log()
     at_stop = committed(bootstrap, group, topic)
     produced_at_stop = len(read(bootstrap, output))
@@ -305,7 +282,7 @@ def test_sigterm_mid_stream_finishes_in_flight_and_restart_resumes_without_loss(
     assert produced_at_stop == sum(at_stop.values()) < n
 
     second = start_worker(topic, output, group, **slow)
-    wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed after restart", second)
+    second.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed after restart")
     assert second.stop() == 0, second.log()
     counts = sources(read(bootstrap, output))
     assert set(counts) == input_positions(bootstrap, topic)
@@ -320,9 +297,9 @@ def test_scaling_out_mid_stream_rebalances_without_loss(stack, start_worker):
     group = f"g-{uuid.uuid4().hex[:6]}"
     slow = {"BATCH_MAX_RECORDS": "300", "TEST_BATCH_DELAY_S": "0.12"}
     first = start_worker(topic, output, group, **slow)
-    wait_for(lambda: first.processed(topic) >= n / 5, 90, "a fifth processed", first)
+    first.wait_for(lambda: first.processed(topic) >= n / 5, 90, "a fifth processed")
     second = start_worker(topic, output, group, **slow)  # joins: the first revokes, drains, commits, rejoins
-    wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed", second)
+    second.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == n, 120, "all committed")
     assert second.processed(topic) > 0, "the second worker never got partitions"
     assert first.stop() == 0, first.log()
     assert second.stop() == 0, second.log()

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +28,8 @@ from services.generator.bad_events import BAD_KINDS, BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.kit.kafka import scan_topic
+from services.testing.net import free_port, http_status
+from services.testing.processes import run_module, start_module, stop, wait_for
 from services.validator.cdc import make_envelope
 
 pytestmark = pytest.mark.integration
@@ -50,22 +48,6 @@ EXPECTED_CODES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
-
-
 def headers_of(message: Message) -> dict[str, bytes]:
     return {k: (v or b"") for k, v in (message.headers() or [])}
 
@@ -82,14 +64,7 @@ def read_ours(bootstrap: str, topic: str, ids: set[str]) -> list[Message]:
 
 
 def run_cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.validator", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_module("services.validator", *args, env=env, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -108,35 +83,18 @@ def declared(stack) -> str:
 def start_validator(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """`python -m services.validator` with `env`, its output appended to `log_path`; returns once it is ready."""
     port = int(env["HTTP_PORT"])
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.validator"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_module("services.validator", env=env, log_path=log_path, append=True)
 
     def ready() -> bool:
         assert process.poll() is None, log_path.read_text()[-4000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_status(port, "/readyz") == 200
 
     wait_for(ready, 90, "the validator to be ready", log_path)
     return process
 
 
 def stop_validator(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    stop(process, timeout=40)
 
 
 @pytest.fixture

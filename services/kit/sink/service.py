@@ -37,11 +37,11 @@ class SinkService(Service[SettingsT], ABC):
     @abstractmethod
     def dead_letter(self, rejection: Rejection, now: datetime) -> OutgoingRecord:
         """The sink's `DeadLetterRoute`: the record to produce for a refused one, to `dead_letter_topic` of its
-        topic (the dead-letter format is the contracts', which the kit does not import)."""
+        topic (the dead-letter format and topic names are the contracts', which the kit does not import)."""
 
+    @abstractmethod
     def dead_letter_topic(self, topic: str) -> str:
-        """Where refused records of `topic` go (default `<topic>.<sink name>.dlq`)."""
-        return f"{topic}.{self.sink.name}.dlq"
+        """Where refused records of `topic` go."""
 
     def dead_letter_topics(self) -> list[str]:
         """The dead-letter topics that must exist at start (default: that of every input topic)."""

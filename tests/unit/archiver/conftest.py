@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from pyiceberg.catalog import Catalog
 
-from services.archiver.catalog import open_catalog
-from services.archiver.settings import CatalogSettings
 from services.kit.avro import SchemaRepository
+from services.stores.iceberg import CatalogSettings, open_catalog
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +19,6 @@ def repository() -> SchemaRepository:
 @pytest.fixture
 def catalog_settings(tmp_path: Path) -> CatalogSettings:
     return CatalogSettings(
-        kafka_bootstrap_servers="",
         iceberg_catalog="sql",
         iceberg_sql_uri=f"sqlite:///{tmp_path}/catalog.db",
         iceberg_warehouse=f"file://{tmp_path}/warehouse",

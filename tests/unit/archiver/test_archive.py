@@ -8,12 +8,12 @@ import pytest
 from confluent_kafka import Message
 
 from services.archiver.archive import ArchiverSink
-from services.archiver.catalog import open_catalog
 from services.archiver.maintenance import history, read
-from services.archiver.samples import dead_letter, encoded_events
 from services.archiver.schemas import default_tables
 from services.archiver.settings import ArchiverSettings
 from services.kit.sink import LazyRecords, PartitionBatch, TopicPartition
+from services.stores.iceberg import open_catalog
+from services.testing.samples import dead_letter, encoded_events
 
 EVENTS, DLQ = "events.processed", "events.raw.dlq"
 PAYLOADS = [payload for _, payload, _ in encoded_events(300)]

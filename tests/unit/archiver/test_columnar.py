@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from services.archiver.columnar import ColumnarDecoder, FastPathUnsupported
-from services.archiver.samples import encoded_events, processed_transactions
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
+from services.testing.samples import encoded_events, processed_transactions
 
 EVERYTHING = {
     "type": "record",

@@ -11,19 +11,11 @@ import pytest
 
 import services.archiver.committer as committer_module
 from services.archiver.catalog import COMMIT_RETRIES, ensure_table
-from services.archiver.committer import (
-    OFFSETS_PROPERTY,
-    CommitError,
-    Fenced,
-    TableCommitter,
-    decode_offsets,
-    encode_offsets,
-    lower_thread_priority,
-    snapshot_offsets,
-)
+from services.archiver.committer import CommitError, Fenced, TableCommitter, lower_thread_priority
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
+from services.stores.iceberg_offsets import OFFSETS_PROPERTY, decode_offsets, encode_offsets, snapshot_offsets
+from services.testing.samples import encoded_events
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(200)]

@@ -10,10 +10,12 @@ import pytest
 
 import services.archiver.maintenance as maintenance
 from services.archiver.catalog import ensure_table
-from services.archiver.committer import TableCommitter, snapshot_offsets
+from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import NoSuchSnapshot, compact, expire, history, read, stats
-from services.archiver.samples import commit_samples, encoded_events
 from services.archiver.schemas import default_tables
+from services.stores.iceberg_offsets import snapshot_offsets
+from services.testing.archiver_samples import commit_samples
+from services.testing.samples import encoded_events
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(600)]

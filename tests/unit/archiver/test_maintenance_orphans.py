@@ -24,8 +24,9 @@ from services.archiver.maintenance import (
     read,
     remove_orphans,
 )
-from services.archiver.samples import commit_samples, encoded_events
 from services.archiver.schemas import default_tables
+from services.testing.archiver_samples import commit_samples
+from services.testing.samples import encoded_events
 
 TOPIC = "events.processed"
 PAYLOADS = [payload for _, payload, _ in encoded_events(300)]

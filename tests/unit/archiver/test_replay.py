@@ -11,9 +11,9 @@ from services.archiver.catalog import ensure_table
 from services.archiver.committer import TableCommitter
 from services.archiver.replay import ReplayError, replay
 from services.archiver.rows import AvroRowBuilder, DeadLetterRowBuilder, RecordColumns
-from services.archiver.samples import START, dead_letter, encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
 from services.kit.avro import AvroDeserializer, Decoded
+from services.testing.samples import START, dead_letter, encoded_events
 
 TOPIC = "events.processed"
 STEP = timedelta(minutes=7)  # 600 events over ~70 hours: the range crosses day boundaries

@@ -10,9 +10,9 @@ import pytest
 
 from services.archiver.catalog import ensure_table
 from services.archiver.rows import MISSING_DLQ_HEADERS, AvroRowBuilder, DeadLetterRowBuilder, RecordColumns
-from services.archiver.samples import dead_letter, encoded_events
 from services.archiver.schemas import arrow_schema, default_tables
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
+from services.testing.samples import dead_letter, encoded_events
 
 
 def columns_of(payloads: list[bytes | None], topic: str = "events.processed", partition: int = 0) -> RecordColumns:
@@ -132,7 +132,7 @@ def test_from_messages_matches_append() -> None:
 
 
 def test_transaction_changes_keep_exact_money(catalog, catalog_settings, repository) -> None:
-    from services.archiver.samples import processed_transactions
+    from services.testing.samples import processed_transactions
 
     table, _ = ensure_table(catalog, catalog_settings, default_tables()[1], repository)
     serialize = AvroSerializer(repository["processed_transaction"])

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from services.cdc.app import LSN_HEADER, OP_HEADER, CdcPlan, CdcService
+from services.cdc.app import CdcPlan, CdcService
 from services.cdc.preflight import PreflightReport
 from services.cdc.settings import CdcSettings
+from services.contracts.headers import CDC_LSN, CDC_OP
 from services.kit.kafka import DeliveryFailed, DeliveryStats
 
 
@@ -72,7 +73,7 @@ def test_records_carry_lsn_op_and_trace_headers_and_are_flushed_before_returning
     cdc.handle_batch([("cdc.postgres.users", KEY, None)])  # the tombstone can come in the next batch
     assert producer.flushes == 2
     users = [p for p in producer.produced if p["topic"] == "cdc.postgres.users"]
-    assert [(p["headers"][OP_HEADER], p["headers"][LSN_HEADER]) for p in users] == [
+    assert [(p["headers"][CDC_OP], p["headers"][CDC_LSN]) for p in users] == [
         (b"r", b"100"),
         (b"u", b"200"),
         (b"d", b"300"),
@@ -82,7 +83,7 @@ def test_records_carry_lsn_op_and_trace_headers_and_are_flushed_before_returning
     assert all("traceparent" in p["headers"] for p in producer.produced)
     assert users[-1]["value"] is None
     (heartbeat,) = [p for p in producer.produced if p["topic"] == "cdc.heartbeat"]
-    assert LSN_HEADER not in heartbeat["headers"]
+    assert CDC_LSN not in heartbeat["headers"]
     assert cdc.counts == {("users", "r"): 1, ("users", "u"): 1, ("users", "d"): 1, ("users", "tombstone"): 1}
     assert cdc.heartbeats == 1 and cdc.last_lsn == 300 and cdc.streaming
     report = cdc.report()

@@ -11,15 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.clickhouse_sink import queries
+from services.stores import clickhouse_queries as queries
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from services.clickhouse_sink import queries
-from services.clickhouse_sink.client import ChdbClient
+from services.stores import clickhouse_queries as queries
+from services.stores.clickhouse import ChdbClient
 from services.clickhouse_sink.migrations import apply_migrations
 
 client = ChdbClient(Path(sys.argv[1]))

@@ -10,8 +10,6 @@ import fastavro
 import pyarrow as pa
 import pytest
 
-from services.clickhouse_sink import queries
-from services.clickhouse_sink.client import NativeClient
 from services.clickhouse_sink.decode import (
     HEADER_FIELD,
     SENTINEL,
@@ -22,11 +20,13 @@ from services.clickhouse_sink.decode import (
     is_engine_unavailable,
 )
 from services.clickhouse_sink.migrations import Migration, MigrationError, apply_migrations, load_migrations, render
-from services.clickhouse_sink.samples import ProcessedSamples
 from services.clickhouse_sink.sink import group_token, insert_settings
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS, clickhouse_type, structure
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.kit.sink import PartitionBatch
+from services.stores import clickhouse_queries as queries
+from services.stores.clickhouse import NativeClient
+from services.testing.samples import ProcessedSamples
 
 
 @pytest.fixture(scope="module")

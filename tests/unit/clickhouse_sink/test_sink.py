@@ -14,12 +14,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from services.clickhouse_sink.client import ChdbClient, ClickHouseClient
-from services.clickhouse_sink.samples import ProcessedSamples
 from services.clickhouse_sink.sink import ClickHouseSink, group_token
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
 from services.kit.avro import AvroDeserializer, AvroSerializer, Schema, SchemaRepository
 from services.kit.sink import PartitionBatch, SinkBackpressure, SinkRecord, TopicPartition, WrittenBatch
+from services.stores.clickhouse import ChdbClient, ClickHouseClient
+from services.testing.samples import ProcessedSamples
 
 EVENTS_TOPIC, TRANSACTIONS_TOPIC = "events.processed", "transactions.processed"
 

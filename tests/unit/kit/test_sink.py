@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from prometheus_client import REGISTRY
 
+from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection, parse_dead_letter
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.kafka import DeliveryFailed
 from services.kit.sink import (
@@ -28,7 +29,6 @@ from services.kit.sink import (
     backoff_delay,
     check_header,
 )
-from services.validator.deadletter import DeadLetterRecord, OriginalMessage, Stage, build_dead_letter, parse_dead_letter
 
 TOPIC = "things"
 SCHEMA = Schema.from_definition(
@@ -185,18 +185,8 @@ class FakeSink(Sink):
 
 
 def dead_letter(rejection: Rejection, now: datetime) -> DeadLetterRecord:
-    """The route the sinks give: the dead-letter format, to `<topic>.dlq`."""
-    record = rejection.record
-    original = OriginalMessage(record.topic, record.partition, record.offset, record.key, record.raw, record.headers)
-    return build_dead_letter(
-        original,
-        code=rejection.code,
-        stage=cast(Stage, str(rejection.stage)),
-        message=rejection.message,
-        now=now,
-        field=rejection.field,
-        topic=record.topic + ".dlq",
-    )
+    """The route the sinks give: the contracts' dead-letter format."""
+    return from_sink_rejection(rejection, now=now, sink="test")
 
 
 def make_runner(sink: Sink, **config: Any) -> tuple[SinkRunner, FakeConsumer, FakeProducer, Clock]:
@@ -262,7 +252,7 @@ def test_undecodable_records_are_dead_lettered_with_their_code_and_stay_in_the_r
     assert batch.dedup_token == "things@AbCd:0:0-5"  # the consumed range, dead letters included
     assert [r.offset for r in batch.records] == [0, 4]
     letters = [parse_dead_letter(key, value, headers) for _topic, key, value, headers in producer.produced]
-    assert {topic for topic, *_ in producer.produced} == {"things.dlq"}
+    assert {topic for topic, *_ in producer.produced} == {"things.test.dlq"}
     assert [(d.original_offset, d.error_code, str(d.stage)) for d in letters] == [
         (1, "NOT_AVRO_SINGLE_OBJECT", "decode"),
         (2, "INCOMPATIBLE_WRITER_SCHEMA", "decode"),

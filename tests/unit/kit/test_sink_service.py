@@ -45,6 +45,9 @@ class HookedService(SinkService[SinkSettings]):
     def dead_letter(self, rejection: Rejection, now: datetime) -> OutgoingRecord:
         raise AssertionError("nothing is refused in these tests")
 
+    def dead_letter_topic(self, topic: str) -> str:
+        return f"{topic}.{self.sink.name}.dlq"
+
     def on_drained(self) -> None:
         self.calls.append("on_drained")
 
@@ -80,6 +83,6 @@ def test_without_a_sink_stop_runs_no_hooks(service: HookedService) -> None:
     assert service.calls == []
 
 
-def test_the_dead_letter_topics_default_to_one_per_input_topic(service: HookedService) -> None:
+def test_the_dead_letter_topics_are_one_per_input_topic(service: HookedService) -> None:
     service.sink = service.make_sink()
     assert service.dead_letter_topics() == ["things.sink.dlq"]

@@ -9,21 +9,20 @@ import pyarrow as pa
 import pytest
 from pyiceberg.expressions import AlwaysTrue
 
-from services.archiver.catalog import ensure_table, open_catalog
+from services.archiver.catalog import ensure_table
 from services.archiver.committer import TableCommitter
 from services.archiver.maintenance import compact
 from services.archiver.rows import AvroRowBuilder, RecordColumns
-from services.archiver.samples import encoded_events, processed_transactions
 from services.archiver.schemas import arrow_schema, default_tables
-from services.archiver.settings import CatalogSettings
 from services.kit.avro import AvroSerializer, SchemaRepository
 from services.snowflake_loader import lake
+from services.stores.iceberg import CatalogSettings, open_catalog
+from services.testing.samples import encoded_events, processed_transactions
 
 
 @pytest.fixture
 def table(tmp_path: Path):  # type: ignore[no-untyped-def]
     settings = CatalogSettings(
-        kafka_bootstrap_servers="",
         iceberg_catalog="sql",
         iceberg_sql_uri=f"sqlite:///{tmp_path}/catalog.db",
         iceberg_warehouse=f"file://{tmp_path}/warehouse",

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.kit.config import ConfigError, load_settings
-from services.snowflake_loader.connection import CredentialError, connect_kwargs
 from services.snowflake_loader.settings import LoaderSettings
+from services.stores.snowflake import CredentialError, connect_kwargs
 
 SECRET = "s3cr3t-do-not-print"
 BASE = {

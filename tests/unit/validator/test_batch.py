@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from fastavro.validation import validate
 
+from services.contracts.deadletter import Stage, parse_dead_letter
 from services.kit.avro import avro_schema_dir
 from services.validator.batch import BatchError, BatchRow, BatchStats, read_csv, read_file, read_jsonl, read_parquet
-from services.validator.deadletter import Stage, parse_dead_letter
 
 RAW_SCHEMA = fastavro.parse_schema(json.loads((avro_schema_dir() / "raw_event.avsc").read_text()))
 EVENT_TIME = datetime(2026, 1, 5, 12, 0, 0, 123000, tzinfo=UTC)

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.contracts.deadletter import OriginalMessage, Stage, parse_dead_letter
 from services.generator.bad_events import BAD_KINDS, BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.validator.batch import BatchRow, read_jsonl
 from services.validator.cdc import make_envelope
-from services.validator.deadletter import OriginalMessage, Stage, parse_dead_letter
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
 from services.validator.pipeline import (

@@ -8,20 +8,22 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.contracts.deadletter import MAX_MESSAGE_BYTES, parse_dead_letter
+from services.contracts.headers import (
+    DLQ_ATTEMPT,
+    DLQ_ERROR_CODE,
+    DLQ_FIELD,
+    DLQ_MESSAGE,
+    DLQ_ORIGINAL_OFFSET,
+    DLQ_ORIGINAL_PARTITION,
+    DLQ_ORIGINAL_TOPIC,
+    DLQ_RULE,
+    DLQ_STAGE,
+    DLQ_TIME,
+    DLQ_TRACE_ID,
+)
+from services.contracts.topics import DLQ_SUFFIX
 from services.validator.runtime import (
-    DLQ_TOPIC_SUFFIX,
-    HEADER_ATTEMPT,
-    HEADER_ERROR_CODE,
-    HEADER_FIELD,
-    HEADER_MESSAGE,
-    HEADER_ORIGINAL_OFFSET,
-    HEADER_ORIGINAL_PARTITION,
-    HEADER_ORIGINAL_TOPIC,
-    HEADER_RULE,
-    HEADER_STAGE,
-    HEADER_TIME,
-    HEADER_TRACE_ID,
-    MAX_MESSAGE_BYTES,
     PROCESSOR_EXCEPTION,
     PROCESSOR_OUTPUT_INVALID,
     Batch,
@@ -39,7 +41,6 @@ from services.validator.runtime import (
     resolve_input_topics,
     run_processor,
     trace_headers,
-    trace_id_from_headers,
 )
 
 NOW = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -87,9 +88,9 @@ def test_a_raising_batch_is_retried_record_by_record_and_only_the_bad_record_is_
         ("out", b"ok"),
     ]
     headers = dict(result.outputs[1].headers)
-    assert headers[HEADER_ERROR_CODE] == PROCESSOR_EXCEPTION.encode()
-    assert headers[HEADER_MESSAGE] == b"ValueError: bad record at 1"
-    assert headers[HEADER_STAGE] == b"process"
+    assert headers[DLQ_ERROR_CODE] == PROCESSOR_EXCEPTION.encode()
+    assert headers[DLQ_MESSAGE] == b"ValueError: bad record at 1"
+    assert headers[DLQ_STAGE] == b"process"
 
 
 @pytest.mark.parametrize(
@@ -110,8 +111,8 @@ def test_malformed_outputs_dead_letter_the_record_instead_of_failing_in_the_prod
     (dead,) = result.outputs
     headers = dict(dead.headers)
     assert dead.topic == "events.raw.dlq"
-    assert headers[HEADER_ERROR_CODE] == PROCESSOR_OUTPUT_INVALID.encode()
-    assert complaint in headers[HEADER_MESSAGE].decode()
+    assert headers[DLQ_ERROR_CODE] == PROCESSOR_OUTPUT_INVALID.encode()
+    assert complaint in headers[DLQ_MESSAGE].decode()
 
 
 def test_check_outputs_accepts_well_formed_outputs():
@@ -146,7 +147,7 @@ def test_dead_letter_keeps_key_value_and_headers_and_says_why_where_and_when():
     )
     dead = dead_letter(original, "CODE", "line one\nline two", NOW)
     assert (dead.topic, dead.key, dead.value, dead.source) == (
-        "cdc.postgres.users" + DLQ_TOPIC_SUFFIX,
+        "cdc.postgres.users" + DLQ_SUFFIX,
         original.key,
         original.value,
         original,
@@ -155,29 +156,29 @@ def test_dead_letter_keeps_key_value_and_headers_and_says_why_where_and_when():
     assert headers == {
         "traceparent": TRACEPARENT,  # the original's own headers stay (stale lp-dlq-/lp-retry- ones go)
         "x": b"",
-        HEADER_ERROR_CODE: b"CODE",
-        HEADER_RULE: b"",
-        HEADER_FIELD: b"",
-        HEADER_MESSAGE: b"line one line two",
-        HEADER_STAGE: b"process",
-        HEADER_ORIGINAL_TOPIC: b"cdc.postgres.users",
-        HEADER_ORIGINAL_PARTITION: b"3",
-        HEADER_ORIGINAL_OFFSET: b"41",
-        HEADER_TIME: b"2026-03-01T12:30:15.123Z",
-        HEADER_TRACE_ID: TRACE_ID.encode(),
-        HEADER_ATTEMPT: b"0",
+        DLQ_ERROR_CODE: b"CODE",
+        DLQ_RULE: b"",
+        DLQ_FIELD: b"",
+        DLQ_MESSAGE: b"line one line two",
+        DLQ_STAGE: b"process",
+        DLQ_ORIGINAL_TOPIC: b"cdc.postgres.users",
+        DLQ_ORIGINAL_PARTITION: b"3",
+        DLQ_ORIGINAL_OFFSET: b"41",
+        DLQ_TIME: b"2026-03-01T12:30:15.123Z",
+        DLQ_TRACE_ID: TRACE_ID.encode(),
+        DLQ_ATTEMPT: b"0",
     }
-    assert [name for name, _ in dead.headers].count(HEADER_ERROR_CODE) == 1
+    assert [name for name, _ in dead.headers].count(DLQ_ERROR_CODE) == 1
 
 
 def test_dead_letter_trace_id_falls_back_to_the_batch_span_and_messages_are_bounded():
     dead = dead_letter(record(1), "CODE", "é" * 2000, NOW, trace_id="f" * 32)
     headers = dict(dead.headers)
-    assert headers[HEADER_TRACE_ID] == b"f" * 32
-    assert len(headers[HEADER_MESSAGE]) <= MAX_MESSAGE_BYTES
-    assert headers[HEADER_MESSAGE].endswith(b"...")
-    headers[HEADER_MESSAGE].decode("utf-8")  # not cut inside a character
-    assert dict(dead_letter(record(1), "CODE", "m", NOW).headers)[HEADER_TRACE_ID] == b""
+    assert headers[DLQ_TRACE_ID] == b"f" * 32
+    assert len(headers[DLQ_MESSAGE]) <= MAX_MESSAGE_BYTES
+    assert headers[DLQ_MESSAGE].endswith(b"...")
+    headers[DLQ_MESSAGE].decode("utf-8")  # not cut inside a character
+    assert dict(dead_letter(record(1), "CODE", "m", NOW).headers)[DLQ_TRACE_ID] == b""
 
 
 def test_a_dead_letter_too_large_for_the_broker_is_cut_to_fit_and_says_so():
@@ -192,10 +193,9 @@ def test_a_dead_letter_too_large_for_the_broker_is_cut_to_fit_and_says_so():
     assert fits.value == value and "lp-dlq-value-truncated-from" not in dict(fits.headers)
 
 
-def test_dead_letter_headers_read_back_with_the_engines_parser():
-    deadletter = pytest.importorskip("services.validator.deadletter")
+def test_dead_letter_headers_read_back_with_the_one_parser():
     dead = dead_letter(record(9, headers=[("traceparent", TRACEPARENT)]), PROCESSOR_EXCEPTION, "boom", NOW)
-    parsed = deadletter.parse_dead_letter(dead.key, dead.value, dead.headers)
+    parsed = parse_dead_letter(dead.key, dead.value, dead.headers)
     assert (parsed.error_code, str(parsed.stage), parsed.original_topic, parsed.original_offset) == (
         PROCESSOR_EXCEPTION,
         "process",
@@ -203,21 +203,6 @@ def test_dead_letter_headers_read_back_with_the_engines_parser():
         9,
     )
     assert parsed.trace_id == TRACE_ID and parsed.time == NOW.replace(microsecond=123000)
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ([("traceparent", TRACEPARENT)], TRACE_ID),
-        ([("traceparent", TRACEPARENT.upper())], TRACE_ID),
-        ([("traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")], None),
-        ([("traceparent", b"garbage")], None),
-        ([("traceparent", None)], None),
-        ([], None),
-    ],
-)
-def test_trace_id_from_headers(headers, expected):
-    assert trace_id_from_headers(headers) == expected
 
 
 # --- trace context on outputs ----------------------------------------------------------------------------------

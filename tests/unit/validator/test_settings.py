@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 
 from services.kit.config import ConfigError, load_settings
-from services.validator.app import INPUT_TOPICS, ValidatorSettings
 from services.validator.pipeline import DEFAULT_RETRY_POLICY
+from services.validator.processor import INPUT_TOPICS, ValidatorSettings
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Run `python -m services.ingest` as a child process on free ports (tests, benchmarks, local runs).
+"""Run `python -m services.ingest` as a child process on free ports (tests, benchmarks).
 
 with IngestProcess(stack.env(), topic="events.raw", log_path=tmp / "ingest.log") as server:
     with IngestClient(server.target) as client:

@@ -1,4 +1,7 @@
-"""Two ways to reach ClickHouse behind one small interface, so the sink's logic is the same on both.
+"""ClickHouse: where it is, two ways to reach it behind one small interface, and reading its named queries.
+
+The settings say where ClickHouse is (the sink writes there, the query command and the reconciliation read).
+The two clients keep the sink's logic the same on both:
 
 - `ChdbClient`: chDB, the ClickHouse engine in-process, data in a local folder (the local default). One
   process per data folder: chDB locks it, so nothing else can open it while the sink runs (the query command
@@ -14,15 +17,60 @@ conversions in the expressions run inside ClickHouse either way. Both decode Avr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.kit.paths import repo_root
+
+from . import clickhouse_queries as queries
 
 log = logging.getLogger(__name__)
+
+
+def default_chdb_path() -> Path:
+    return repo_root() / ".local" / "clickhouse"
+
+
+class ClickHouseSettings(BaseSettings):
+    """Where ClickHouse is and how to log in (the sink, its query command, the reconciliation). Locally the
+    running sink owns the chDB folder, so readers ask it on its query port (CLICKHOUSE_SINK_QUERY_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    clickhouse_client: Literal["chdb", "native"] = Field(
+        "chdb", description="chdb: in-process engine with data in CLICKHOUSE_CHDB_PATH; native: a ClickHouse server."
+    )
+    clickhouse_chdb_path: Path = Field(default_factory=default_chdb_path, description="chDB data folder (local).")
+    clickhouse_host: str = Field("localhost", min_length=1, description="Server host (native).")
+    clickhouse_port: int = Field(9000, ge=1, le=65535, description="Native protocol port (9440 with TLS).")
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_secure: bool = Field(False, description="TLS to the server (native).")
+    clickhouse_database: str = Field("lambda_pipeline", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    clickhouse_sink_query_port: int = Field(
+        8124, ge=-1, le=65535, description="Port of the sink's read-only /query endpoint (-1: off, 0: any)."
+    )
+    clickhouse_sink_query_url: str | None = Field(
+        None, description="Where the query command finds a running sink (default: http://127.0.0.1:<query port>)."
+    )
+
+    @field_validator("clickhouse_chdb_path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def query_url(self) -> str:
+        return self.clickhouse_sink_query_url or f"http://127.0.0.1:{self.clickhouse_sink_query_port}"
 
 
 class StoreLocked(RuntimeError):
@@ -170,3 +218,64 @@ def python_column(column: pa.ChunkedArray) -> list[Any]:
     if pa.types.is_map(column.type):
         return [dict(v) if v is not None else {} for v in values]
     return values
+
+
+def make_client(settings: ClickHouseSettings) -> ClickHouseClient:
+    """The client CLICKHOUSE_CLIENT names: chDB on the local data folder, or the server."""
+    if settings.clickhouse_client == "chdb":
+        return ChdbClient(settings.clickhouse_chdb_path)
+    return NativeClient(
+        settings.clickhouse_host,
+        settings.clickhouse_port,
+        settings.clickhouse_user,
+        settings.clickhouse_password.get_secret_value(),
+        settings.clickhouse_secure,
+    )
+
+
+class QueryFailed(RuntimeError):
+    pass
+
+
+def _from_sink(url: str, name: str, timeout: float) -> queries.Result | None:
+    """The result from a running sink, or None when no sink answers at `url`."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/query?name={name}", timeout=timeout) as response:
+            body: dict[str, Any] = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = json.loads(error.read() or b"{}").get("error", error.reason)
+        raise QueryFailed(f"the sink at {url} answered {error.code}: {detail}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    return queries.Result(body["name"], body["title"], body["columns"], body["rows"])
+
+
+def run_query(settings: ClickHouseSettings, name: str, timeout: float = 30.0) -> queries.Result:
+    """The named query `name`: from the server (native), else from a running sink, else from the chDB folder."""
+    if name not in queries.QUERIES:
+        raise QueryFailed(f"unknown query {name!r}; known: {', '.join(queries.QUERIES)}")
+    db = settings.clickhouse_database
+    if settings.clickhouse_client == "native":
+        client = make_client(settings)
+        try:
+            return queries.run(name, client.rows, db)
+        finally:
+            client.close()
+    result = _from_sink(settings.query_url(), name, timeout)
+    if result is not None:
+        return result
+    path = settings.clickhouse_chdb_path
+    if not path.exists():
+        raise QueryFailed(f"no ClickHouse data at {path} yet (has the sink run? CLICKHOUSE_CHDB_PATH)")
+    try:
+        local = ChdbClient(path)
+    except StoreLocked as error:
+        raise QueryFailed(
+            f"{error}, and no sink answers at {settings.query_url()}: set CLICKHOUSE_SINK_QUERY_URL to its query port"
+        ) from None
+    try:
+        return queries.run(name, local.rows, db)
+    except Exception as error:
+        raise QueryFailed(f"query {name} on {path}: {error}") from error
+    finally:
+        local.close()

@@ -1,4 +1,4 @@
-"""Throughput of the validator core in one process: `python -m services.validator.bench [--events N]`.
+"""Throughput of the validator core in one process: `python -m services.testing.validator_bench [--events N]`.
 
 Measures, on the generator's traffic (seeded, 2 % bad events), records per second for
 validate + enrich + build the output dict (the brief's target: >= 30k/s), and for the whole pure path
@@ -10,34 +10,21 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
+from services.contracts.deadletter import OriginalMessage
 from services.generator.bad_events import BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
-from services.validator.cdc import make_envelope
-from services.validator.deadletter import OriginalMessage
+from services.testing.samples import load_references
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
 from services.validator.enrich import enrich_event
 from services.validator.outputs import processed_event
 from services.validator.pipeline import EventProcessor
-from services.validator.references import ReferenceStore
 from services.validator.rulebook import RuleBook
 
 START = datetime(2026, 1, 5, 12, tzinfo=UTC)
-
-
-def load_references(simulation: Simulation) -> ReferenceStore:
-    """The simulation's users and products, fed through CDC snapshot envelopes as Debezium would send them."""
-    references = ReferenceStore()
-    for lsn, user in enumerate(simulation.users, start=1):
-        row = {k: v for k, v in asdict(user).items() if k != "shipping_address"}
-        references.apply_envelope("users", None, make_envelope("r", "users", after=row, lsn=lsn))
-    for lsn, product in enumerate(simulation.products, start=1):
-        references.apply_envelope("products", None, make_envelope("r", "products", after=asdict(product), lsn=lsn))
-    return references
 
 
 def main(argv: list[str] | None = None) -> None:

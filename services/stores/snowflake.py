@@ -1,5 +1,9 @@
-"""A snowflake-connector-python connection from the settings: password or key-pair auth, secrets read at connect
-time from the environment or from files, never logged."""
+"""Snowflake: where the warehouse is, how to log in, and a connection (snowflake-connector-python).
+
+Credentials: exactly one of SNOWFLAKE_PASSWORD, SNOWFLAKE_PASSWORD_FILE or SNOWFLAKE_PRIVATE_KEY_FILE (key-pair
+auth, PKCS#8 PEM, with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE_FILE if the key is encrypted). Secrets are `SecretStr` or
+read from files at connect time, so they never appear in a repr, a log line or a configuration error.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,69 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from .settings import SnowflakeSettings
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]*$"
+
+
+class SnowflakeSettings(BaseSettings):
+    """Where the warehouse is and how to log in (the loader, the reconciliation, the bench)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    snowflake_account: str = Field(..., min_length=1, description="Account identifier (orgname-account).")
+    snowflake_user: str = Field(..., min_length=1)
+    snowflake_password: SecretStr | None = Field(None, description="Password auth (prefer the _FILE variant).")
+    snowflake_password_file: Path | None = Field(None, description="File holding the password (a mounted Secret).")
+    snowflake_private_key_file: Path | None = Field(None, description="Key-pair auth: PKCS#8 PEM private key file.")
+    snowflake_private_key_passphrase_file: Path | None = Field(
+        None, description="File holding the passphrase of an encrypted private key."
+    )
+    snowflake_host: str | None = Field(None, description="Unset for <account>.snowflakecomputing.com; local: fakesnow.")
+    snowflake_port: int | None = Field(None, ge=1, le=65535)
+    snowflake_protocol: Literal["https", "http"] = Field("https", description="http only for the local fakesnow.")
+    snowflake_database: str = Field(..., pattern=IDENTIFIER, description="Database of every lambda-pipeline table.")
+    snowflake_warehouse: str | None = Field(None, pattern=IDENTIFIER)
+    snowflake_role: str | None = Field(None, pattern=IDENTIFIER)
+    snowflake_login_timeout_s: int = Field(60, ge=1)
+    snowflake_network_timeout_s: int = Field(600, ge=1)
+
+    @field_validator("snowflake_password_file", "snowflake_private_key_file", "snowflake_private_key_passphrase_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> SnowflakeSettings:
+        given = [
+            name
+            for name, value in (
+                ("SNOWFLAKE_PASSWORD", self.snowflake_password),
+                ("SNOWFLAKE_PASSWORD_FILE", self.snowflake_password_file),
+                ("SNOWFLAKE_PRIVATE_KEY_FILE", self.snowflake_private_key_file),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of SNOWFLAKE_PASSWORD, SNOWFLAKE_PASSWORD_FILE, SNOWFLAKE_PRIVATE_KEY_FILE "
+                f"(found {', '.join(given) or 'none'})"
+            )
+        if self.snowflake_private_key_passphrase_file is not None and self.snowflake_private_key_file is None:
+            raise ValueError("SNOWFLAKE_PRIVATE_KEY_PASSPHRASE_FILE needs SNOWFLAKE_PRIVATE_KEY_FILE")
+        return self
+
+    @property
+    def database(self) -> str:
+        return self.snowflake_database.upper()
 
 
 class CredentialError(ValueError):

@@ -1,27 +1,12 @@
-"""Dead-letter records: original bytes unchanged, reason in headers, and the headers read back."""
+"""The validator's refusals as dead letters: code, stage, rule, field and origin of each kind of refusal."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
+from services.contracts.deadletter import DeadLetterRecord, OriginalMessage, Stage, as_dict, parse_dead_letter
 from services.kit.avro import DecodeError, DecodeErrorCode
-from services.validator import deadletter
-from services.validator.deadletter import (
-    DLQ_HEADERS,
-    NotADeadLetter,
-    OriginalMessage,
-    Stage,
-    as_dict,
-    build_dead_letter,
-    from_decode_error,
-    from_exception,
-    from_failures,
-    from_retry_exhausted,
-    parse_dead_letter,
-    trace_id_from_headers,
-)
+from services.validator.rejections import from_decode_error, from_exception, from_failures, from_retry_exhausted
 from services.validator.retry import RetryState, SendToDeadLetter
 from services.validator.rulebook import Failure, RuleType
 
@@ -35,22 +20,6 @@ ORIGINAL = OriginalMessage(
     value=b"\xc3\x01 original avro bytes",
     headers=[("traceparent", f"00-{TRACE}-b7ad6b7169203331-01".encode()), ("lp-injected-fault", b"null_ids")],
 )
-
-
-def test_header_names() -> None:
-    assert DLQ_HEADERS == (
-        "lp-dlq-error-code",
-        "lp-dlq-rule",
-        "lp-dlq-field",
-        "lp-dlq-message",
-        "lp-dlq-stage",
-        "lp-dlq-original-topic",
-        "lp-dlq-original-partition",
-        "lp-dlq-original-offset",
-        "lp-dlq-time",
-        "lp-dlq-trace-id",
-        "lp-dlq-attempt",
-    )
 
 
 def test_validation_failure_round_trip() -> None:
@@ -139,54 +108,5 @@ def test_retry_exhausted_names_the_first_arrival() -> None:
     assert parsed.message == "reference still missing after 5 retries: user_id='u' not found"
 
 
-def test_a_dead_letter_dead_lettered_again_has_one_reason() -> None:
-    first = build_dead_letter(ORIGINAL, code="A", stage=Stage.VALIDATE, message="first", now=NOW)
-    replayed = OriginalMessage("events.raw", 0, 1, first.key, first.value, first.headers)
-    second = build_dead_letter(replayed, code="B", stage=Stage.VALIDATE, message="second", now=NOW)
-    names = [k for k, _ in second.headers]
-    assert names.count("lp-dlq-error-code") == 1
-    assert parse_dead_letter(*_kvh(second)).error_code == "B"
-
-
-def test_long_messages_are_truncated_and_topics_overridable() -> None:
-    record = build_dead_letter(ORIGINAL, code="X", stage=Stage.DECODE, message="é" * 5000, now=NOW, topic="x.dlq")
-    assert record.topic == "x.dlq"
-    message = dict(record.headers)["lp-dlq-message"]
-    assert len(message) <= deadletter.MAX_MESSAGE_BYTES and message.endswith(b"...")
-    message.decode("utf-8")  # never cut inside a character
-
-
-def test_filters_for_replay() -> None:
-    parsed = parse_dead_letter(
-        *_kvh(
-            build_dead_letter(
-                ORIGINAL, code="DUPLICATE", stage=Stage.VALIDATE, message="m", now=NOW, rule="event_id_unique"
-            )
-        )
-    )
-    assert parsed.matches(rule="event_id_unique", code="DUPLICATE", topic="events.raw", stage="validate")
-    assert parsed.matches(since=NOW - timedelta(seconds=1), until=NOW + timedelta(seconds=1))
-    assert not parsed.matches(rule="user_exists")
-    assert not parsed.matches(topic="cdc.postgres.users")
-    assert not parsed.matches(since=NOW + timedelta(seconds=1))
-    assert not parsed.matches(until=NOW)  # exclusive
-
-
-def test_not_a_dead_letter() -> None:
-    with pytest.raises(NotADeadLetter):
-        parse_dead_letter(b"k", b"v", [("traceparent", b"x")])
-
-
-def test_trace_ids() -> None:
-    assert trace_id_from_headers(ORIGINAL.headers) == TRACE
-    assert trace_id_from_headers([("traceparent", b"garbage")]) is None
-    assert trace_id_from_headers([("traceparent", b"00-" + b"0" * 32 + b"-b7ad6b7169203331-01")]) is None
-    assert trace_id_from_headers(None) is None
-    no_trace = build_dead_letter(
-        OriginalMessage("t", 0, 0, None, None), code="X", stage=Stage.DECODE, message="", now=NOW
-    )
-    assert parse_dead_letter(*_kvh(no_trace)).trace_id is None
-
-
-def _kvh(record: deadletter.DeadLetterRecord) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def _kvh(record: DeadLetterRecord) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     return record.key, record.value, record.headers

@@ -1,4 +1,4 @@
-"""The validator service: the rule engine's pipeline (`services.validator.pipeline`) as a streaming processor.
+"""The validator's processor: the rule engine's pipeline (`services.validator.pipeline`) for the streaming runtime.
 
 `make_processor()` builds one `ValidatorProcessor` holding one RuleBook, RuleEngine, ReferenceStore and
 DedupeStore for every input topic, and `services.validator.stream_app` runs it (`python -m services.validator`):
@@ -37,9 +37,17 @@ from time import monotonic
 from prometheus_client import Counter
 from pydantic import Field
 
+from services.contracts.deadletter import OriginalMessage
+from services.contracts.headers import REPLAY_SOURCE
+from services.contracts.topics import (
+    CDC_TOPIC_PREFIX,
+    EVENTS_RAW,
+    EVENTS_RAW_RETRY,
+    REFERENCE_TOPICS,
+    dead_letter_topic,
+)
 from services.kit.avro import SchemaRepository
 from services.kit.kafka import client_config
-from services.validator.deadletter import OriginalMessage
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
 from services.validator.pipeline import (
@@ -60,11 +68,8 @@ from services.validator.rulebook import DEFAULT_RULES_DIR, RuleBook
 from services.validator.runtime import InputRecord, StreamRuntimeSettings
 from services.validator.runtime import Output as RuntimeOutput
 
-log = logging.getLogger("services.validator.app")
+log = logging.getLogger(__name__)
 
-REFERENCE_TOPICS = ("cdc.postgres.users", "cdc.postgres.products")
-REPLAY_ID_HEADER = "lp-replay-id"
-REPLAY_SOURCE_HEADER = "lp-replay-source"
 MAX_REPLAY_SOURCES = 100_000
 
 RULE_CHECKED = Counter("lp_validator_rule_checked_total", "Records a rule was evaluated on", ["rule"])
@@ -74,7 +79,7 @@ REFERENCE_APPLIED = Counter("lp_validator_reference_changes_total", "CDC referen
 REPLAYS_DROPPED = Counter("lp_validator_replays_dropped_total", "Replayed records seen before (not processed again)")
 NOT_DUE = Counter("lp_validator_retry_not_due_total", "Retry records re-emitted because not yet due")
 
-INPUT_TOPICS = "events.raw,events.raw.retry,cdc.postgres.*"
+INPUT_TOPICS = f"{EVENTS_RAW},{EVENTS_RAW_RETRY},{CDC_TOPIC_PREFIX}*"
 
 
 class ValidatorSettings(StreamRuntimeSettings):
@@ -118,7 +123,7 @@ def output_topics(topics: Topics = DEFAULT_TOPICS) -> list[str]:
         topics.transactions_processed,
         topics.status_history,
         topics.transactions_dead_letter,
-        *(t + ".dlq" for t in REFERENCE_TOPICS),
+        *(dead_letter_topic(t) for t in REFERENCE_TOPICS),
     ]
 
 
@@ -214,7 +219,7 @@ class ValidatorProcessor:
 
     # -- replays ------------------------------------------------------------------------------------------------
     def _seen_replay(self, headers: Sequence[tuple[str, bytes | None]]) -> bool:
-        source = _header(headers, REPLAY_SOURCE_HEADER)
+        source = _header(headers, REPLAY_SOURCE)
         if not source:
             return False
         if source in self._replayed:
