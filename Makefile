@@ -49,9 +49,10 @@ test-unit: $(STAMP) ## unit tests only (seconds)
 test-integration: $(STAMP) ## integration tests only (start the embedded stack on free ports)
 	$(PY) -m pytest -q -m integration
 
-lint: $(STAMP) ## ruff, generated manifests in sync, Avro compatibility against git
+lint: $(STAMP) ## ruff, the one-way layers contract, generated manifests in sync, Avro compatibility against git
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m services.declarations manifests --check
 	$(PY) -m services.declarations schema-check
 	$(PY) -m services.ingest.codegen --check
