@@ -249,7 +249,7 @@ def _replay(args: argparse.Namespace, settings: Any, catalog: Any, spec: Any, re
         print("error: KAFKA_BOOTSTRAP_SERVERS must be set for replay", file=sys.stderr)
         return ExitCode.CONFIG
     config = client_config(settings, client_id="lp-archiver-replay")
-    wait_for_broker(config)
+    wait_for_broker(config, settings.dependency_wait_s)
     # All topics, not one by name: Tansu creates any topic a metadata request names.
     metadata = AdminClient(dict(config)).list_topics(timeout=10).topics
     counts = {name: len(t.partitions) for name, t in metadata.items() if t.error is None}

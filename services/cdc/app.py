@@ -95,7 +95,7 @@ def prepare(settings: CdcSettings) -> CdcPlan:
         raise PreflightError(str(error)) from None
     kafka = client_config(settings)
     try:
-        wait_for_broker(kafka, timeout=15)
+        wait_for_broker(kafka, timeout=settings.dependency_wait_s)
     except ConnectionError as error:
         raise PreflightError(str(error)) from None
     forget_offsets_of_another_cluster(settings, properties["slot.name"], cluster_id(kafka))

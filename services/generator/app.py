@@ -65,7 +65,7 @@ class Generator(Service[GeneratorSettings]):
     def start(self) -> None:
         s = self.settings
         kafka = client_config(s)
-        require_topics(kafka, s.events_topic)
+        require_topics(kafka, s.events_topic, timeout=s.dependency_wait_s)
         schemas = SchemaRepository.load()
         self.serialize = AvroSerializer(schemas["raw_event"])
         self.rogue_serializers: dict[str, AvroSerializer] = {}

@@ -237,7 +237,7 @@ class IngestService(Service[IngestSettings]):
     def start(self) -> None:
         s = self.settings
         kafka = client_config(s)
-        require_topics(kafka, s.events_topic)
+        require_topics(kafka, s.events_topic, timeout=s.dependency_wait_s)
         self.gate = EventGate(SchemaRepository.load()["raw_event"], s.max_event_bytes)
         self.backlog = Backlog(s.max_pending, s.max_pending_bytes, s.stall_after_s)
         self.producer = KafkaProducer(

@@ -18,9 +18,15 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.kit.config import ServiceSettings
+from services.kit.dependencies import DependencyUnavailable
 from services.kit.metrics import LatencyRecorder
 
 log = logging.getLogger(__name__)
+
+# librdkafka's own log lines go through this logger instead of straight to stderr (where a broker that does not
+# answer printed one line per reconnect: hundreds while a service waited). They are served on poll(): a client
+# that only waits for metadata (`wait_for_broker`) says nothing, and its one error names the variable.
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 Headers = list[tuple[str, bytes]]
 
@@ -31,6 +37,7 @@ def client_config(settings: ServiceSettings, client_id: str | None = None) -> di
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "security.protocol": settings.kafka_security_protocol,
         "client.id": client_id or settings.service_name,
+        "logger": LIBRDKAFKA_LOG,
     }
     if settings.kafka_sasl_mechanism:
         config |= {
@@ -221,18 +228,23 @@ def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
 
 
 def wait_for_broker(base_config: Mapping[str, Any], timeout: float = 30.0) -> None:
-    """Block until the cluster answers a metadata request, or raise with the bootstrap address."""
-    admin = AdminClient(dict(base_config))
+    """Block until the cluster answers a metadata request, or raise DependencyUnavailable: one line naming
+    KAFKA_BOOTSTRAP_SERVERS and the address."""
+    admin = AdminClient({"logger": LIBRDKAFKA_LOG, **base_config})
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin.list_topics(timeout=2)
+            admin.list_topics(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
             return
         except KafkaException as error:
             last = error
             time.sleep(0.3)
-    raise ConnectionError(f"Kafka at {base_config.get('bootstrap.servers')} did not answer in {timeout:.0f}s: {last}")
+    reason = None
+    if last is not None and last.args and isinstance(last.args[0], KafkaError):
+        quiet = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN)
+        reason = None if last.args[0].code() in quiet else last.args[0].str()
+    raise DependencyUnavailable("KAFKA_BOOTSTRAP_SERVERS", str(base_config.get("bootstrap.servers")), timeout, reason)
 
 
 def topic_exists(base_config: Mapping[str, Any], topic: str, timeout: float = 10.0) -> bool:

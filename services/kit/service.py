@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Generic, TypeVar
 
 from services.kit.config import ServiceSettings
+from services.kit.dependencies import DependencyUnavailable
 from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer
 from services.kit.logs import configure_logging
@@ -47,7 +48,8 @@ class Service(Generic[SettingsT]):
         raise NotImplementedError
 
     def stop(self) -> None:
-        """Flush and commit; called once, after the last `step`, within `shutdown_timeout_s`."""
+        """Flush and commit; called once, after the last `step`, within `shutdown_timeout_s`. Also called after
+        a `start` that failed half-way: close only what `start` made (an attribute it never set is no error)."""
 
     # --- the frame ----------------------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -69,6 +71,9 @@ class Service(Generic[SettingsT]):
                 self.health.beat()
                 if not self.step():
                     break
+        except DependencyUnavailable as error:  # the address is the problem, not the code: one line, no trace
+            self.log.error("cannot start: %s", error)
+            exit_code = ExitCode.FAILED
         except Exception:
             self.log.exception("failed")
             exit_code = ExitCode.FAILED

@@ -105,7 +105,7 @@ def replay_headers(dead: DeadLetter, replay_id: str, source: str) -> Headers:
 
 def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
     config = client_config(settings, client_id="lp-validator-replay")
-    wait_for_broker(config)
+    wait_for_broker(config, settings.dependency_wait_s)
     existing = _existing_topics(config)
     if args.dlq not in existing:
         print(f"dead-letter topic {args.dlq!r} does not exist", file=sys.stderr)
@@ -158,7 +158,7 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
 
 def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     config = client_config(settings, client_id="lp-validator-load")
-    wait_for_broker(config)
+    wait_for_broker(config, settings.dependency_wait_s)
     existing = _existing_topics(config)
     try:  # users/products read to their end first, as the service does; their dead letters are the service's job
         processor = make_processor(settings, follow_references=not args.no_references)

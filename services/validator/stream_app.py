@@ -662,7 +662,7 @@ def _broker_topics(settings: StreamRuntimeSettings) -> set[str]:
 
 def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
     """Check the broker and the topics, then run the worker until SIGTERM; returns the exit status."""
-    wait_for_broker(client_config(settings))
+    wait_for_broker(client_config(settings), settings.dependency_wait_s)
     existing = _broker_topics(settings)
     inputs = resolve_input_topics(settings.input_patterns(), existing)
     missing = [t for t in required_output_topics(inputs, settings.declared_outputs()) if t not in existing]

@@ -69,7 +69,7 @@ class SinkService(Service[SettingsT], ABC):
         subjects = self.subjects()
         self.schemas = SchemaRepository.load()
         self.sink = self.make_sink()
-        require_topics(kafka, *subjects, *self.dead_letter_topics())
+        require_topics(kafka, *subjects, *self.dead_letter_topics(), timeout=settings.dependency_wait_s)
         self.runner = SinkRunner(
             self.sink,
             kafka,
