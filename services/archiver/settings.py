@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from services.kit.config import ServiceSettings
+from services.kit.config import OptionalBrokerList, ServiceSettings
 from services.kit.sink import SinkSettings
 from services.stores.iceberg import CatalogSettings
 
@@ -18,7 +18,7 @@ def _csv(value: str) -> tuple[str, ...]:
 class ArchiverCommandSettings(CatalogSettings, ServiceSettings):
     """The commands (`init`, `stats`, `compact`, `replay`, ...): the catalog, and Kafka for `replay` only."""
 
-    kafka_bootstrap_servers: str = Field("", description="Only `replay` needs Kafka.")
+    kafka_bootstrap_servers: OptionalBrokerList = Field("", description="Only `replay` needs Kafka.")
 
 
 class ArchiverSettings(CatalogSettings, SinkSettings):

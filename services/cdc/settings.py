@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 
 from services.cdc.connector import default_properties_path, normalize_tables
-from services.kit.config import ServiceSettings
+from services.kit.config import Dsn, ServiceSettings
 from services.kit.paths import repo_root
 
 _SLOT_NAME_PATTERN = r"^[a-z0-9_]{1,63}$"  # PostgreSQL's rule for replication slot names
@@ -18,9 +18,7 @@ _SLOT_NAME_PATTERN = r"^[a-z0-9_]{1,63}$"  # PostgreSQL's rule for replication s
 
 class CdcSettings(ServiceSettings):
     service_name: str = "cdc"
-    postgres_dsn: SecretStr = Field(
-        ..., min_length=1, description="PostgreSQL (OLTP) connection string to capture from."
-    )
+    postgres_dsn: Dsn = Field(..., description="PostgreSQL (OLTP) connection string to capture from.")
     cdc_tables: str = Field(
         "public.users,public.products,public.transactions",
         description="Tables to capture, comma-separated; `users` means `public.users`.",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.kit.config import BindHost
 from services.kit.sink import SinkSettings
 from services.stores.clickhouse import ClickHouseSettings
 
@@ -20,7 +21,7 @@ class ClickHouseSinkSettings(SinkSettings, ClickHouseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Cluster name: DDL runs ON CLUSTER with Replicated* engines (native only).",
     )
-    clickhouse_sink_query_host: str = Field("127.0.0.1", description="Address the /query endpoint binds to.")
+    clickhouse_sink_query_host: BindHost = Field("127.0.0.1", description="Address the /query endpoint binds to.")
     # Half a second: a flush (all partitions, one insert per topic) waits at most this long for more records;
     # at 2k events/s it keeps event-to-visible under 2 s with room for the insert itself.
     batch_max_age_s: float = Field(0.5, gt=0, description="Flush when a buffered record is this old.")

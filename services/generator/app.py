@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 
 from services.contracts.headers import INJECTED_FAULT, PRODUCER
 from services.contracts.topics import EVENTS_RAW
@@ -23,7 +23,7 @@ from services.generator.bad_events import BadEvent, BadEventGenerator
 from services.generator.model import Simulation, StatusChange, Transaction
 from services.generator.oltp import OltpWriter
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
-from services.kit.config import ServiceSettings
+from services.kit.config import Dsn, ServiceSettings
 from services.kit.kafka import KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
@@ -39,7 +39,7 @@ PENDING = Gauge("lp_generator_pending_deliveries", "Records handed to the produc
 
 class GeneratorSettings(ServiceSettings):
     service_name: str = "generator"
-    postgres_dsn: SecretStr = Field(..., min_length=1, description="PostgreSQL (OLTP) connection string.")
+    postgres_dsn: Dsn = Field(..., description="PostgreSQL (OLTP) connection string.")
     events_topic: str = EVENTS_RAW
     events: int = Field(0, ge=0, description="Stop after this many events; 0 runs until SIGTERM.")
     rate: float = Field(1000.0, ge=0, description="Events per second; 0 = as fast as possible.")

@@ -29,7 +29,7 @@ from services.ingest.contract import SOURCE, EventGate, reason_name
 from services.ingest.v1 import ingest_pb2 as pb
 from services.ingest.v1 import ingest_pb2_grpc as pb_grpc
 from services.kit.avro import SchemaRepository
-from services.kit.config import ServiceSettings
+from services.kit.config import BindHost, BindPort, ServiceSettings
 from services.kit.kafka import DeliveryFailed, KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
@@ -55,8 +55,8 @@ OLDEST_PENDING = Gauge("lp_ingest_oldest_pending_seconds", "Age of the oldest un
 
 class IngestSettings(ServiceSettings):
     service_name: str = "ingest"
-    grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC API (0: any, logged at start).")
-    grpc_bind_host: str = Field("0.0.0.0", description="Interface the gRPC API listens on.")
+    grpc_port: BindPort = Field(50051, description="Port of the gRPC API (0: any, logged at start).")
+    grpc_bind_host: BindHost = Field("0.0.0.0", description="Interface the gRPC API listens on.")
     grpc_workers: int = Field(16, ge=1, description="Threads serving gRPC calls.")
     max_concurrent_requests: int = Field(
         64, ge=1, description="Calls in progress (incl. health checks); more get RESOURCE_EXHAUSTED from gRPC."

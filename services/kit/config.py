@@ -25,7 +25,6 @@ from services.kit.exits import ExitCode
 # listens there is a different question, answered (with one line, see `DependencyUnavailable`) on connecting.
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-_SCHEME_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]*://")
 
 
 def check_host(value: str) -> str:
@@ -63,7 +62,7 @@ def _split_host_port(entry: str) -> tuple[str, str]:
 
 
 def check_broker_list(value: str) -> str:
-    """host:port[,host:port...] (an optional `PROTOCOL://` before an entry, as librdkafka takes it)."""
+    """host:port[,host:port...] (the protocol is KAFKA_SECURITY_PROTOCOL's, not a prefix of an entry)."""
     expected = "expected host:port[,host:port...]"
     entries = [entry.strip() for entry in value.split(",")]
     if not value.strip() or not all(entries):
@@ -71,7 +70,7 @@ def check_broker_list(value: str) -> str:
     for entry in entries:
         where = f"{entry!r}: " if len(entries) > 1 else ""
         try:
-            host, port = _split_host_port(_SCHEME_PREFIX.sub("", entry, count=1))
+            host, port = _split_host_port(entry)
             check_host(host)
             check_port(port)
         except ValueError as error:
@@ -198,8 +197,9 @@ def _is_secret(cls: type[BaseSettings], field: str) -> bool:
 
 def _shown(value: object) -> str:
     """A value for an error message, with any user:password@ of a URL masked."""
-    text = str(value)
-    return repr(re.sub(r"(://)[^/@\s]*@", r"\1***@", text))
+    if not isinstance(value, str):
+        return repr(value)
+    return repr(re.sub(r"(://)[^/@\s]*@", r"\1***@", value))
 
 
 def describe_errors(cls: type[BaseSettings], error: ValidationError) -> str:
@@ -214,7 +214,8 @@ def describe_errors(cls: type[BaseSettings], error: ValidationError) -> str:
             continue
         field = loc[0]
         given = item.get("input")
-        shown = "" if item["type"] == "missing" or isinstance(given, dict) else f" (got {_shown(given)})"
+        unshown = item["type"] == "missing" or given is None or isinstance(given, dict)
+        shown = "" if unshown else f" (got {_shown(given)})"
         if _is_secret(cls, field):
             shown = ""
         lines.append(f"  {prefix}{field.upper()}: {message}{shown}")

@@ -15,6 +15,8 @@ from typing import TypeVar
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.config import HttpUrl
+
 STORES = ("clickhouse", "iceberg", "snowflake")
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$"
 
@@ -66,7 +68,7 @@ class ReconcileSettings(BaseSettings):
     reconcile_since: str | None = Field(None, description="First UTC day of event time compared (default: all).")
     reconcile_until: str | None = Field(None, description="Last UTC day of event time compared, inclusive.")
     reconcile_metrics_file: Path | None = Field(None, description="Write the metrics here (Prometheus text format).")
-    reconcile_pushgateway_url: str | None = Field(None, description="Also push the metrics to this Pushgateway.")
+    reconcile_pushgateway_url: HttpUrl | None = Field(None, description="Also push the metrics to this Pushgateway.")
     reconcile_pushgateway_job: str = Field("lp-reconcile", min_length=1, description="Pushgateway job name.")
     reconcile_iceberg_table: str = Field("user_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     reconcile_snowflake_table: str = Field(

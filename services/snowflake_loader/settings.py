@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from services.kit.config import ServiceSettings
+from services.kit.config import OptionalBrokerList, ServiceSettings
 from services.stores.iceberg import CatalogSettings
 from services.stores.snowflake import IDENTIFIER, SnowflakeSettings
 
@@ -27,7 +27,7 @@ class LoaderSettings(SnowflakeSettings, CatalogSettings, ServiceSettings):
     """The service and its commands (`run-once`, `migrate`): the lake, the warehouse, the schemas and the loop."""
 
     service_name: str = "snowflake-loader"
-    kafka_bootstrap_servers: str = Field("", description="Unused: the loader reads the lake, not Kafka.")
+    kafka_bootstrap_servers: OptionalBrokerList = Field("", description="Unused: the loader reads the lake, not Kafka.")
     snowflake_create_database: bool = Field(
         False, description="`migrate` runs CREATE DATABASE IF NOT EXISTS (local; needs the privilege)."
     )

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.stack.components import ComponentError, Postgres, tcp_open
 from services.stack.settings import StackSettings
@@ -27,7 +28,7 @@ from services.stack.stack import LocalStack, StackError
 
 def _settings(args: argparse.Namespace) -> StackSettings:
     overrides = {"state_dir": Path(args.state_dir).resolve()} if args.state_dir else {}
-    return StackSettings(**overrides)
+    return load_settings(StackSettings, **overrides)  # a bad LP_* variable: one message, exit 2
 
 
 def _print_env(env: dict[str, str]) -> None:

@@ -49,6 +49,7 @@ from services.generator.model import Simulation
 from services.generator.oltp import OltpWriter
 from services.ingest.client import IngestClient
 from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
+from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.kit.kafka import committed_offsets, scan_topic
 from services.kit.paths import repo_root
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     # `finally` below stops the services before the stack they depend on.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    settings = StackSettings()
+    settings = load_settings(StackSettings)
     existing = LocalStack.from_state(settings.state_dir)
     reuse = existing is not None and existing.detached and existing.is_running()
     stack = existing if reuse and existing else LocalStack(settings)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.config import Port
 from services.kit.paths import repo_root
 
 HOST = "127.0.0.1"
@@ -34,31 +35,31 @@ class StackSettings(BaseSettings):
     state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="All data, logs, sockets and stack.json.")
 
     # Kafka protocol broker (Tansu).
-    broker_port: int = 19092
+    broker_port: Port = 19092
 
     # PostgreSQL.
-    postgres_port: int = 15432
+    postgres_port: Port = 15432
     postgres_user: str = "postgres"
     postgres_db: str = "shop"
 
     # S3 (SeaweedFS `weed mini`): every port is pinned, else it opens default ports on all interfaces.
-    s3_port: int = 18333
-    s3_grpc_port: int = 18334
-    iceberg_port: int = 18181
-    seaweed_master_port: int = 18340
-    seaweed_master_grpc_port: int = 18341
-    seaweed_volume_port: int = 18342
-    seaweed_volume_grpc_port: int = 18343
-    seaweed_filer_port: int = 18344
-    seaweed_filer_grpc_port: int = 18345
-    seaweed_admin_port: int = 18346
+    s3_port: Port = 18333
+    s3_grpc_port: Port = 18334
+    iceberg_port: Port = 18181
+    seaweed_master_port: Port = 18340
+    seaweed_master_grpc_port: Port = 18341
+    seaweed_volume_port: Port = 18342
+    seaweed_volume_grpc_port: Port = 18343
+    seaweed_filer_port: Port = 18344
+    seaweed_filer_grpc_port: Port = 18345
+    seaweed_admin_port: Port = 18346
     s3_bucket: str = "lakehouse"
     aws_access_key_id: str = "lpadmin"
     aws_secret_access_key: str = "lpadmin-secret"
     aws_region: str = "us-east-1"
 
     # Snowflake emulator (fakesnow server). It accepts any account/user/password.
-    snowflake_port: int = 18080
+    snowflake_port: Port = 18080
     snowflake_account: str = "lp_local"
     snowflake_user: str = "lp"
     snowflake_password: str = "lp-local"
@@ -77,6 +78,15 @@ class StackSettings(BaseSettings):
     def _absolute_state_dir(cls, value: Path) -> Path:
         # Children run with cwd=state_dir and get paths inside it: a relative path would mean two places.
         return value.expanduser().resolve()
+
+    @field_validator("seaweed_admin_port")
+    @classmethod
+    def _room_for_grpc(cls, value: int) -> int:
+        if value + SEAWEED_GRPC_OFFSET > 65535:
+            raise ValueError(
+                f"must be at most {65535 - SEAWEED_GRPC_OFFSET} (its gRPC port is {SEAWEED_GRPC_OFFSET} above)"
+            )
+        return value
 
     @property
     def seaweed_admin_grpc_port(self) -> int:

@@ -30,6 +30,7 @@ import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.config import Host, HttpUrl, Port
 from services.kit.paths import repo_root
 
 from . import clickhouse_queries as queries
@@ -51,8 +52,8 @@ class ClickHouseSettings(BaseSettings):
         "chdb", description="chdb: in-process engine with data in CLICKHOUSE_CHDB_PATH; native: a ClickHouse server."
     )
     clickhouse_chdb_path: Path = Field(default_factory=default_chdb_path, description="chDB data folder (local).")
-    clickhouse_host: str = Field("localhost", min_length=1, description="Server host (native).")
-    clickhouse_port: int = Field(9000, ge=1, le=65535, description="Native protocol port (9440 with TLS).")
+    clickhouse_host: Host = Field("localhost", description="Server host (native).")
+    clickhouse_port: Port = Field(9000, description="Native protocol port (9440 with TLS).")
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr = SecretStr("")
     clickhouse_secure: bool = Field(False, description="TLS to the server (native).")
@@ -60,7 +61,7 @@ class ClickHouseSettings(BaseSettings):
     clickhouse_sink_query_port: int = Field(
         8124, ge=-1, le=65535, description="Port of the sink's read-only /query endpoint (-1: off, 0: any)."
     )
-    clickhouse_sink_query_url: str | None = Field(
+    clickhouse_sink_query_url: HttpUrl | None = Field(
         None, description="Where the query command finds a running sink (default: http://127.0.0.1:<query port>)."
     )
 

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from services.kit.config import HttpUrl
 from services.kit.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class CatalogSettings(BaseSettings):
         description="SQLAlchemy URI of the SQL catalog (may hold a password); default "
         "sqlite:///$LP_STATE_DIR/iceberg/catalog.db.",
     )
-    iceberg_rest_uri: str | None = Field(None, description="Base URI of the REST catalog (ICEBERG_CATALOG=rest).")
+    iceberg_rest_uri: HttpUrl | None = Field(None, description="Base URI of the REST catalog (ICEBERG_CATALOG=rest).")
     iceberg_rest_credential: SecretStr | None = Field(
         None,
         description="OAuth2 client credential id:secret for the REST catalog; default "
@@ -66,7 +67,7 @@ class CatalogSettings(BaseSettings):
         True, description="rest: create the s3tables table bucket named by the warehouse if missing (SeaweedFS)."
     )
     iceberg_namespace: str = Field("lp", min_length=1, description="Namespace of the archive tables.")
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3.")
+    s3_endpoint_url: HttpUrl | None = Field(None, description="S3 endpoint; unset for AWS S3.")
     s3_bucket: str = Field("lakehouse", min_length=1)
     aws_access_key_id: str | None = None
     aws_secret_access_key: SecretStr | None = None

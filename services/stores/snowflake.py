@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.kit.config import Host, Port
+
 log = logging.getLogger(__name__)
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]*$"
@@ -35,8 +37,10 @@ class SnowflakeSettings(BaseSettings):
     snowflake_private_key_passphrase_file: Path | None = Field(
         None, description="File holding the passphrase of an encrypted private key."
     )
-    snowflake_host: str | None = Field(None, description="Unset for <account>.snowflakecomputing.com; local: fakesnow.")
-    snowflake_port: int | None = Field(None, ge=1, le=65535)
+    snowflake_host: Host | None = Field(
+        None, description="Unset for <account>.snowflakecomputing.com; local: fakesnow."
+    )
+    snowflake_port: Port | None = None
     snowflake_protocol: Literal["https", "http"] = Field("https", description="http only for the local fakesnow.")
     snowflake_database: str = Field(..., pattern=IDENTIFIER, description="Database of every lambda-pipeline table.")
     snowflake_warehouse: str | None = Field(None, pattern=IDENTIFIER)

@@ -34,7 +34,7 @@ def test_rest_without_a_uri_is_a_configuration_error(monkeypatch, capsys) -> Non
     monkeypatch.delenv("ICEBERG_REST_URI", raising=False)
     with pytest.raises(ConfigError):
         load_settings(CatalogSettings)
-    assert "ICEBERG_REST_URI: Value error, must be set when ICEBERG_CATALOG=rest" in capsys.readouterr().err
+    assert "ICEBERG_REST_URI: must be set when ICEBERG_CATALOG=rest" in capsys.readouterr().err
 
 
 def test_only_a_sqlite_file_is_locked_when_opening() -> None:
