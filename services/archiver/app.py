@@ -16,7 +16,7 @@ from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
 from services.contracts.topics import dead_letter_topic
 from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import Rejection, SinkService, TopicPartition
-from services.stores.iceberg import open_catalog
+from services.stores.iceberg import open_catalog, wait_for_storage
 
 from .archive import ArchiverSink
 from .schemas import TableSpec, default_tables
@@ -50,6 +50,7 @@ class ArchiverService(SinkService[ArchiverSettings]):
         return [topic for spec in self.specs if spec.subject is None for topic in spec.topics]
 
     def make_sink(self) -> ArchiverSink:
+        wait_for_storage(self.settings, self.settings.dependency_wait_s)
         catalog = open_catalog(self.settings)
         return ArchiverSink(
             catalog,

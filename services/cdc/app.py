@@ -48,6 +48,7 @@ from services.contracts.envelope import (
     TOMBSTONE_OP,
 )
 from services.contracts.headers import CDC_LSN, CDC_OP
+from services.kit.dependencies import DependencyUnavailable, dsn_address, wait_for_tcp
 from services.kit.exits import ExitCode
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
@@ -99,6 +100,12 @@ def prepare(settings: CdcSettings) -> CdcPlan:
     except ConnectionError as error:
         raise PreflightError(str(error)) from None
     forget_offsets_of_another_cluster(settings, properties["slot.name"], cluster_id(kafka))
+    dsn = settings.postgres_dsn.get_secret_value()
+    if (address := dsn_address(dsn)) is not None:
+        try:
+            wait_for_tcp("POSTGRES_DSN", "{}:{}".format(*address), [address], settings.dependency_wait_s)
+        except DependencyUnavailable as error:
+            raise PreflightError(str(error)) from None
     resume = settings.offsets_file.exists() and settings.offsets_file.stat().st_size > 0
     report = run_preflight(
         settings.postgres_dsn.get_secret_value(),

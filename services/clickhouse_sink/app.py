@@ -22,7 +22,7 @@ from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
 from services.contracts.topics import dead_letter_topic
 from services.kit.sink import Rejection, Sink, SinkService
 from services.stores import clickhouse_queries as queries
-from services.stores.clickhouse import make_client
+from services.stores.clickhouse import make_client, wait_for_server
 
 
 class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
@@ -40,6 +40,7 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
         s = self.settings
         if s.clickhouse_cluster and s.clickhouse_client == "chdb":
             raise ValueError("CLICKHOUSE_CLUSTER needs CLICKHOUSE_CLIENT=native (chDB is a single local engine)")
+        wait_for_server(s, s.dependency_wait_s)
         specs = {s.clickhouse_sink_events_topic: EVENTS}
         if s.clickhouse_sink_transactions_topic:
             specs[s.clickhouse_sink_transactions_topic] = TRANSACTIONS

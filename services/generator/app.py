@@ -24,6 +24,7 @@ from services.generator.model import Simulation, StatusChange, Transaction
 from services.generator.oltp import OltpWriter
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.config import Dsn, ServiceSettings
+from services.kit.dependencies import dsn_address, wait_for_tcp
 from services.kit.kafka import KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
@@ -72,7 +73,10 @@ class Generator(Service[GeneratorSettings]):
         self.producer = KafkaProducer(kafka)
         self.producer.stats.latency.histogram = PRODUCE_LATENCY
         self.producer.warm_up(s.events_topic)
-        self.oltp = OltpWriter.connect(s.postgres_dsn.get_secret_value())
+        dsn = s.postgres_dsn.get_secret_value()
+        if (address := dsn_address(dsn)) is not None:
+            wait_for_tcp("POSTGRES_DSN", "{}:{}".format(*address), [address], s.dependency_wait_s)
+        self.oltp = OltpWriter.connect(dsn)
         self.oltp.apply_schema()
         self.sim = Simulation(s.seed, s.users, s.products, start_time=s.simulated_start)
         self.bad = BadEventGenerator(s.seed, self.sim.users, self.sim.products, share=s.bad_event_share)
@@ -168,9 +172,18 @@ class Generator(Service[GeneratorSettings]):
             self.status_changes_written += len(changes)
 
     def stop(self) -> None:
-        if not hasattr(self, "producer"):
-            return
-        self.producer.flush(self.settings.shutdown_timeout_s)
+        # After a start that failed half-way: close what it made, and report only a run that began.
+        oltp = getattr(self, "oltp", None)
+        try:
+            if hasattr(self, "producer"):
+                self.producer.flush(self.settings.shutdown_timeout_s)
+            if hasattr(self, "started"):
+                self._report()
+        finally:
+            if oltp is not None:
+                oltp.close()
+
+    def _report(self) -> None:
         elapsed = time.monotonic() - self.started
         report = {
             "events_produced": self.produced,
@@ -184,7 +197,6 @@ class Generator(Service[GeneratorSettings]):
             "events_per_s": round(self.produced / elapsed, 1) if elapsed else None,
             "produce_latency_ms": self.producer.stats.latency.percentiles_ms(),
         }
-        self.oltp.close()
         self.log.info("finished", extra=report)
         if self.settings.report_file:
             self.settings.report_file.parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_shot(command: str) -> int:
+    from services.kit.dependencies import DependencyUnavailable
     from services.kit.logs import configure_logging
-    from services.stores.iceberg import open_catalog
-    from services.stores.snowflake import CredentialError, Warehouse, connect
+    from services.stores.iceberg import open_catalog, wait_for_storage
+    from services.stores.snowflake import CredentialError, Warehouse, connect, wait_for_warehouse
 
     from .loader import Loader, migrate
     from .settings import LoaderSettings
@@ -45,7 +46,13 @@ def _one_shot(command: str) -> int:
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)
     try:
+        wait_for_warehouse(settings, settings.dependency_wait_s)
+        if command != "migrate":
+            wait_for_storage(settings, settings.dependency_wait_s)
         warehouse = Warehouse(connect(settings))
+    except DependencyUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ExitCode.FAILED
     except CredentialError as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.CONFIG

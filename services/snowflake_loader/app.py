@@ -12,8 +12,8 @@ import logging
 import time
 
 from services.kit.service import Service
-from services.stores.iceberg import open_catalog
-from services.stores.snowflake import Warehouse, connect, quiet_connector
+from services.stores.iceberg import open_catalog, wait_for_storage
+from services.stores.snowflake import Warehouse, connect, quiet_connector, wait_for_warehouse
 
 from .loader import Loader, migrate
 from .settings import LoaderSettings
@@ -32,6 +32,8 @@ class SnowflakeLoaderService(Service[LoaderSettings]):
     def start(self) -> None:
         quiet_connector()
         logging.getLogger("pyiceberg").setLevel(max(logging.WARNING, logging.getLogger().level))
+        wait_for_warehouse(self.settings, self.settings.dependency_wait_s)
+        wait_for_storage(self.settings, self.settings.dependency_wait_s)
         self.warehouse = Warehouse(connect(self.settings))
         applied = migrate(self.warehouse, self.settings)
         if applied:

@@ -31,6 +31,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.config import Host, HttpUrl, Port
+from services.kit.dependencies import wait_for_tcp
 from services.kit.paths import repo_root
 
 from . import clickhouse_queries as queries
@@ -72,6 +73,14 @@ class ClickHouseSettings(BaseSettings):
 
     def query_url(self) -> str:
         return self.clickhouse_sink_query_url or f"http://127.0.0.1:{self.clickhouse_sink_query_port}"
+
+
+def wait_for_server(settings: ClickHouseSettings, timeout_s: float) -> None:
+    """CLICKHOUSE_CLIENT=native: wait (at most `timeout_s`) until the server accepts connections; else one
+    DependencyUnavailable naming CLICKHOUSE_HOST and the address. chDB runs in-process: nothing to wait for."""
+    if settings.clickhouse_client == "native":
+        address = f"{settings.clickhouse_host}:{settings.clickhouse_port}"
+        wait_for_tcp("CLICKHOUSE_HOST", address, [(settings.clickhouse_host, settings.clickhouse_port)], timeout_s)
 
 
 class StoreLocked(RuntimeError):

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from services.kit.config import HttpUrl
+from services.kit.dependencies import url_address, url_shown, wait_for_tcp
 from services.kit.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,17 @@ class CatalogSettings(BaseSettings):
         if self.iceberg_warehouse:
             return self.iceberg_warehouse
         return f"s3://{self.s3_bucket}/warehouse" if self.iceberg_catalog == "sql" else "s3://lp-tables"
+
+
+def wait_for_storage(settings: CatalogSettings, timeout_s: float) -> None:
+    """Wait (at most `timeout_s`) until the S3 endpoint and the REST catalog accept connections; else one
+    DependencyUnavailable naming S3_ENDPOINT_URL or ICEBERG_REST_URI. AWS's own S3 (no endpoint) is not probed."""
+    for variable, url in (
+        ("S3_ENDPOINT_URL", settings.s3_endpoint_url),
+        ("ICEBERG_REST_URI", settings.iceberg_rest_uri if settings.iceberg_catalog == "rest" else None),
+    ):
+        if url:
+            wait_for_tcp(variable, url_shown(url), [url_address(url)], timeout_s)
 
 
 def s3_properties(settings: CatalogSettings) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.config import Host, Port
+from services.kit.dependencies import wait_for_tcp
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,17 @@ def quiet_connector() -> None:
     level = logging.DEBUG if logging.getLogger().level <= logging.DEBUG else logging.WARNING
     for name in ("snowflake.connector", "snowflake"):
         logging.getLogger(name).setLevel(level)
+
+
+def wait_for_warehouse(settings: SnowflakeSettings, timeout_s: float) -> None:
+    """Wait (at most `timeout_s`) until Snowflake's host accepts connections; else one DependencyUnavailable
+    naming SNOWFLAKE_HOST (or SNOWFLAKE_ACCOUNT, whose host it is when SNOWFLAKE_HOST is unset)."""
+    port = settings.snowflake_port or (443 if settings.snowflake_protocol == "https" else 80)
+    if settings.snowflake_host:
+        variable, host = "SNOWFLAKE_HOST", settings.snowflake_host
+    else:
+        variable, host = "SNOWFLAKE_ACCOUNT", f"{settings.snowflake_account}.snowflakecomputing.com"
+    wait_for_tcp(variable, f"{host}:{port}", [(host, port)], timeout_s)
 
 
 def connect(settings: SnowflakeSettings) -> Any:

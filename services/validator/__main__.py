@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
+from services.kit.kafka import client_config, wait_for_broker
 from services.kit.logs import configure_logging
 from services.validator import processor, stream_app
 from services.validator.runtime import TopicsMissing
@@ -28,6 +29,8 @@ def serve() -> int:
     for chatty in ("faust", "mode"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
+        # The broker first: the processor reads users/products from it, and one line names it if it is not there.
+        wait_for_broker(client_config(settings), settings.dependency_wait_s)
         return stream_app.run(settings, processor.make_processor(settings))  # reads users/products to their end first
     except (TopicsMissing, ConnectionError) as error:
         log.error("cannot start: %s", error)
