@@ -65,6 +65,9 @@ class GeneratorSettings(ServiceSettings):
 class Generator(Service[GeneratorSettings]):
     def start(self) -> None:
         s = self.settings
+        dsn = s.postgres_dsn.get_secret_value()
+        if (address := dsn_address(dsn)) is not None:
+            wait_for_tcp("POSTGRES_DSN", "{}:{}".format(*address), [address], s.dependency_wait_s)
         kafka = client_config(s)
         require_topics(kafka, s.events_topic, timeout=s.dependency_wait_s)
         schemas = SchemaRepository.load()
@@ -73,9 +76,6 @@ class Generator(Service[GeneratorSettings]):
         self.producer = KafkaProducer(kafka)
         self.producer.stats.latency.histogram = PRODUCE_LATENCY
         self.producer.warm_up(s.events_topic)
-        dsn = s.postgres_dsn.get_secret_value()
-        if (address := dsn_address(dsn)) is not None:
-            wait_for_tcp("POSTGRES_DSN", "{}:{}".format(*address), [address], s.dependency_wait_s)
         self.oltp = OltpWriter.connect(dsn)
         self.oltp.apply_schema()
         self.sim = Simulation(s.seed, s.users, s.products, start_time=s.simulated_start)
