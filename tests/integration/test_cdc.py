@@ -565,7 +565,8 @@ def test_preflight_errors_are_one_clear_line_and_exit_1(target: Target, stack: L
     if problem == "unreachable":
         (closed,) = pick_free_ports(1)
         env["POSTGRES_DSN"] = f"postgresql://postgres:hunter2@127.0.0.1:{closed}/shop"
-        expected = f"PostgreSQL at 127.0.0.1:{closed} is unreachable"
+        env["DEPENDENCY_WAIT_S"] = "2"
+        expected = f"POSTGRES_DSN=127.0.0.1:{closed} unreachable after 2 s"
     elif problem == "missing_table":
         env["CDC_TABLES"] = "users,public.nope"
         expected = "table public.nope not found in database"
