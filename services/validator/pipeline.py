@@ -13,7 +13,7 @@ exactly one of: processed (plus a status-history record for transactions), retry
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -121,6 +121,7 @@ class EventProcessor:
         now = now if now is not None else self.engine.clock()
         state = parse_retry_headers(message.headers)
         dead_topic = self.topics.events_dead_letter
+        record = self.engine.canonical(record, "event")  # ids in canonical form: for the rules and the output
         verdict = self.engine.evaluate(record, "event", attempt=state.attempt if state else 0, now=now)
         if verdict.outcome is Outcome.REJECT:
             return _dead(
@@ -184,19 +185,20 @@ class TransactionProcessor:
         try:
             change = parse_envelope(message.value, "transactions")
         except CdcFormatError as error:
-            dead = rejections.from_exception(
-                message, CdcFormatError.code, error, stage=Stage.DECODE, now=now, topic=dead_topic
-            )
+            dead = rejections.from_exception(message, error.code, error, stage=Stage.DECODE, now=now, topic=dead_topic)
             return [_dead(dead)]
         if change is None:
             return []  # the tombstone after a delete: the delete envelope already said everything
-        flags: list[str] = []
-        version = self.engine.rulebook.current.version
-        if change.op != OP_DELETE:  # a delete is a fact at the source; there is nothing left to judge
-            verdict = self.engine.evaluate(change.row, "transaction", now=now)
-            if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
-                return [_dead(rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic))]
-            flags, version = verdict.flags, verdict.rules_version
+        row = self.engine.canonical(change.row, "transaction")
+        if row is not change.row:  # the row is `after`, or `before` for a delete
+            change = replace(change, after=row) if change.after is not None else replace(change, before=row)
+        if change.op != OP_DELETE:
+            verdict = self.engine.evaluate(row, "transaction", now=now)
+        else:  # a delete is a fact at the source: nothing left to judge but the ids every store keys on
+            verdict = self.engine.check_ids(row, "transaction", now=now)
+        if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
+            return [_dead(rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic))]
+        flags, version = verdict.flags, verdict.rules_version
         headers = _passthrough_headers(message.headers)
         try:
             processed = processed_transaction(change, quality_flags=flags, validated_at=now, rules_version=version)
@@ -228,7 +230,7 @@ def apply_reference(
             return None
         return references.apply_envelope(table, message.key, message.value)
     except CdcFormatError as error:
-        dead = rejections.from_exception(message, CdcFormatError.code, error, stage=Stage.DECODE, now=now)
+        dead = rejections.from_exception(message, error.code, error, stage=Stage.DECODE, now=now)
         return _dead(dead)
 
 
