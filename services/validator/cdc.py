@@ -33,6 +33,7 @@ from services.contracts.envelope import (
     unwrap,
 )
 from services.contracts.topics import CDC_TOPIC_PREFIX
+from services.validator.ids import canonical_uuid, uuid_problem
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_DATE = date(1970, 1, 1)
@@ -41,9 +42,25 @@ MICROS_THRESHOLD = 100_000_000_000_000
 
 
 class CdcFormatError(ValueError):
-    """The record is not a readable Debezium envelope (the caller dead-letters it at stage decode)."""
+    """The record is not a readable Debezium envelope (the caller dead-letters it at stage decode).
+
+    `code` is `CDC_BAD_ENVELOPE`, or what is wrong with one column's value (`NOT_A_UUID`, ...); `field` names it."""
 
     code = "CDC_BAD_ENVELOPE"
+
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.field = field
+
+
+class InvalidId(ValueError):
+    """A uuid column's value is not a UUID; `code` says how (`services.validator.ids`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- column converters -----------------------------------------------------------------------------------------
@@ -118,6 +135,15 @@ def to_text(value: Any) -> str:
     raise ValueError(f"not text: {value!r}")
 
 
+def to_uuid(value: Any) -> str:
+    """A PostgreSQL `uuid` column: the canonical (lower-case) text, or `InvalidId` saying what is wrong."""
+    problem = uuid_problem(value)
+    if problem is not None:
+        code, reason = problem
+        raise InvalidId(code, f"{value!r} {reason}"[:300])
+    return canonical_uuid(value)
+
+
 Converter = Callable[[Any], Any]
 
 
@@ -142,15 +168,23 @@ class TableSpec:
             try:
                 typed[column] = convert(value)
             except ValueError as error:
-                raise CdcFormatError(f"{self.name}.{column}: {error}") from None
+                raise CdcFormatError(
+                    f"{self.name}.{column}: {error}", code=getattr(error, "code", None), field=column
+                ) from None
         return typed
+
+    def typed_key(self, key: str | None) -> str | None:
+        """A record key's primary-key value typed like its column (a Kafka key is as untrusted as the row)."""
+        if key is None:
+            return None
+        return self.typed_row({self.primary_key: key})[self.primary_key]
 
 
 USERS = TableSpec(
     "users",
     "user_id",
     {
-        "user_id": to_text,
+        "user_id": to_uuid,
         "email": to_text,
         "first_name": to_text,
         "last_name": to_text,
@@ -168,7 +202,7 @@ PRODUCTS = TableSpec(
     "products",
     "product_id",
     {
-        "product_id": to_text,
+        "product_id": to_uuid,
         "name": to_text,
         "category": to_text,
         "subcategory": to_text,

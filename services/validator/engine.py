@@ -171,6 +171,31 @@ class RuleEngine:
         self.outcomes[verdict.outcome] += 1
         return verdict
 
+    def canonical(self, record: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+        """`record` with its ids (the fields `format: uuid` rules name) in canonical form; judge and pass on
+        this, not the record as received (see `RuleSet.canonical`)."""
+        return self.rulebook.current.canonical(record, kind)
+
+    def check_ids(self, record: Mapping[str, Any], kind: str, *, now: datetime | None = None) -> Verdict:
+        """Only the `format: uuid` rules: for records no other rule judges (a CDC delete is a fact at the source,
+        but its ids still go to every store)."""
+        ruleset = self.rulebook.current
+        now = now if now is not None else self.clock()
+        errors: list[Failure] = []
+        for rule in ruleset.id_rules(kind):
+            if rule.severity is Severity.WARN or (rule.when is not None and not rule.when.test(record, now)):
+                continue
+            cell = self._counts.setdefault(rule.id, [0, 0])
+            cell[0] += 1
+            failures = rule.check(record, now, self._checks)
+            if failures is not None:
+                cell[1] += 1
+                errors.extend(failures)
+                break
+        verdict = Verdict(Outcome.REJECT if errors else Outcome.ACCEPT, tuple(errors), (), 0, ruleset.version)
+        self.outcomes[verdict.outcome] += 1
+        return verdict
+
     def _remember(self, rule: CompiledRule, record: Mapping[str, Any], now: datetime) -> None:
         key = rule.dedupe_key(record)
         if key is None:

@@ -13,7 +13,7 @@ exactly one of: processed (plus a status-history record for transactions), retry
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -93,9 +93,13 @@ class EventProcessor:
         topics: Topics = DEFAULT_TOPICS,
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         max_event_bytes: int = 65_536,
+        max_record_bytes: int | None = None,
     ) -> None:
         self.engine = engine
         self.topics = topics
+        # The largest record the producer may send: a dead letter over it keeps its code and has its value cut
+        # (`build_dead_letter`), instead of being refused by the producer (or replaced by the runtime's own).
+        self.max_record_bytes = max_record_bytes
         self.retry_policy = retry_policy
         # Larger events are dead-lettered (PAYLOAD_TOO_LARGE) before decoding: no real event is near it, and it
         # keeps one hostile record from becoming a processed record other stages choke on.
@@ -109,7 +113,12 @@ class EventProcessor:
         if isinstance(decoded, DecodeError):
             state = parse_retry_headers(message.headers)
             dead = rejections.from_decode_error(
-                message, decoded, now=now, topic=self.topics.events_dead_letter, retry_state=state
+                message,
+                decoded,
+                now=now,
+                topic=self.topics.events_dead_letter,
+                retry_state=state,
+                max_record_bytes=self.max_record_bytes,
             )
             return _dead(dead)
         return self.process_record(decoded.record, message, now=now)
@@ -121,10 +130,18 @@ class EventProcessor:
         now = now if now is not None else self.engine.clock()
         state = parse_retry_headers(message.headers)
         dead_topic = self.topics.events_dead_letter
+        record = self.engine.canonical(record, "event")  # ids in canonical form: for the rules and the output
         verdict = self.engine.evaluate(record, "event", attempt=state.attempt if state else 0, now=now)
         if verdict.outcome is Outcome.REJECT:
             return _dead(
-                rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic, retry_state=state)
+                rejections.from_failures(
+                    message,
+                    verdict.errors,
+                    now=now,
+                    topic=dead_topic,
+                    retry_state=state,
+                    max_record_bytes=self.max_record_bytes,
+                )
             )
         if verdict.outcome is Outcome.RETRY:
             return self._retry(message, verdict, state, now)
@@ -143,6 +160,7 @@ class EventProcessor:
                 now=now,
                 topic=dead_topic,
                 retry_state=state,
+                max_record_bytes=self.max_record_bytes,
             )
             return _dead(dead)
         return Output(
@@ -154,7 +172,13 @@ class EventProcessor:
         decision = retry_decision(verdict.attempt, first_seen, now, self.retry_policy)
         if not isinstance(decision, Retry):
             dead = rejections.from_retry_exhausted(
-                message, decision, state, verdict.errors, now=now, topic=self.topics.events_dead_letter
+                message,
+                decision,
+                state,
+                verdict.errors,
+                now=now,
+                topic=self.topics.events_dead_letter,
+                max_record_bytes=self.max_record_bytes,
             )
             return _dead(dead)
         headers = retry_headers(
@@ -172,9 +196,17 @@ class EventProcessor:
 class TransactionProcessor:
     """cdc.postgres.transactions: validate the row, emit transactions.processed and the status history."""
 
-    def __init__(self, engine: RuleEngine, schemas: SchemaRepository, *, topics: Topics = DEFAULT_TOPICS) -> None:
+    def __init__(
+        self,
+        engine: RuleEngine,
+        schemas: SchemaRepository,
+        *,
+        topics: Topics = DEFAULT_TOPICS,
+        max_record_bytes: int | None = None,
+    ) -> None:
         self.engine = engine
         self.topics = topics
+        self.max_record_bytes = max_record_bytes  # as EventProcessor's
         self.serialize_transaction = AvroSerializer(schemas["processed_transaction"])
         self.serialize_status = AvroSerializer(schemas["transaction_status_change"])
 
@@ -185,18 +217,30 @@ class TransactionProcessor:
             change = parse_envelope(message.value, "transactions")
         except CdcFormatError as error:
             dead = rejections.from_exception(
-                message, CdcFormatError.code, error, stage=Stage.DECODE, now=now, topic=dead_topic
+                message,
+                error.code,
+                error,
+                stage=Stage.DECODE,
+                now=now,
+                topic=dead_topic,
+                max_record_bytes=self.max_record_bytes,
             )
             return [_dead(dead)]
         if change is None:
             return []  # the tombstone after a delete: the delete envelope already said everything
-        flags: list[str] = []
-        version = self.engine.rulebook.current.version
-        if change.op != OP_DELETE:  # a delete is a fact at the source; there is nothing left to judge
-            verdict = self.engine.evaluate(change.row, "transaction", now=now)
-            if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
-                return [_dead(rejections.from_failures(message, verdict.errors, now=now, topic=dead_topic))]
-            flags, version = verdict.flags, verdict.rules_version
+        row = self.engine.canonical(change.row, "transaction")
+        if row is not change.row:  # the row is `after`, or `before` for a delete
+            change = replace(change, after=row) if change.after is not None else replace(change, before=row)
+        if change.op != OP_DELETE:
+            verdict = self.engine.evaluate(row, "transaction", now=now)
+        else:  # a delete is a fact at the source: nothing left to judge but the ids every store keys on
+            verdict = self.engine.check_ids(row, "transaction", now=now)
+        if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
+            dead = rejections.from_failures(
+                message, verdict.errors, now=now, topic=dead_topic, max_record_bytes=self.max_record_bytes
+            )
+            return [_dead(dead)]
+        flags, version = verdict.flags, verdict.rules_version
         headers = _passthrough_headers(message.headers)
         try:
             processed = processed_transaction(change, quality_flags=flags, validated_at=now, rules_version=version)
@@ -209,18 +253,30 @@ class TransactionProcessor:
                 outputs.append(Output(Route.STATUS_HISTORY, self.topics.status_history, key, value, headers))
         except (ValueError, TypeError, OverflowError) as error:
             dead = rejections.from_exception(
-                message, rejections.OUTPUT_CONTRACT, error, stage=Stage.ENRICH, now=now, topic=dead_topic
+                message,
+                rejections.OUTPUT_CONTRACT,
+                error,
+                stage=Stage.ENRICH,
+                now=now,
+                topic=dead_topic,
+                max_record_bytes=self.max_record_bytes,
             )
             return [_dead(dead)]
         return outputs
 
 
 def apply_reference(
-    references: ReferenceStore, message: OriginalMessage, now: datetime, *, check_only: bool = False
+    references: ReferenceStore,
+    message: OriginalMessage,
+    now: datetime,
+    *,
+    check_only: bool = False,
+    max_record_bytes: int | None = None,
 ) -> ApplyResult | Output | None:
     """A message of cdc.postgres.users / .products into the store, or its dead letter if unreadable.
 
-    `check_only`: a `ReferenceFeed` fills the store; only the dead letter of an unreadable change is wanted."""
+    `check_only`: a `ReferenceFeed` fills the store; only the dead letter of an unreadable change is wanted.
+    `max_record_bytes`: as `EventProcessor`'s."""
     table = table_of_topic(message.topic)
     try:
         if check_only:
@@ -228,7 +284,9 @@ def apply_reference(
             return None
         return references.apply_envelope(table, message.key, message.value)
     except CdcFormatError as error:
-        dead = rejections.from_exception(message, CdcFormatError.code, error, stage=Stage.DECODE, now=now)
+        dead = rejections.from_exception(
+            message, error.code, error, stage=Stage.DECODE, now=now, max_record_bytes=max_record_bytes
+        )
         return _dead(dead)
 
 

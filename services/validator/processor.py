@@ -71,6 +71,9 @@ from services.validator.runtime import Output as RuntimeOutput
 log = logging.getLogger(__name__)
 
 MAX_REPLAY_SOURCES = 100_000
+# The runtime's produce-request overhead (1 KiB, stream_app) plus the trace headers it adds to outputs: a dead letter
+# built to PRODUCER_MAX_REQUEST_BYTES minus this always passes `runtime.check_outputs` and the producer.
+DEAD_LETTER_HEADROOM_BYTES = 2048
 
 RULE_CHECKED = Counter("lp_validator_rule_checked_total", "Records a rule was evaluated on", ["rule"])
 RULE_FAILED = Counter("lp_validator_rule_failed_total", "Records a rule failed on", ["rule"])
@@ -149,16 +152,23 @@ class ValidatorProcessor:
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         feed: ReferenceFeed | None = None,
         max_event_bytes: int = 65_536,
+        max_record_bytes: int | None = None,
     ) -> None:
         self.topics = topics
+        self.max_record_bytes = max_record_bytes
         self.rulebook = rulebook
         self.feed = feed
         self.references = feed.store if feed is not None else references if references is not None else ReferenceStore()
         self.engine = RuleEngine(rulebook, self.references, dedupe if dedupe is not None else DedupeStore())
         self.events = EventProcessor(
-            self.engine, schemas, topics=topics, retry_policy=retry_policy, max_event_bytes=max_event_bytes
+            self.engine,
+            schemas,
+            topics=topics,
+            retry_policy=retry_policy,
+            max_event_bytes=max_event_bytes,
+            max_record_bytes=max_record_bytes,
         )
-        self.transactions = TransactionProcessor(self.engine, schemas, topics=topics)
+        self.transactions = TransactionProcessor(self.engine, schemas, topics=topics, max_record_bytes=max_record_bytes)
         self.reload_interval_s = reload_interval_s
         self._next_reload = monotonic() + reload_interval_s
         self._replayed: OrderedDict[bytes, None] = OrderedDict()
@@ -193,7 +203,13 @@ class ValidatorProcessor:
             return []
         if topic in REFERENCE_TOPICS:
             check_only = self.feed is not None  # the feed fills the store: only dead-letter unreadable changes
-            result = apply_reference(self.references, message, now or self.engine.clock(), check_only=check_only)
+            result = apply_reference(
+                self.references,
+                message,
+                now or self.engine.clock(),
+                check_only=check_only,
+                max_record_bytes=self.max_record_bytes,
+            )
             return [result] if isinstance(result, Output) else []
         if topic == self.topics.transactions_cdc:
             return self.transactions.process(message)
@@ -259,6 +275,13 @@ class ValidatorProcessor:
                 self._exported_refs[(table, result)] = count
 
 
+def dead_letter_budget(settings: StreamRuntimeSettings) -> int:
+    """The largest dead letter the processor builds whole: what the runtime lets through (the producer's request
+    size less its request overhead) less room for the trace context it adds after checking. A larger one keeps its
+    code (PAYLOAD_TOO_LARGE, ...) and has its value cut, instead of being replaced by PROCESSOR_OUTPUT_INVALID."""
+    return settings.producer_max_request_bytes - DEAD_LETTER_HEADROOM_BYTES
+
+
 def make_processor(settings: ValidatorSettings, *, follow_references: bool = True) -> ValidatorProcessor:
     """The service's processor. `follow_references`: load users/products from their topics first and keep
     following them (the service); without it the caller fills `processor.references` (tests, tools)."""
@@ -277,4 +300,5 @@ def make_processor(settings: ValidatorSettings, *, follow_references: bool = Tru
         retry_policy=settings.retry_policy(),
         feed=feed,
         max_event_bytes=settings.validator_max_event_bytes,
+        max_record_bytes=dead_letter_budget(settings),
     )

@@ -82,7 +82,7 @@ class ReferenceStore:
         """Apply one record of `cdc.postgres.<table>`; raises `CdcFormatError` if it is not an envelope."""
         state = self._table(table)
         change = parse_envelope(envelope, table, state.spec)
-        key_value = parse_key(key, state.spec.primary_key)
+        key_value = state.spec.typed_key(parse_key(key, state.spec.primary_key))
         if change is None:
             return self._count(table, self._tombstone(state, key_value))
         return self.apply_change(change, key_value)
@@ -91,7 +91,7 @@ class ReferenceStore:
         """Parse one record of `cdc.postgres.<table>` without applying it; raises `CdcFormatError` if unreadable."""
         spec = self._table(table).spec
         parse_envelope(envelope, table, spec)
-        parse_key(key, spec.primary_key)
+        spec.typed_key(parse_key(key, spec.primary_key))
 
     def apply_change(self, change: ChangeEvent, key: str | None = None) -> ApplyResult:
         """Apply a parsed change; `key` defaults to the row's primary key."""

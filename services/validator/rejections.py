@@ -2,6 +2,8 @@
 
 Each constructor turns one of the validator's own outcomes (failed rules, an exhausted retry, an undecodable
 payload, an output-contract error) into the code, stage, rule, field and message of the dead-letter format.
+`max_record_bytes`: the largest record the producer may send; only a dead letter that would exceed it has its
+value cut (last resort, `lp-dlq-value-truncated-from`), and it keeps its own code.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def from_failures(
     *,
     now: datetime,
     topic: str | None = None,
+    max_record_bytes: int | None = None,
     retry_state: RetryState | None = None,
 ) -> DeadLetterRecord:
     """A record rejected by the rules (stage validate): code, rule and field(s) of the first failing rule."""
@@ -63,6 +66,7 @@ def from_failures(
         rule=first.rule_id,
         field=",".join(dict.fromkeys(fields)) or first.field,
         topic=topic,
+        max_record_bytes=max_record_bytes,
         **_where(retry_state),
     )
 
@@ -73,6 +77,7 @@ def from_decode_error(
     *,
     now: datetime,
     topic: str | None = None,
+    max_record_bytes: int | None = None,
     retry_state: RetryState | None = None,
 ) -> DeadLetterRecord:
     """A payload the kit's AvroDeserializer refused (stage decode; code = the DecodeErrorCode value)."""
@@ -83,6 +88,7 @@ def from_decode_error(
         message=error.message,
         now=now,
         topic=topic,
+        max_record_bytes=max_record_bytes,
         **_where(retry_state),
     )
 
@@ -95,6 +101,7 @@ def from_exception(
     stage: Stage,
     now: datetime,
     topic: str | None = None,
+    max_record_bytes: int | None = None,
     retry_state: RetryState | None = None,
 ) -> DeadLetterRecord:
     """Any other refusal with a code (bad CDC envelope, output contract): the message is the error text."""
@@ -106,6 +113,7 @@ def from_exception(
         now=now,
         field=getattr(error, "field", None),
         topic=topic,
+        max_record_bytes=max_record_bytes,
         **_where(retry_state),
     )
 
@@ -118,6 +126,7 @@ def from_retry_exhausted(
     *,
     now: datetime,
     topic: str | None = None,
+    max_record_bytes: int | None = None,
 ) -> DeadLetterRecord:
     """The late-reference policy gave up (stage retry, code REFERENCE_NOT_FOUND)."""
     first = failures[0] if failures else None
@@ -131,5 +140,6 @@ def from_retry_exhausted(
         rule=first.rule_id if first else (retry_state.rule if retry_state else None),
         field=first.field if first else None,
         topic=topic,
+        max_record_bytes=max_record_bytes,
         **{**_where(retry_state), "attempt": decision.attempt - 1},  # the retries actually made
     )

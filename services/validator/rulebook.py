@@ -43,6 +43,7 @@ from services.validator.expressions import (
     compile_expression,
     parse_duration,
 )
+from services.validator.ids import canonical_uuid, is_canonical_uuid, uuid_problem
 
 # The rule files shipped with the code; a deployment can point VALIDATOR_RULES_DIR elsewhere (e.g. a mounted
 # ConfigMap, which is what makes hot reload useful in Kubernetes).
@@ -142,6 +143,9 @@ class ValueRule(_Rule):
     min_exclusive: bool = False
     max_exclusive: bool = False
     enum: list[Scalar] | None = Field(None, min_length=1)
+    format: Literal["uuid"] | None = Field(
+        None, description="uuid: a UUID in 8-4-4-4-12 hex; the record carries it on in lower case (ids.py)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -155,8 +159,8 @@ class ValueRule(_Rule):
 
     @model_validator(mode="after")
     def _some_check(self) -> ValueRule:
-        if self.regex is None and self.min is None and self.max is None and self.enum is None:
-            raise ValueError("a VALUE rule needs at least one of regex, min, max, enum")
+        if self.regex is None and self.min is None and self.max is None and self.enum is None and self.format is None:
+            raise ValueError("a VALUE rule needs at least one of regex, min, max, enum, format")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is greater than max {self.max}")
         if self.regex is not None:
@@ -282,6 +286,7 @@ def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
     rule_type = RuleType.VALUE
     pattern = re.compile(rule.regex) if rule.regex is not None else None
     allowed = frozenset(rule.enum) if rule.enum is not None else None
+    uuid_format = rule.format == "uuid"
     low, high = rule.min, rule.max
     low_exclusive, high_exclusive = rule.min_exclusive, rule.max_exclusive
     bounds = (
@@ -311,8 +316,13 @@ def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
                 return fail(name, WRONG_TYPE, f"{name}={_shown(value)} is not text")
             if pattern.fullmatch(value) is None:
                 return fail(name, PATTERN_MISMATCH, f"{name}={_shown(value)} does not match {pattern.pattern!r}")
+        if uuid_format and (problem := uuid_problem(value)) is not None:
+            code, reason = problem
+            return fail(name, code, f"{name}={_shown(value)} {reason}")
         return None
 
+    if uuid_format and allowed is None and pattern is None and low is None and high is None:
+        return _uuid_check(fields, check_one)
     if len(fields) == 1:
         return _single_value_check(fields[0], check_one, allowed, pattern, low, high, low_exclusive, high_exclusive)
 
@@ -328,6 +338,23 @@ def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
 
 
 _NUMBERS = frozenset({int, float, Decimal})
+
+
+def _uuid_check(fields: tuple[str, ...], check_one: Callable[[str, Any], Failure | None]) -> CheckFunction:
+    """`format: uuid` alone: a canonical id passes on one regex match; anything else is judged by `check_one`."""
+
+    def check(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
+        failures = None
+        for name in fields:
+            value = record.get(name)
+            if value is None or (value.__class__ is str and is_canonical_uuid(value) is not None):
+                continue
+            failure = check_one(name, value)
+            if failure is not None:
+                failures = (failures or ()) + (failure,)
+        return failures
+
+    return check
 
 
 def _single_value_check(
@@ -491,9 +518,34 @@ class RuleSet:
     version: str  # sha256 over the files' names and contents (short): stamped on outputs for lineage
     files: tuple[str, ...]
     _by_kind: Mapping[str, tuple[CompiledRule, ...]] = field(repr=False)
+    _id_rules_by_kind: Mapping[str, tuple[CompiledRule, ...]] = field(repr=False, default_factory=dict)
+    _uuid_by_kind: Mapping[str, tuple[str, ...]] = field(repr=False, default_factory=dict)
 
     def for_kind(self, kind: str) -> tuple[CompiledRule, ...]:
         return self._by_kind.get(kind, ())
+
+    def id_rules(self, kind: str) -> tuple[CompiledRule, ...]:
+        """The VALUE rules of `kind` with `format: uuid`, in evaluation order."""
+        return self._id_rules_by_kind.get(kind, ())
+
+    def uuid_fields(self, kind: str) -> tuple[str, ...]:
+        """Fields a VALUE rule of `kind` declares `format: uuid`: ids, carried on in canonical form."""
+        return self._uuid_by_kind.get(kind, ())
+
+    def canonical(self, record: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+        """`record` with its `uuid_fields` in canonical (lower-case) form: a copy if one changes, else itself.
+
+        Applied before the rules judge a record, so that DUPLICATE_ALLOW_ONE compares canonical ids (a
+        case-changed copy of an accepted event is its duplicate), LOOKUPs find the row, and every output and
+        store gets one spelling. A value that is not a UUID is left as it is, for its rule to refuse."""
+        changed: dict[str, Any] | None = None
+        for name in self.uuid_fields(kind):
+            value = record.get(name)
+            canonical = canonical_uuid(value)
+            if canonical is not value:
+                changed = changed if changed is not None else dict(record)
+                changed[name] = canonical
+        return record if changed is None else changed
 
     def rule(self, rule_id: str) -> CompiledRule:
         for rule in self.rules:
@@ -552,7 +604,16 @@ def load_ruleset(
         kind: tuple(sorted((r for r in compiled if kind in r.kinds), key=lambda r: PHASES[r.type]))  # stable
         for kind in kinds
     }
-    return RuleSet(tuple(compiled), digest.hexdigest()[:16], tuple(p.name for p in files), by_kind)
+    id_rules = {
+        kind: tuple(r for r in rules if r.type is RuleType.VALUE and r.spec.format == "uuid")
+        for kind, rules in by_kind.items()
+    }
+    uuid_fields = {
+        kind: tuple(dict.fromkeys(name for rule in rules for name in rule.spec.fields))
+        for kind, rules in id_rules.items()
+    }
+    version = digest.hexdigest()[:16]
+    return RuleSet(tuple(compiled), version, tuple(p.name for p in files), by_kind, id_rules, uuid_fields)
 
 
 def _load_file(

@@ -308,7 +308,11 @@ class StreamRuntimeSettings(ServiceSettings):
     producer_linger_ms: int = Field(10, ge=0, description="How long the producer waits to fill a batch.")
     producer_max_batch_bytes: int = Field(512 * 1024, ge=16 * 1024, description="Producer batch size per partition.")
     producer_max_request_bytes: int = Field(
-        1_000_000, ge=64 * 1024, description="Largest produce request; bigger outputs are dead-lettered."
+        # Kafka's default message.max.bytes, which the declared topics inherit: so a dead letter keeps the original
+        # bytes of any record the broker accepted from a producer with the common 1,000,000-byte limit.
+        1_048_588,
+        ge=64 * 1024,
+        description="Largest produce request; bigger outputs are dead-lettered (match the broker's message.max.bytes).",
     )
     producer_compression: str | None = Field(
         None, description="none, gzip, snappy, lz4 or zstd (the last three need the cramjam package)."

@@ -7,6 +7,7 @@ keeps original headers on processed, retry and dead-letter records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -418,6 +420,148 @@ def test_hostile_payloads_each_get_their_reason_and_nothing_crashes(stack, servi
     assert {k: v[0] for k, v in tx_codes.items()} == {k: code for k, (_row, code) in bad_rows.items()}
     assert all(rule for _code, rule in tx_codes.values())  # a rule failed: it is named
     assert process.poll() is None, log_path.read_text()[-4000:]  # nothing crashed it
+
+
+NOT_HEX = "0542cfdb-1c2d-4e5f-93v2-0123456789ab"  # the shape of a UUID, one digit not hexadecimal
+ID_FIELDS = ("event_id", "user_id", "session_id", "product_id", "transaction_id")
+# Payload sizes around the limit: the validator's producer takes PRODUCER_MAX_REQUEST_BYTES (default 1,048,588, the
+# broker's message.max.bytes) less 2 KiB of headroom; a dead letter (value + ~1 KiB of headers) up to it is whole.
+WHOLE_SIZES = (998_000, 1_000_000, 1_044_000)  # the old failure began at ~1 MB; the last is just below the limit
+CUT_SIZES = (1_047_000, 1_300_000)  # at/just above the limit (the dead letter would not fit), and well above
+
+
+def test_hostile_ids_and_1_mb_payloads_are_dead_lettered_at_the_validator_with_their_reason(stack, service) -> None:
+    """Non-UUID ids, control bytes in ids, case-changed copies of accepted events, ~1 MB payloads, bad CDC ids:
+    each dead-lettered by the validator with its code and rule; good events processed once, with canonical ids."""
+    _env, _port, log_path, process = service
+    bootstrap = stack.bootstrap_servers
+    sim = Simulation(int(uuid.uuid4().int % 1_000_000), n_users=20, n_products=20, start_time=datetime.now(UTC))
+    seed_references(bootstrap, sim)
+    serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 2_000_000})
+
+    def send(record: dict[str, Any], test_id: str, payload: bytes | None = None) -> None:
+        value = payload if payload is not None else serialize(record)
+        producer.produce("events.raw", value, record["user_id"].lower(), headers=[(TEST_ID, test_id.encode())])
+
+    def routed(ids: set[str]) -> Callable[[], bool]:
+        def all_there() -> bool:
+            seen = {
+                headers_of(m)[TEST_ID].decode()
+                for topic in ("events.processed", "events.raw.dlq")
+                for m in read_ours(bootstrap, topic, ids)
+            }
+            return seen >= ids
+
+        return all_there
+
+    # 1. Events that are accepted first: their case-changed copies come later.
+    originals = {uuid.uuid4().hex: sim.next_event(datetime.now(UTC)).to_record() for _ in range(5)}
+    for test_id, record in originals.items():
+        send(record, test_id)
+    assert producer.flush(30) == 0
+    wait_for(routed(set(originals)), 120, "the original events to be processed", log_path)
+
+    # 2. The hostile records, and good events among them. test id -> (code, rule, field)
+    expected: dict[str, tuple[str, str, str]] = {}
+    payloads: dict[str, bytes] = {}
+    for field in ID_FIELDS:  # a non-hex digit in each id
+        test_id = uuid.uuid4().hex
+        send({**sim.next_event(datetime.now(UTC)).to_record(), field: NOT_HEX}, test_id)
+        expected[test_id] = ("NOT_A_UUID", "event_ids_uuid", field)
+    for field, bad in (("event_id", "\x00"), ("user_id", "\x1b"), ("session_id", "\n"), ("product_id", "\x7f")):
+        record = sim.next_event(datetime.now(UTC)).to_record()
+        base = record[field] or str(uuid.uuid4())
+        test_id = uuid.uuid4().hex
+        send({**record, field: base[:8] + bad + base[9:]}, test_id)
+        expected[test_id] = ("CONTROL_CHARACTER", "event_ids_uuid", field)
+    for original in list(originals.values())[:3]:  # same event, upper-case id, other contents: a duplicate
+        test_id = uuid.uuid4().hex
+        crafted = {**original, "event_id": original["event_id"].upper(), "page_url": "/crafted"}
+        send(crafted, test_id)
+        expected[test_id] = ("DUPLICATE", "event_id_unique", "event_id")
+    for size in (*WHOLE_SIZES, *CUT_SIZES):
+        test_id = uuid.uuid4().hex
+        payloads[test_id] = b"\xc3\x01" + os.urandom(size - 2)
+        send({"user_id": str(uuid.uuid4())}, test_id, payloads[test_id])
+        expected[test_id] = ("PAYLOAD_TOO_LARGE", "", "")
+    good = {uuid.uuid4().hex: sim.next_event(datetime.now(UTC)).to_record() for _ in range(20)}
+    upper = {uuid.uuid4().hex: sim.next_event(datetime.now(UTC)).to_record() for _ in range(3)}
+    for test_id, record in good.items():
+        send(record, test_id)
+    for test_id, record in upper.items():  # upper-case ids of a new event: the same UUIDs, accepted, normalised
+        send({**record, **{f: record[f].upper() for f in ID_FIELDS if record[f]}}, test_id)
+    # CDC: a users row whose key is not a UUID; a transaction with a control byte in its id
+    user = {k: v for k, v in asdict(sim.users[0]).items() if k != "shipping_address"} | {"user_id": NOT_HEX}
+    user_test_id = uuid.uuid4().hex
+    envelope = json.dumps(make_envelope("c", "users", after=user, lsn=9), default=str).encode()
+    producer.produce("cdc.postgres.users", envelope, None, headers=[(TEST_ID, user_test_id.encode())])
+    base = next(e.transaction for e in (sim.next_event(datetime.now(UTC)) for _ in range(3000)) if e.transaction)
+    assert base is not None
+    row = {**asdict(base), "transaction_id": str(uuid.uuid4())[:-1] + "\x00"}
+    tx_test_id = uuid.uuid4().hex
+    envelope = json.dumps(make_envelope("c", "transactions", after=row, lsn=7), default=str).encode()
+    producer.produce("cdc.postgres.transactions", envelope, None, headers=[(TEST_ID, tx_test_id.encode())])
+    assert producer.flush(60) == 0
+
+    all_ids = set(expected) | set(good) | set(upper) | set(originals)
+    wait_for(routed(all_ids), 180, "every hostile record to be routed", log_path)
+    time.sleep(1)  # nothing more is coming: a record routed twice would show now
+
+    dead = read_ours(bootstrap, "events.raw.dlq", all_ids)
+    reasons = Counter(
+        (
+            headers_of(m)[TEST_ID].decode(),
+            (h := headers_of(m))["lp-dlq-error-code"].decode(),
+            h["lp-dlq-rule"].decode(),
+            h["lp-dlq-field"].decode(),
+        )
+        for m in dead
+    )
+    print("hostile dead letters:", Counter((code, rule) for _id, code, rule, _f in reasons))
+    assert reasons == Counter((test_id, *reason) for test_id, reason in expected.items())  # each once, its reason
+    for message in dead:
+        test_id = headers_of(message)[TEST_ID].decode()
+        if test_id not in payloads:
+            continue
+        headers, size = headers_of(message), len(payloads[test_id])
+        if size in WHOLE_SIZES:  # kept byte for byte
+            assert message.value() == payloads[test_id] and "lp-dlq-value-truncated-from" not in headers
+        else:  # cut as the last resort, and said so
+            assert headers["lp-dlq-value-truncated-from"] == str(size).encode()
+            assert headers["lp-dlq-value-sha256"] == hashlib.sha256(payloads[test_id]).hexdigest().encode()
+            assert payloads[test_id].startswith(message.value()) and len(message.value()) > 1_000_000
+
+    processed = read_ours(bootstrap, "events.processed", all_ids)
+    assert Counter(headers_of(m)[TEST_ID].decode() for m in processed) == Counter(
+        dict.fromkeys(set(good) | set(upper) | set(originals), 1)
+    )
+    decode = AvroDeserializer(SchemaRepository.load(), "processed_event")
+    by_test_id = {}
+    for message in processed:
+        decoded = decode(message.value())
+        assert isinstance(decoded, Decoded)
+        by_test_id[headers_of(message)[TEST_ID].decode()] = decoded.record
+        for field in ID_FIELDS:  # what a store's UUID column would refuse never leaves the validator
+            value = decoded.record[field]
+            assert value is None or str(uuid.UUID(value)) == value, (field, value)
+    for test_id, record in originals.items():  # the crafted copies replaced nothing
+        assert by_test_id[test_id]["page_url"] == record["page_url"] != "/crafted"
+    for test_id, record in upper.items():
+        assert by_test_id[test_id]["event_id"] == record["event_id"]  # carried on in canonical form
+
+    (user_dead,) = read_ours(bootstrap, "cdc.postgres.users.dlq", {user_test_id})
+    assert (headers_of(user_dead)["lp-dlq-error-code"], headers_of(user_dead)["lp-dlq-field"]) == (
+        b"NOT_A_UUID",
+        b"user_id",
+    )
+    (tx_dead,) = read_ours(bootstrap, "cdc.postgres.transactions.dlq", {tx_test_id})
+    assert (headers_of(tx_dead)["lp-dlq-error-code"], headers_of(tx_dead)["lp-dlq-rule"]) == (
+        b"CONTROL_CHARACTER",
+        b"transaction_ids_uuid",
+    )
+    assert not read_ours(bootstrap, "transactions.processed", {tx_test_id})
+    assert process.poll() is None, log_path.read_text()[-4000:]
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(stack, validator_env: dict[str, str], tmp_path: Path) -> None:

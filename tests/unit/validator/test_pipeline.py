@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -232,7 +233,7 @@ def test_batch_rows_take_the_same_path(schemas: SchemaRepository, known: SimpleN
     processor = processor_for(references, schemas, Clock(START))
     path = tmp_path / "events.jsonl"
     good = {k: v for k, v in known.event().items() if k != "event_time"} | {"event_time": "2026-01-05T11:00:00Z"}
-    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "event_id": "e2", "amount": -3}) + "\n")
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "event_id": str(uuid.uuid4()), "amount": -3}) + "\n")
     outputs = []
     for row in read_jsonl(path):
         assert isinstance(row, BatchRow)
@@ -249,10 +250,11 @@ def test_batch_rows_take_the_same_path(schemas: SchemaRepository, known: SimpleN
 
 
 # --- transactions --------------------------------------------------------------------------------------------------
+TRANSACTION_ID = "66666666-6666-4666-8666-666666666666"
 ROW = {
-    "transaction_id": "t-1",
-    "user_id": "u-1",
-    "product_id": "p-1",
+    "transaction_id": TRANSACTION_ID,
+    "user_id": "77777777-7777-4777-8777-777777777777",
+    "product_id": "88888888-8888-4888-8888-888888888888",
     "quantity": 2,
     "unit_price": Decimal("129.99"),
     "discount": Decimal("13.00"),
@@ -274,7 +276,9 @@ def transactions(schemas: SchemaRepository) -> TransactionProcessor:
 
 def cdc(op: str, before: dict | None = None, after: dict | None = None, lsn: int = 1) -> OriginalMessage:
     value = json.dumps(make_envelope(op, "transactions", before=before, after=after, lsn=lsn, ts_ms=1)).encode()
-    return OriginalMessage("cdc.postgres.transactions", 0, lsn, b'{"transaction_id": "t-1"}', value)
+    return OriginalMessage(
+        "cdc.postgres.transactions", 0, lsn, json.dumps({"transaction_id": TRANSACTION_ID}).encode(), value
+    )
 
 
 def decode(schemas: SchemaRepository, subject: str, value: bytes | None) -> dict:
@@ -287,7 +291,7 @@ def test_transaction_lifecycle(transactions: TransactionProcessor, schemas: Sche
     created = transactions.process(cdc("c", after=ROW, lsn=10))
     assert [o.route for o in created] == [Route.PROCESSED, Route.STATUS_HISTORY]
     assert [o.topic for o in created] == ["transactions.processed", "transactions.status_history"]
-    assert created[0].key == b"t-1"
+    assert created[0].key == TRANSACTION_ID.encode()
     assert decode(schemas, "processed_transaction", created[0].value)["total"] == Decimal("296.38")
     assert decode(schemas, "transaction_status_change", created[1].value)["new_status"] == "created"
 
@@ -299,7 +303,7 @@ def test_transaction_lifecycle(transactions: TransactionProcessor, schemas: Sche
     assert [o.route for o in untouched] == [Route.PROCESSED]
     deleted = transactions.process(cdc("d", before=ROW, lsn=40))
     assert decode(schemas, "processed_transaction", deleted[0].value)["op"] == "d"
-    tombstone = OriginalMessage("cdc.postgres.transactions", 0, 41, b"t-1", None)
+    tombstone = OriginalMessage("cdc.postgres.transactions", 0, 41, TRANSACTION_ID.encode(), None)
     assert transactions.process(tombstone) == []
 
 

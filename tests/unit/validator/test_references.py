@@ -21,7 +21,8 @@ from services.validator.cdc import (
 from services.validator.enrich import hash_email
 from services.validator.references import ApplyResult, ReferenceStore
 
-USER = "u-1"
+USER = "11111111-1111-4111-8111-111111111111"
+USER_KEY = json.dumps({"user_id": USER}).encode()
 
 
 def user_row(**overrides: object) -> dict:
@@ -105,8 +106,14 @@ def test_envelope_variants() -> None:
         (b'{"op": "x", "after": {}}', "op 'x'"),
         (b'{"op": "c", "after": null}', "without `after`"),
         (b'{"op": "d", "before": null}', "delete without `before`"),
-        (b'{"op": "c", "after": {"user_id": "u", "registration_date": "soon"}}', "users.registration_date"),
-        (b'{"op": "c", "after": {"user_id": "u"}, "source": {"lsn": "abc"}}', "source.lsn"),
+        (
+            b'{"op": "c", "after": {"user_id": "11111111-1111-4111-8111-111111111111", "registration_date": "soon"}}',
+            "users.registration_date",
+        ),
+        (
+            b'{"op": "c", "after": {"user_id": "11111111-1111-4111-8111-111111111111"}, "source": {"lsn": "abc"}}',
+            "source.lsn",
+        ),
     ],
 )
 def test_bad_envelopes(value: bytes, message: str) -> None:
@@ -127,7 +134,7 @@ def test_keys_and_topics() -> None:
 
 def test_upsert_update_delete() -> None:
     store = ReferenceStore()
-    assert store.apply_envelope("users", b'{"user_id": "u-1"}', envelope("c", 100, after=user_row())) == "upserted"
+    assert store.apply_envelope("users", USER_KEY, envelope("c", 100, after=user_row())) == "upserted"
     assert store.contains("users", USER)
     assert store.get("users", USER)["tier"] == "silver"  # type: ignore[index]
     update = envelope("u", 110, before=user_row(), after=user_row(tier="gold"))
@@ -135,7 +142,7 @@ def test_upsert_update_delete() -> None:
     assert store.view("users", USER)["user_tier"] == "gold"  # type: ignore[index]
     assert store.apply_envelope("users", None, envelope("d", 120, before=user_row(tier="gold"))) == "deleted"
     assert not store.contains("users", USER) and store.view("users", USER) is None
-    assert store.apply_envelope("users", b'{"user_id": "u-1"}', None) is ApplyResult.IGNORED  # tombstone after
+    assert store.apply_envelope("users", USER_KEY, None) is ApplyResult.IGNORED  # tombstone after
     assert store.size("users") == 0
 
 
@@ -159,7 +166,7 @@ def test_replay_does_not_resurrect_a_deleted_row() -> None:
     create = envelope("c", 100, after=user_row())
     delete = envelope("d", 130, before=user_row())
     for value in (create, delete, None):
-        store.apply_envelope("users", b'{"user_id": "u-1"}', value)
+        store.apply_envelope("users", USER_KEY, value)
     assert store.apply_envelope("users", None, create) is ApplyResult.STALE
     assert store.apply_envelope("users", None, delete) is ApplyResult.STALE
     assert not store.contains("users", USER)
@@ -170,7 +177,7 @@ def test_replay_does_not_resurrect_a_deleted_row() -> None:
 def test_tombstone_alone_deletes_and_keeps_the_lsn_marker() -> None:
     store = ReferenceStore()
     store.apply_envelope("users", None, envelope("c", 100, after=user_row()))
-    assert store.apply_envelope("users", b'{"user_id": "u-1"}', None) is ApplyResult.DELETED
+    assert store.apply_envelope("users", USER_KEY, None) is ApplyResult.DELETED
     assert store.apply_envelope("users", None, envelope("c", 100, after=user_row())) is ApplyResult.STALE
 
 
@@ -179,11 +186,25 @@ def test_changes_without_lsn_always_apply_and_markers_are_bounded() -> None:
     store.apply_envelope("users", None, envelope("c", None, after=user_row()))
     assert store.apply_envelope("users", None, envelope("u", None, after=user_row(tier="gold"))) == "upserted"
     for n in range(3):
-        store.apply_envelope("users", None, envelope("c", 10, after=user_row(user_id=f"x{n}")))
-        store.apply_envelope("users", None, envelope("d", 20, before=user_row(user_id=f"x{n}")))
+        store.apply_envelope(
+            "users", None, envelope("c", 10, after=user_row(user_id=f"{n:08x}-0000-4000-8000-000000000000"))
+        )
+        store.apply_envelope(
+            "users", None, envelope("d", 20, before=user_row(user_id=f"{n:08x}-0000-4000-8000-000000000000"))
+        )
     # the oldest marker was evicted: its replay is applied again (the bound trades memory for exactness)
-    assert store.apply_envelope("users", None, envelope("c", 10, after=user_row(user_id="x0"))) == "upserted"
-    assert store.apply_envelope("users", None, envelope("c", 10, after=user_row(user_id="x2"))) == "stale"
+    assert (
+        store.apply_envelope(
+            "users", None, envelope("c", 10, after=user_row(user_id="00000000-0000-4000-8000-000000000000"))
+        )
+        == "upserted"
+    )
+    assert (
+        store.apply_envelope(
+            "users", None, envelope("c", 10, after=user_row(user_id="00000002-0000-4000-8000-000000000000"))
+        )
+        == "stale"
+    )
 
 
 def test_emails_are_hashed_on_the_way_in(known: SimpleNamespace) -> None:
@@ -250,3 +271,31 @@ def test_envelopes_match_the_cdc_contract(table: str, known: SimpleNamespace) ->
     assert change is not None and change.lsn == 123
     assert change.after == TABLES[table].typed_row(row)
     assert change.after == row  # typed back to exactly the Python values we started from
+
+
+@pytest.mark.parametrize(
+    ("user_id", "code"),
+    [
+        ("0542cfdb-1c2d-4e5f-93v2-0123456789ab", "NOT_A_UUID"),
+        ("11111111-1111-4111-8111-11111111111\x00", "CONTROL_CHARACTER"),
+        ("{11111111-1111-4111-8111-111111111111}", "NOT_A_UUID"),
+        (42, "NOT_A_UUID"),
+    ],
+)
+def test_reference_ids_must_be_uuids(user_id: object, code: str) -> None:
+    """A users/products row's key is a PostgreSQL uuid column: anything else is refused, with what is wrong."""
+    store = ReferenceStore()
+    with pytest.raises(CdcFormatError) as raised:
+        store.apply_envelope("users", None, envelope("c", 100, after=user_row(user_id=user_id)))
+    assert (raised.value.code, raised.value.field) == (code, "user_id")
+    assert store.size("users") == 0
+    key = json.dumps({"user_id": user_id}).encode()
+    with pytest.raises(CdcFormatError):  # the record key is as untrusted as the row
+        store.apply_envelope("users", key, envelope("c", 100, after=user_row()))
+
+
+def test_upper_case_reference_ids_are_stored_canonical() -> None:
+    store = ReferenceStore()
+    upper = USER.upper().replace("1", "A")
+    assert store.apply_envelope("users", None, envelope("c", 100, after=user_row(user_id=upper))) == "upserted"
+    assert store.contains("users", upper.lower()) and not store.contains("users", upper)
