@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -151,12 +152,32 @@ def connect_kwargs(settings: SnowflakeSettings) -> dict[str, Any]:
 
 
 def quiet_connector() -> None:
-    """The connector logs every request at INFO and warns about the (newer) pyarrow on import: keep it to
-    warnings, unless LOG_LEVEL=DEBUG asks for everything (its own secret masking applies then)."""
+    """The connector logs every request at INFO, each network retry as a warning and each failed request as an
+    error with a traceback, and warns about the (newer) pyarrow on import. Its failures reach us as exceptions,
+    which the callers log in one line: keep the connector to critical messages, unless LOG_LEVEL=DEBUG asks for
+    everything (its own secret masking applies then). Its background threads (a query's cancel timer) that fail
+    on a lost warehouse are one warning line too, not a traceback on stderr."""
     warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
-    level = logging.DEBUG if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+    debug = logging.getLogger().level <= logging.DEBUG
     for name in ("snowflake.connector", "snowflake"):
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    if not debug and not getattr(threading.excepthook, "quiets_snowflake", False):
+        threading.excepthook = _quiet_connector_threads(threading.excepthook)
+
+
+def _quiet_connector_threads(
+    previous: Callable[[threading.ExceptHookArgs], Any],
+) -> Callable[[threading.ExceptHookArgs], Any]:
+    def hook(args: threading.ExceptHookArgs) -> Any:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if args.exc_value is not None and any("snowflake/connector" in frame.filename for frame in frames):
+            name = getattr(args.thread, "name", "?")
+            log.warning("snowflake connector thread %s: %s", name, one_line(args.exc_value))
+            return None
+        return previous(args)
+
+    hook.quiets_snowflake = True  # type: ignore[attr-defined]
+    return hook
 
 
 def connect(settings: SnowflakeSettings, timeout_s: int | None = None) -> Any:
