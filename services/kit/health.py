@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ReadinessCheck = Callable[[], str | None]  # returns None when fine, else why not ready
 
+
 class HealthSettings(BaseSettings):
     """The health budgets every service shares (read by `Service`; docs/configuration.md)."""
 
