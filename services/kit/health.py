@@ -38,7 +38,7 @@ class HealthSettings(BaseSettings):
         description="/healthz fails when the main loop is stuck, or the service not ready, for this long.",
     )
     probe_timeout_s: float = Field(
-        5.0, gt=0, description="A readiness check that has not answered in this time counts as failing (hung)."
+        2.0, gt=0, description="A readiness check that has not answered in this time counts as failing (hung)."
     )
 
 
@@ -80,7 +80,7 @@ class Health:
     def __init__(
         self,
         progress_budget_s: float = 120.0,
-        probe_timeout_s: float = 5.0,
+        probe_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.progress_budget_s = progress_budget_s
