@@ -63,6 +63,8 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
 
     def after_start(self) -> None:
         s = self.settings
+        # A server that hangs shows in /readyz within HEALTH_PROBE_TIMEOUT_S (native; chDB is in-process).
+        self.health.add_check("clickhouse", self.sink.client.probe)
         if s.clickhouse_sink_query_port >= 0:
             self.query_server = QueryServer(
                 self.sink.client.rows, s.clickhouse_database, s.clickhouse_sink_query_host, s.clickhouse_sink_query_port

@@ -3,6 +3,10 @@
 A service subclasses `Service` and fills in `start`, `step` and `stop`. `run()` owns everything around them:
 logging, tracing, the health endpoint, signal handling and exit codes, so every service behaves the same on
 `kubectl delete pod` or Ctrl-C.
+
+Health: the loop beats once per `step`, so a `step` that blocks for longer than HEALTH_PROGRESS_BUDGET_S
+(or a service not ready for that long) fails /healthz and Kubernetes restarts the pod (`services.kit.health`).
+A step that waits on a dependency uses `services.kit.reconnect`, which beats and marks the dependency down.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import threading
 from types import FrameType
 from typing import Generic, TypeVar
 
-from services.kit.config import ServiceSettings
+from services.kit.config import ServiceSettings, load_settings
 from services.kit.dependencies import DependencyUnavailable
 from services.kit.exits import ExitCode
-from services.kit.health import Health, HealthServer
+from services.kit.health import Health, HealthServer, HealthSettings
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
 from services.kit.tracing import setup_tracing, shutdown_tracing
@@ -29,7 +33,8 @@ class Service(Generic[SettingsT]):
     def __init__(self, settings: SettingsT) -> None:
         self.settings = settings
         self.log = logging.getLogger(settings.service_name)
-        self.health = Health()
+        # HEALTH_PROGRESS_BUDGET_S and HEALTH_PROBE_TIMEOUT_S (a malformed one exits 2 naming it, as any setting).
+        self.health = Health.from_settings(load_settings(HealthSettings))
         self.stopping = threading.Event()
         self.tracer = setup_tracing(
             settings.service_name,
@@ -105,8 +110,6 @@ def _hard_exit(log: logging.Logger) -> None:
 
 def main_for(service_cls: type[Service[SettingsT]], settings_cls: type[SettingsT]) -> int:
     """The usual `__main__`: load settings from the environment (ExitCode.CONFIG if invalid), log, run."""
-    from services.kit.config import load_settings
-
     settings = load_settings(settings_cls)
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     return service_cls(settings).run()

@@ -1,11 +1,18 @@
-"""The comparison: per (UTC day of event time, event type) cell, events and revenue in every store.
+"""The comparison: per (UTC day of event time, event type) cell, rows, events and revenue in every store.
+
+Rows and events: `events` are the distinct event ids a store holds, `rows` its rows. Exactly one row per event
+is the pipeline's promise, so a cell where a store's rows differ from its events is a `duplicates` cell, and
+any duplicate row anywhere makes the verdict DISAGREE whatever the consistency (docs/reconciliation.md).
 
 Consistency (docs/reconciliation.md):
 - a cell's events agree on min over stores (a store without the cell has 0) out of max over stores;
   events consistency = sum of the mins / sum of the maxes;
 - a cell's revenues are equal when they differ by at most max(1 cent, tolerance x the largest); equal revenues
   agree fully, otherwise on the smallest: revenue consistency = sum of agreed / sum of the largest;
-- consistency = the lower of the two; the stores agree when it reaches the minimum consistency.
+- a cell's rows agree on the fewest distinct events out of the most rows of any store;
+  rows consistency = sum of those / sum of the most rows;
+- consistency = the lowest of the three; the stores agree when it reaches the minimum consistency and no
+  store holds a duplicate row.
 A window with no events at all is consistent (1.0): nothing disagrees.
 """
 
@@ -24,8 +31,17 @@ Key = tuple[date, str]
 
 @dataclass(frozen=True)
 class Figures:
-    events: int
-    revenue: float
+    events: int  # distinct event ids
+    revenue: float  # each event's amount summed once
+    rows: int = -1  # rows the store holds (-1: as many as events)
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            object.__setattr__(self, "rows", self.events)
+
+    @property
+    def duplicates(self) -> int:
+        return self.rows - self.events
 
 
 StoreCells = Mapping[Key, Figures]
@@ -56,13 +72,14 @@ class Cell:
     day: date
     event_type: str
     figures: dict[str, Figures | None]  # None: the store has no such cell
-    status: str  # ok | missing | events | revenue
+    status: str  # ok | missing | events | duplicates | revenue
     stores: tuple[str, ...]  # the stores that differ (empty when ok)
     detail: str
     agreed_events: int
     max_events: int
     agreed_revenue: float
     max_revenue: float
+    max_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -89,6 +106,8 @@ def _money(value: float) -> str:
 
 def compare_cell(key: Key, figures: dict[str, Figures | None], tolerance: float) -> Cell:
     events = {store: (f.events if f else 0) for store, f in figures.items()}
+    rows = {store: (f.rows if f else 0) for store, f in figures.items()}
+    duplicated = tuple(store for store in figures if rows[store] != events[store])
     revenue = {store: (f.revenue if f else 0.0) for store, f in figures.items()}
     most, least = max(events.values()), min(events.values())
     top = max(abs(r) for r in revenue.values())
@@ -104,6 +123,9 @@ def compare_cell(key: Key, figures: dict[str, Figures | None], tolerance: float)
         majority = [s for s in figures if s not in stores]
         versus = f" vs {events[majority[0]]} in {', '.join(majority)}" if majority else ""
         detail = "events " + ", ".join(f"{s}={events[s]}" for s in stores) + versus
+    elif duplicated:
+        status, stores = "duplicates", duplicated
+        detail = "duplicate rows " + ", ".join(f"{s}={rows[s]} rows of {events[s]} events" for s in duplicated)
     elif not revenue_ok:
         status, stores = "revenue", _outliers(revenue, lambda a, b: revenues_equal(a, b, tolerance))
         majority = [s for s in figures if s not in stores]
@@ -111,7 +133,7 @@ def compare_cell(key: Key, figures: dict[str, Figures | None], tolerance: float)
         detail = "revenue " + ", ".join(f"{s}={_money(revenue[s])}" for s in stores) + versus
     else:
         status, stores, detail = "ok", (), "ok"
-    return Cell(key[0], key[1], figures, status, stores, detail, least, most, agreed_revenue, top)
+    return Cell(key[0], key[1], figures, status, stores, detail, least, most, agreed_revenue, top, max(rows.values()))
 
 
 def _ratio(agreed: float, total: float) -> float:
@@ -135,12 +157,22 @@ class Report:
         return _ratio(sum(c.agreed_revenue for c in self.cells), sum(c.max_revenue for c in self.cells))
 
     @property
+    def rows_consistency(self) -> float:
+        return _ratio(sum(c.agreed_events for c in self.cells), sum(c.max_rows for c in self.cells))
+
+    @property
     def consistency(self) -> float:
-        return min(self.events_consistency, self.revenue_consistency)
+        return min(self.events_consistency, self.rows_consistency, self.revenue_consistency)
+
+    @property
+    def duplicate_rows(self) -> dict[str, int]:
+        """Per store: rows beyond one per event in the window (0 is the promise)."""
+        return {store: figures.duplicates for store, figures in self.totals().items()}
 
     @property
     def agrees(self) -> bool:
-        return self.consistency >= self.min_consistency
+        """Within the minimum consistency, and not one duplicate row in any store (exactly one row per event)."""
+        return self.consistency >= self.min_consistency and not any(self.duplicate_rows.values())
 
     @property
     def differing(self) -> list[Cell]:
@@ -150,14 +182,19 @@ class Report:
         out = {}
         for store in self.stores:
             present = [c.figures[store] for c in self.cells if c.figures[store] is not None]
-            out[store] = Figures(sum(f.events for f in present), sum(f.revenue for f in present))  # type: ignore[union-attr]
+            out[store] = Figures(
+                sum(f.events for f in present),  # type: ignore[union-attr]
+                sum(f.revenue for f in present),  # type: ignore[union-attr]
+                sum(f.rows for f in present),  # type: ignore[union-attr]
+            )
         return out
 
     def columns(self) -> list[str]:
-        return ["day", "event_type", *(f"{s} {m}" for s in self.stores for m in ("events", "revenue")), "status"]
+        measures = ("events", "rows", "revenue")
+        return ["day", "event_type", *(f"{s} {m}" for s in self.stores for m in measures), "status"]
 
     def rows(self, only_differences: bool = False) -> list[list[Any]]:
-        """The table: day, event type, events and revenue per store (None: no such cell), status."""
+        """The table: day, event type, events, rows and revenue per store (None: no such cell), status."""
         out: list[list[Any]] = []
         for cell in self.cells:
             if only_differences and cell.ok:
@@ -165,7 +202,9 @@ class Report:
             values: list[Any] = []
             for store in self.stores:
                 figures = cell.figures[store]
-                values += [None, None] if figures is None else [figures.events, round(figures.revenue, 2)]
+                values += (
+                    [None, None, None] if figures is None else [figures.events, figures.rows, round(figures.revenue, 2)]
+                )
             out.append([cell.day.isoformat(), cell.event_type, *values, cell.detail])
         return out
 
@@ -174,10 +213,14 @@ class Report:
         cells = f"{len(self.cells)} cells, {len(self.differing)} differing"
         if not self.cells:
             cells = "no events in the window"
+        duplicated = {store: n for store, n in self.duplicate_rows.items() if n}
+        duplicates = (
+            "; duplicate rows: " + ", ".join(f"{store} {n}" for store, n in duplicated.items()) if duplicated else ""
+        )
         return (
             f"verdict: {word}: consistency {self.consistency:.4%} (events {self.events_consistency:.4%}, "
-            f"revenue {self.revenue_consistency:.4%}), minimum {self.min_consistency:.4%}; "
-            f"{', '.join(self.stores)}; {self.window.describe()}; {cells}"
+            f"rows {self.rows_consistency:.4%}, revenue {self.revenue_consistency:.4%}), minimum "
+            f"{self.min_consistency:.4%}{duplicates}; {', '.join(self.stores)}; {self.window.describe()}; {cells}"
         )
 
     def render(self, only_differences: bool = False) -> str:
@@ -193,18 +236,24 @@ class Report:
             "verdict": self.verdict(),
             "consistency": self.consistency,
             "events_consistency": self.events_consistency,
+            "rows_consistency": self.rows_consistency,
+            "duplicate_rows": self.duplicate_rows,
             "revenue_consistency": self.revenue_consistency,
             "min_consistency": self.min_consistency,
             "revenue_tolerance": self.revenue_tolerance,
             "stores": list(self.stores),
             "since": self.window.since.isoformat() if self.window.since else None,
             "until": self.window.until.isoformat() if self.window.until else None,
-            "totals": {s: {"events": f.events, "revenue": round(f.revenue, 2)} for s, f in self.totals().items()},
+            "totals": {
+                s: {"events": f.events, "rows": f.rows, "revenue": round(f.revenue, 2)}
+                for s, f in self.totals().items()
+            },
             "cells": [
                 {
                     "day": c.day.isoformat(),
                     "event_type": c.event_type,
                     "events": {s: (f.events if f else None) for s, f in c.figures.items()},
+                    "rows": {s: (f.rows if f else None) for s, f in c.figures.items()},
                     "revenue": {s: (round(f.revenue, 2) if f else None) for s, f in c.figures.items()},
                     "status": c.status,
                     "stores": list(c.stores),
@@ -218,7 +267,8 @@ class Report:
 def summary_lines(body: Mapping[str, Any], limit: int = 10) -> list[str]:
     """Run-summary lines from a report's `as_dict()` (or the command's --json output)."""
     lines = [
-        f"  reconcile {store:<11} {totals['events']} events, revenue {_money(totals['revenue'])}"
+        f"  reconcile {store:<11} {totals['events']} events, {totals.get('rows', totals['events'])} rows, "
+        f"revenue {_money(totals['revenue'])}"
         for store, totals in body["totals"].items()
     ]
     lines.append(f"  reconcile {body['verdict']}")
@@ -246,13 +296,19 @@ def compare(
 
 
 def cells_from_rows(rows: Iterable[Sequence[Any]]) -> dict[Key, Figures]:
-    """[(day, event_type, events, revenue)] -> cells; a day given as text or date, revenue None -> 0."""
+    """[(day, event_type, rows, events, revenue)] -> cells (without `rows`, 4 columns: one row per event); a day
+    given as text or date, revenue None -> 0."""
     out: dict[Key, Figures] = {}
-    for day, event_type, events, revenue in rows:
+    for row in rows:
+        day, event_type, *counts, revenue = row
+        events = int(counts[-1] or 0)
         key = (day if isinstance(day, date) else date.fromisoformat(str(day)[:10]), str(event_type))
-        figures = Figures(int(events or 0), float(revenue or 0))
+        figures = Figures(events, float(revenue or 0), int(counts[0] or 0) if len(counts) == 2 else events)
         if key in out:  # a store that returns a key twice: add up rather than lose a row
-            figures = Figures(out[key].events + figures.events, out[key].revenue + figures.revenue)
+            previous = out[key]
+            figures = Figures(
+                previous.events + figures.events, previous.revenue + figures.revenue, previous.rows + figures.rows
+            )
         out[key] = figures
     return out
 

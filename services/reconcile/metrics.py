@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to
 
 from .compare import Report, store_counts
 
-STATUSES = ("ok", "missing", "events", "revenue")
+STATUSES = ("ok", "missing", "events", "duplicates", "revenue")
 
 
 def build_registry(
@@ -41,8 +41,13 @@ def build_registry(
     if report is None:
         return registry
     gauge("lp_reconcile_agrees", "1 if the stores agree within the minimum consistency.").set(report.agrees)
-    gauge("lp_reconcile_consistency_ratio", "The lower of events and revenue consistency.").set(report.consistency)
+    gauge("lp_reconcile_consistency_ratio", "The lowest of events, rows and revenue consistency.").set(
+        report.consistency
+    )
     gauge("lp_reconcile_events_consistency_ratio", "Sum over cells of min/max events.").set(report.events_consistency)
+    gauge("lp_reconcile_rows_consistency_ratio", "Sum over cells of min events / max rows.").set(
+        report.rows_consistency
+    )
     gauge("lp_reconcile_revenue_consistency_ratio", "Sum over cells of agreed/max revenue.").set(
         report.revenue_consistency
     )
@@ -51,9 +56,13 @@ def build_registry(
     for status in STATUSES:
         cells.labels(status).set(sum(c.status == status for c in report.cells))
     events = gauge("lp_reconcile_events", "Distinct events in the window, per store.", ("store",))
+    rows = gauge("lp_reconcile_rows", "Rows in the window, per store (one per event when exact).", ("store",))
+    duplicates = gauge("lp_reconcile_duplicate_rows", "Rows beyond one per event in the window, per store.", ("store",))
     revenue = gauge("lp_reconcile_revenue", "Revenue (sum of amount) in the window, per store.", ("store",))
     for store, figures in report.totals().items():
         events.labels(store).set(figures.events)
+        rows.labels(store).set(figures.rows)
+        duplicates.labels(store).set(figures.duplicates)
         revenue.labels(store).set(round(figures.revenue, 2))
     short = gauge(
         "lp_reconcile_missing_events", "Per store: events fewer than the fullest store, summed over cells.", ("store",)

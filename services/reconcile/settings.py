@@ -74,6 +74,11 @@ class ReconcileSettings(BaseSettings):
     reconcile_snowflake_table: str = Field(
         "STAGING.EVENTS_CLEANED", pattern=_IDENTIFIER, description="[SCHEMA.]TABLE in SNOWFLAKE_DATABASE."
     )
+    reconcile_snowflake_raw_table: str = Field(
+        "RAW.USER_EVENTS",
+        pattern=rf"^$|{_IDENTIFIER}",
+        description="Its rows count too (the loader's landing table, where a duplicate lands first); empty: off.",
+    )
 
     @field_validator("reconcile_stores")
     @classmethod

@@ -36,6 +36,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
 from services.kit.exits import ExitCode
+from services.kit.reconnect import one_line
 from services.stores.iceberg import load_table
 from services.stores.snowflake import Warehouse
 
@@ -119,6 +120,7 @@ class Loader:
         self.catalog = catalog
         self.schemas = schemas_of(settings)
         self.crash = crash or _exit_process
+        self._failing: set[str] = set()  # tables whose last load failed
 
     # --- control ----------------------------------------------------------------------------------------------
     def last_load(self, table: str) -> tuple[int | None, lake.Offsets | None, dict[str, str]]:
@@ -254,8 +256,11 @@ class Loader:
             LOADED_SNAPSHOT_AGE.labels(table).set(snapshot.timestamp_ms / 1000)
 
     # --- every table ----------------------------------------------------------------------------------------------
-    def run_once(self, stop: Callable[[], bool] = lambda: False) -> list[TableLoad]:
-        """Load what is new in each configured table; a failing table does not stop the others."""
+    def run_once(
+        self, stop: Callable[[], bool] = lambda: False, progress: Callable[[], None] = lambda: None
+    ) -> list[TableLoad]:
+        """Load what is new in each configured table; a failing table does not stop the others. `progress` is
+        called after each table (the service's liveness beat)."""
         results = []
         for table in self.settings.table_names:
             if stop():
@@ -264,8 +269,16 @@ class Loader:
                 results.append(self.load_table(table))
             except Exception as error:
                 FAILURES.labels(table).inc()
-                log.exception("%s: load failed", table)
-                results.append(TableLoad(table, status="failed", error=f"{type(error).__name__}: {error}"))
+                # The traceback once per streak of failures; while the warehouse is away, one line per attempt.
+                if table in self._failing:
+                    log.error("%s: load failed again: %s", table, one_line(error))
+                else:
+                    log.exception("%s: load failed", table)
+                self._failing.add(table)
+                results.append(TableLoad(table, status="failed", error=one_line(error)))
+            else:
+                self._failing.discard(table)
+            progress()
         return results
 
 

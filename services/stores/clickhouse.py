@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.kit.config import Host, HttpUrl, Port
 from services.kit.dependencies import wait_for_tcp
 from services.kit.paths import repo_root
+from services.kit.reconnect import one_line
 
 from . import clickhouse_queries as queries
 
@@ -107,6 +108,11 @@ class ClickHouseClient(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def probe(self) -> str | None:
+        """A readiness check that may run beside the writer's calls (its own session): None when the store
+        answers. chDB runs inside the process: there is no session to lose, nothing to probe."""
+        return None
+
 
 def _literal(value: Any) -> str:
     if isinstance(value, bool):
@@ -167,6 +173,11 @@ class ChdbClient(ClickHouseClient):
 
 
 class NativeClient(ClickHouseClient):
+    """A server over the native protocol. A call that fails on the network (the server restarted, the connection
+    dropped or timed out) closes the connection, so the next call opens a new session: the caller's retry (the
+    sink runner's backoff with jitter) is the reconnect loop. `probe()` asks `SELECT 1` on a second connection
+    with short timeouts, so a hung server shows in /readyz while the writer waits."""
+
     kind = "native"
 
     def __init__(
@@ -195,19 +206,52 @@ class NativeClient(ClickHouseClient):
             )
         self.driver = driver
         self._decoder: Any = None
+        self._probe_options = {
+            "host": host,
+            "port": port,
+            "user": user,
+            "password": password,
+            "secure": secure,
+            "connect_timeout": connect_timeout_s,
+            "send_receive_timeout": connect_timeout_s,
+            "client_name": "lambda-pipeline-probe",
+        }
+        self._probe_driver: Any = None
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.driver.execute(*args, **kwargs)
+        except Exception as error:
+            if is_connection_error(error):
+                log.warning("clickhouse: the connection failed (%s): the next call opens a new one", one_line(error))
+                with contextlib.suppress(Exception):
+                    self.driver.disconnect()
+            raise
 
     def execute(self, sql: str) -> None:
-        self.driver.execute(sql)
+        self._call(sql)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        return [tuple(row) for row in self.driver.execute(sql)]
+        return [tuple(row) for row in self._call(sql)]
 
     def insert_arrow(self, sql: str, table: pa.Table, settings: Mapping[str, Any], structure: str) -> None:
         escaped = structure.replace("\\", "\\\\").replace("'", "\\'")
         columns = [python_column(table.column(i)) for i in range(table.num_columns)]
-        self.driver.execute(
-            sql.replace("{source}", f"input('{escaped}')"), columns, columnar=True, settings=dict(settings)
-        )
+        self._call(sql.replace("{source}", f"input('{escaped}')"), columns, columnar=True, settings=dict(settings))
+
+    def probe(self) -> str | None:
+        try:
+            if self._probe_driver is None:
+                from clickhouse_driver import Client
+
+                self._probe_driver = Client(**self._probe_options)
+            self._probe_driver.execute("SELECT 1")
+            return None
+        except Exception as error:
+            with contextlib.suppress(Exception):
+                self._probe_driver.disconnect()
+            self._probe_driver = None
+            return one_line(error)
 
     def decode_arrow(self, sql: str) -> pa.Table:
         if self._decoder is None:
@@ -218,8 +262,18 @@ class NativeClient(ClickHouseClient):
 
     def close(self) -> None:
         self.driver.disconnect()
+        if self._probe_driver is not None:
+            with contextlib.suppress(Exception):
+                self._probe_driver.disconnect()
         if self._decoder is not None:
             self._decoder.close()
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """A failure of the connection rather than of the statement (clickhouse-driver's network errors)."""
+    from clickhouse_driver import errors
+
+    return isinstance(error, errors.NetworkError | errors.SocketTimeoutError | EOFError | OSError | ConnectionError)
 
 
 def python_column(column: pa.ChunkedArray) -> list[Any]:

@@ -128,18 +128,43 @@ def counts(rows: Rows, db: str) -> Result:
 
 
 def daily(rows: Rows, db: str) -> Result:
-    """Distinct events and their revenue per UTC day of event time and event type (the reconciliation's input).
+    """Rows, distinct events and revenue per UTC day of event time and event type (the reconciliation's input).
 
-    FINAL collapses the copies of an event a replay may have left in unmerged parts (same event_id, same hour),
-    so each event counts once and its amount is summed once.
+    - events: distinct event_id; revenue: read with FINAL, which collapses the copies of an event in unmerged
+      parts, so each event's amount is summed once;
+    - rows: the rows without FINAL, or the count the activity view `user_activity_summary` holds when that is
+      more. The base table (ReplacingMergeTree) forgets a copy once its parts merge; the view, fed at insert
+      time, keeps counting it for good. Exactly one row per event makes all three equal.
     """
-    sql = (
-        f"SELECT event_date, event_type, count(), round(sum(amount), 2) FROM {db}.user_events_realtime FINAL "
-        "GROUP BY event_date, event_type ORDER BY event_date, event_type"
-    )
-    out = [[str(day), str(kind), int(events), float(revenue or 0)] for day, kind, events, revenue in rows(sql)]
+    counted = {
+        (str(day), str(kind)): (int(n), int(distinct))
+        for day, kind, n, distinct in rows(
+            f"SELECT event_date, event_type, count(), uniqExact(event_id) FROM {db}.user_events_realtime "
+            "GROUP BY event_date, event_type"
+        )
+    }
+    revenue = {
+        (str(day), str(kind)): float(total or 0)
+        for day, kind, total in rows(
+            f"SELECT event_date, event_type, round(sum(amount), 2) FROM {db}.user_events_realtime FINAL "
+            "GROUP BY event_date, event_type"
+        )
+    }
+    viewed = {
+        (str(day), str(kind)): int(n or 0)
+        for day, kind, n in rows(
+            f"SELECT date, event_type, sum(event_count) FROM {db}.user_activity_summary GROUP BY date, event_type"
+        )
+    }
+    out = []
+    for key in sorted(set(counted) | set(viewed)):
+        n, distinct = counted.get(key, (0, 0))
+        out.append([key[0], key[1], max(n, viewed.get(key, 0)), distinct, revenue.get(key, 0.0)])
     return Result(
-        "daily", "Events and revenue per day (UTC) and event type", ["day", "event_type", "events", "revenue"], out
+        "daily",
+        "Rows, events and revenue per day (UTC) and event type",
+        ["day", "event_type", "rows", "events", "revenue"],
+        out,
     )
 
 

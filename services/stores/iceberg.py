@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from services.kit.config import HttpUrl
 from services.kit.dependencies import url_address, url_shown, wait_for_tcp
 from services.kit.paths import repo_root
+from services.kit.reconnect import one_line
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ def catalog_properties(settings: CatalogSettings) -> dict[str, Any]:
         **s3_properties(settings),
     }
     if settings.iceberg_catalog == "sql":
-        props |= {"type": "sql", "uri": settings.sql_uri, "init_catalog_tables": "true"}
+        # pool_pre_ping: a pooled connection that a restarted database dropped is replaced before use, instead
+        # of failing the next commit or load (the REST catalog refreshes an expired token itself).
+        props |= {"type": "sql", "uri": settings.sql_uri, "init_catalog_tables": "true", "pool_pre_ping": "true"}
     else:
         props |= {"type": "rest", "uri": settings.iceberg_rest_uri}
         if settings.iceberg_rest_token:
@@ -245,6 +248,15 @@ def sql_catalog_tables_exist(uri: str) -> bool:
     finally:
         engine.dispose()
     return any(table in names for table in SQL_CATALOG_TABLES)
+
+
+def catalog_problem(catalog: Catalog) -> str | None:
+    """A readiness check: None when the catalog answers (lists its namespaces), else why not."""
+    try:
+        catalog.list_namespaces()
+    except Exception as error:
+        return one_line(error)
+    return None
 
 
 def identifier(settings: CatalogSettings, table: str) -> str:

@@ -7,9 +7,12 @@ read from files at connect time, so they never appear in a repr, a log line or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.config import Host, Port
 from services.kit.dependencies import wait_for_tcp
+from services.kit.health import Health
+from services.kit.reconnect import Backoff, one_line, reconnect
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +156,17 @@ def connect_kwargs(settings: SnowflakeSettings) -> dict[str, Any]:
 
 
 def quiet_connector() -> None:
-    """The connector logs every request at INFO and warns about the (newer) pyarrow on import: keep it to
-    warnings, unless LOG_LEVEL=DEBUG asks for everything (its own secret masking applies then)."""
+    """The connector logs every request at INFO, each network retry as a warning and each failed request as an
+    error with a traceback, and warns about the (newer) pyarrow on import. Its failures reach us as exceptions,
+    which the callers log in one line: keep the connector to critical messages, unless LOG_LEVEL=DEBUG asks for
+    everything (its own secret masking applies then). Its background threads (a query's cancel timer) that fail
+    on a lost warehouse are one warning line too, not a traceback on stderr."""
     warnings.filterwarnings("ignore", message=".*incompatible version of 'pyarrow'.*")
-    level = logging.DEBUG if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+    debug = logging.getLogger().level <= logging.DEBUG
     for name in ("snowflake.connector", "snowflake"):
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    if not debug and not getattr(threading.excepthook, "quiets_snowflake", False):
+        threading.excepthook = _quiet_connector_threads(threading.excepthook)
 
 
 def wait_for_warehouse(settings: SnowflakeSettings, timeout_s: float) -> None:
@@ -170,12 +180,31 @@ def wait_for_warehouse(settings: SnowflakeSettings, timeout_s: float) -> None:
     wait_for_tcp(variable, f"{host}:{port}", [(host, port)], timeout_s)
 
 
-def connect(settings: SnowflakeSettings) -> Any:
-    """An open connection with the database (and warehouse, role) selected."""
+def _quiet_connector_threads(
+    previous: Callable[[threading.ExceptHookArgs], Any],
+) -> Callable[[threading.ExceptHookArgs], Any]:
+    def hook(args: threading.ExceptHookArgs) -> Any:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if args.exc_value is not None and any("snowflake/connector" in frame.filename for frame in frames):
+            name = getattr(args.thread, "name", "?")
+            log.warning("snowflake connector thread %s: %s", name, one_line(args.exc_value))
+            return None
+        return previous(args)
+
+    hook.quiets_snowflake = True  # type: ignore[attr-defined]
+    return hook
+
+
+def connect(settings: SnowflakeSettings, timeout_s: int | None = None) -> Any:
+    """An open connection with the database (and warehouse, role) selected. `timeout_s` replaces the login and
+    network timeouts (a probe must not wait SNOWFLAKE_NETWORK_TIMEOUT_S for a hung warehouse)."""
     quiet_connector()
     import snowflake.connector
 
-    conn = snowflake.connector.connect(**connect_kwargs(settings))
+    kwargs = connect_kwargs(settings)
+    if timeout_s is not None:
+        kwargs |= {"login_timeout": timeout_s, "network_timeout": timeout_s}
+    conn = snowflake.connector.connect(**kwargs)
     log.info(
         "connected to Snowflake account %s as %s (database %s)",
         settings.snowflake_account,
@@ -186,12 +215,62 @@ def connect(settings: SnowflakeSettings) -> Any:
     return conn
 
 
-class Warehouse:
-    """A thin wrapper around one connection: execute, query, explicit transactions."""
+RECONNECT_BACKOFF = Backoff(initial_s=1.0, max_s=30.0)
 
-    def __init__(self, conn: Any) -> None:
+
+class Warehouse:
+    """A thin wrapper around one connection: execute, query, explicit transactions; and, when it knows how to
+    open a new one (`Warehouse.open`), `heal()` after a failure: a session the server no longer knows (it
+    restarted: every request then fails with 401; the token expired; the connection dropped) is replaced."""
+
+    def __init__(self, conn: Any, reopen: Callable[[], Any] | None = None) -> None:
         self.conn = conn
         self.cursor = conn.cursor()
+        self._reopen = reopen
+        # Run on every new session after the first (`heal`): what a session must have set up (schema, stage).
+        self.on_reconnect: list[Callable[[Warehouse], None]] = []
+
+    @classmethod
+    def open(cls, settings: SnowflakeSettings) -> Warehouse:
+        return cls(connect(settings), reopen=lambda: connect(settings))
+
+    def heal(
+        self,
+        *,
+        health: Health | None = None,
+        stopping: threading.Event | None = None,
+        backoff: Backoff = RECONNECT_BACKOFF,
+    ) -> bool:
+        """After a failed statement: True when the session was lost and a new one is open (with the
+        `on_reconnect` set-up done), False when the session still answers (the failure was something else).
+        Retries with backoff until a session opens or `stopping` is set (`ReconnectAborted`)."""
+        if self._reopen is None:
+            raise RuntimeError("this Warehouse was not opened with Warehouse.open: it cannot reconnect")
+        try:
+            self.query("SELECT 1")
+            return False
+        except Exception as error:
+            log.warning("snowflake: the session does not answer (%s): opening a new one", one_line(error))
+        self._drop()
+        reconnect(self._new_session, "snowflake", log=log, health=health, stopping=stopping, backoff=backoff)
+        return True
+
+    def _new_session(self) -> Warehouse:
+        assert self._reopen is not None
+        self.conn = self._reopen()
+        self.cursor = self.conn.cursor()
+        try:
+            for set_up in self.on_reconnect:
+                set_up(self)
+        except Exception:
+            self._drop()
+            raise
+        return self
+
+    def _drop(self) -> None:
+        """Close the current session, ignoring what a lost session answers (the server may not know it)."""
+        with contextlib.suppress(Exception):
+            self.close()
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         return self.cursor.execute(sql, params)
@@ -223,6 +302,32 @@ class Warehouse:
             self.cursor.close()
         finally:
             self.conn.close()
+
+
+class WarehouseProbe:
+    """A readiness check: `SELECT 1` on a session of its own (the loader's may be busy loading), opened with
+    `timeout_s` as login and network timeouts; after a failure the next probe opens a new session."""
+
+    def __init__(self, settings: SnowflakeSettings, timeout_s: int = 30) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._warehouse: Warehouse | None = None
+
+    def __call__(self) -> str | None:
+        try:
+            if self._warehouse is None:
+                self._warehouse = Warehouse(connect(self.settings, timeout_s=self.timeout_s))
+            self._warehouse.scalar("SELECT 1")
+            return None
+        except Exception as error:
+            self.close()
+            return one_line(error)
+
+    def close(self) -> None:
+        warehouse, self._warehouse = self._warehouse, None
+        if warehouse is not None:
+            with contextlib.suppress(Exception):
+                warehouse.close()
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.contracts.headers import TRACEPARENT
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
-from services.kit.health import Health, HealthServer
+from services.kit.health import Health, HealthServer, HealthSettings
 from services.kit.kafka import client_config, wait_for_broker
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
@@ -677,7 +677,7 @@ def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
         settings.otel_traces_file,
         settings.otel_sample_ratio,
     )
-    health = Health()
+    health = Health.from_settings(load_settings(HealthSettings))  # HEALTH_* as in every kit service
     http = HealthServer(health, settings.http_port).start()
     log.info(
         "consuming %s as group %s; health endpoint on :%d",

@@ -172,6 +172,7 @@ def test_the_three_stores_agree_on_the_same_events(loaded: Loaded, tmp_path: Pat
         cell = cells[key]
         assert cell["status"] == "ok", cell
         assert cell["events"] == {"clickhouse": events, "iceberg": events, "snowflake": events}, key
+        assert cell["rows"] == cell["events"], key  # exactly one row per event, in every store
         for store in ("clickhouse", "iceberg", "snowflake"):
             assert cell["revenue"][store] == pytest.approx(revenue, abs=0.01), (key, store)
     assert expected[next(k for k in expected if k[1] == "purchase")][1] > 0  # revenue is really compared
@@ -179,6 +180,10 @@ def test_the_three_stores_agree_on_the_same_events(loaded: Loaded, tmp_path: Pat
     assert "lp_reconcile_agrees 1.0" in text
     assert "lp_reconcile_consistency_ratio 1.0" in text
     assert f'lp_reconcile_events{{store="snowflake"}} {float(EVENTS)}' in text
+    assert report["totals"]["iceberg"]["rows"] == EVENTS and report["rows_consistency"] == 1.0
+    assert report["duplicate_rows"] == {"clickhouse": 0, "iceberg": 0, "snowflake": 0}
+    assert f'lp_reconcile_rows{{store="clickhouse"}} {float(EVENTS)}' in text
+    assert 'lp_reconcile_duplicate_rows{store="snowflake"} 0.0' in text
 
     # The table, and the same verdict with ClickHouse read from its folder once the sink is gone.
     loaded.stop_sink()
@@ -195,8 +200,8 @@ def test_the_three_stores_agree_on_the_same_events(loaded: Loaded, tmp_path: Pat
     assert runsummary.checks(result) == {runsummary.CHECK: True}
     lines = runsummary.summary_lines(result)
     assert (
-        lines[0]
-        == f"  reconcile clickhouse  {EVENTS} events, revenue {result['report']['totals']['clickhouse']['revenue']:.2f}"
+        lines[0] == f"  reconcile clickhouse  {EVENTS} events, {EVENTS} rows, "
+        f"revenue {result['report']['totals']['clickhouse']['revenue']:.2f}"
     )
     assert "verdict: AGREE" in lines[3] and len(lines) == 4
 
@@ -285,3 +290,36 @@ def test_an_unreachable_store_is_named_and_exits_2(loaded: Loaded) -> None:
     assert "store snowflake could not be read" in done.stderr
     bad = loaded.reconcile(RECONCILE_REVENUE_TOLERANCE="lots")
     assert bad.returncode == 2 and "RECONCILE_REVENUE_TOLERANCE" in bad.stderr
+
+
+def test_a_duplicate_row_in_one_store_disagrees_though_the_distinct_events_agree(loaded: Loaded) -> None:
+    """One event copied in Snowflake's RAW (what a re-emitted event became there): distinct ids still agree
+    everywhere, the rows do not, and that is DISAGREE (exit 1) with the store and the cell named."""
+    loaded.stop_sink()
+    days = sorted({date.fromisoformat(d) for d, _ in loaded.expected()})
+    day = days[len(days) // 2]  # a day the planted discrepancies above left alone
+    window = ("--since", day.isoformat(), "--until", day.isoformat())
+    before = loaded.reconcile(*window, "--json")
+    assert before.returncode == 0, before.stdout + before.stderr  # exact: rows agree as well
+    copied = next(r for r in loaded.records if r["event_time"].date() == day)
+    with open_warehouse(settings_from(SnowflakeSettings, loaded.env)) as warehouse:
+        warehouse.execute(
+            "INSERT INTO RAW.USER_EVENTS SELECT * FROM RAW.USER_EVENTS WHERE EVENT_ID = %(id)s",
+            {"id": copied["event_id"]},
+        )
+    done = loaded.reconcile(*window, "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["agrees"] is False and report["events_consistency"] == 1.0
+    assert report["duplicate_rows"] == {"clickhouse": 0, "iceberg": 0, "snowflake": 1}
+    (cell,) = [c for c in report["cells"] if c["status"] != "ok"]
+    assert (cell["day"], cell["event_type"], cell["status"], cell["stores"]) == (
+        day.isoformat(),
+        copied["event_type"],
+        "duplicates",
+        ["snowflake"],
+    )
+    assert cell["rows"]["snowflake"] == cell["events"]["snowflake"] + 1 == cell["rows"]["iceberg"] + 1
+    table = loaded.reconcile(*window)
+    assert table.returncode == 1
+    assert "verdict: DISAGREE" in table.stdout and "duplicate rows: snowflake 1" in table.stdout

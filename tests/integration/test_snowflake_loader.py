@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -34,6 +37,8 @@ from services.snowflake_loader.sql import attributes_hash, user_key
 from services.stack import LocalStack
 from services.stores.iceberg import CatalogSettings, load_table, open_catalog
 from services.stores.snowflake import Warehouse, connect
+from services.testing.net import free_port, http_status
+from services.testing.processes import kill, log_tails, start_module, stop, wait_for
 from services.testing.samples import START, processed_events, processed_transactions
 
 pytestmark = pytest.mark.integration
@@ -377,3 +382,154 @@ def test_new_snapshots_load_incrementally_and_a_tier_change_makes_scd2_rows(stac
             assert strip == [tuple(v for v in row if not str(v).startswith("user_events-")) for row in theirs[table]]
         else:
             assert ours[table] == theirs[table], table
+
+
+# --- sessions that heal: the warehouse restarts, the warehouse hangs ------------------------------------------------
+class OwnWarehouse:
+    """A fakesnow server of the test's own, persisting its databases to a folder: restarted or frozen here
+    without disturbing the session stack's."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.log = folder / "fakesnow.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = start_module(
+            "services.stack._fakesnow_server",
+            *("--host", "127.0.0.1", "--port", str(self.port), "--db-path", str(self.folder / "db")),
+            env={},
+            log_path=self.log,
+            append=True,
+        )
+        wait_for(lambda: tcp_open(self.port), 60, "fakesnow to listen", self.log, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+            stop(self.process, timeout=20)
+
+    def env(self) -> dict[str, str]:
+        return {"SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": str(self.port), "SNOWFLAKE_PROTOCOL": "http"}
+
+    def raw_rows(self, database: str) -> int | None:
+        """Rows in RAW.USER_EVENTS (None while the warehouse or the table is not there)."""
+        import snowflake.connector
+
+        try:
+            conn = snowflake.connector.connect(
+                account="test", user="test", password=PASSWORD, host="127.0.0.1", port=self.port,
+                protocol="http", database=database, login_timeout=5, network_timeout=5,
+            )  # fmt: skip
+        except Exception:
+            return None
+        try:
+            return int(Warehouse(conn).scalar("SELECT COUNT(*) FROM RAW.USER_EVENTS"))
+        except Exception:
+            return None
+        finally:
+            conn.close()
+
+
+def tcp_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def own_warehouse(tmp_path: Path) -> Iterator[OwnWarehouse]:
+    warehouse = OwnWarehouse(tmp_path)
+    warehouse.start()
+    yield warehouse
+    warehouse.stop()
+
+
+def start_loader(lake: Lake, warehouse: OwnWarehouse, database: str, log: Path, **extra: str) -> tuple[Any, int]:
+    port = free_port()
+    env = lake.loader_env(
+        database,
+        **warehouse.env(),
+        HTTP_PORT=str(port),
+        SNOWFLAKE_LOADER_INTERVAL_S="1",
+        SNOWFLAKE_LOADER_TABLES="user_events",
+        SNOWFLAKE_NETWORK_TIMEOUT_S="5",  # a statement to a stopped warehouse fails within about this
+        SNOWFLAKE_LOGIN_TIMEOUT_S="5",
+        **extra,
+    )
+    return start_module("services.snowflake_loader", "run", env=env, log_path=log), port
+
+
+def test_the_loader_reconnects_after_the_warehouse_restarts_and_catches_up_alone(
+    stack: LocalStack, own_warehouse: OwnWarehouse, tmp_path: Path
+) -> None:
+    lake = Lake(stack)
+    database = f"HEAL_{lake.name.upper()}"
+    lake.append("user_events", events(300, seed=31))
+    log = tmp_path / "loader.log"
+    loader, port = start_loader(lake, own_warehouse, database, log, HEALTH_PROBE_TIMEOUT_S="2")
+    try:
+        wait_for(lambda: "loaded batch" in log.read_text(), 180, "the first load", log, process=loader)
+        assert own_warehouse.raw_rows(database) == 300
+        wait_for(lambda: http_status(port, "/readyz", timeout=10) == 200, 60, "ready", log, process=loader)
+
+        own_warehouse.stop()  # the warehouse goes away; new data arrives meanwhile
+        lake.append("user_events", events(200, seed=32, start_minutes=30))
+        wait_for(lambda: http_status(port, "/readyz", timeout=10) == 503, 30, "/readyz 503", log, process=loader)
+        assert http_status(port, "/healthz", timeout=10) == 200  # down for less than the progress budget
+        wait_for(lambda: "reconnect attempt 1 failed" in log.read_text(), 120, "retries", log, process=loader)
+
+        own_warehouse.start()  # same port, same databases; every old session is unknown to it (401)
+        wait_for(lambda: own_warehouse.raw_rows(database) == 500, 180, "the catch-up", log, process=loader)
+        wait_for(lambda: http_status(port, "/readyz", timeout=10) == 200, 60, "ready again", log, process=loader)
+        assert loader.poll() is None  # the same process: no restart
+    finally:
+        code = stop(loader)
+    text = log.read_text()
+    assert code == ExitCode.OK, log_tails(log)
+    assert "snowflake: reconnected after" in text
+    lines = text.splitlines()
+    assert any("reconnect attempt 1 failed" in line for line in lines)
+    # One traceback per streak of failures at most (the first load that failed); every other failure, each
+    # reconnect attempt and the connector's own threads are one line each.
+    assert sum(line.endswith(": load failed") for line in lines) <= 1, text[-4000:]
+    assert "Exception in thread" not in text
+    for i, line in enumerate(lines[:-1]):
+        if "reconnect attempt" in line or "load failed again" in line or "does not answer" in line:
+            assert lines[i + 1][:4].isdigit(), lines[i : i + 3]  # the next line is the next record
+
+
+def test_a_hung_warehouse_turns_readyz_503_within_the_probe_timeout_then_healthz_after_the_budget(
+    stack: LocalStack, own_warehouse: OwnWarehouse, tmp_path: Path
+) -> None:
+    lake = Lake(stack)
+    database = f"HUNG_{lake.name.upper()}"
+    lake.append("user_events", events(50, seed=41))
+    log = tmp_path / "loader.log"
+    probe_timeout, budget = 2.0, 12.0
+    loader, port = start_loader(
+        lake,
+        own_warehouse,
+        database,
+        log,
+        HEALTH_PROBE_TIMEOUT_S=str(probe_timeout),
+        HEALTH_PROGRESS_BUDGET_S=str(budget),
+    )
+    assert own_warehouse.process is not None
+    try:
+        wait_for(lambda: own_warehouse.raw_rows(database) == 50, 180, "the first load", log, process=loader)
+        wait_for(lambda: http_status(port, "/readyz", timeout=10) == 200, 60, "ready", log, process=loader)
+        assert http_status(port, "/healthz", timeout=10) == 200
+
+        own_warehouse.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        frozen_at = time.monotonic()
+        started = time.monotonic()
+        assert http_status(port, "/readyz", timeout=10) == 503
+        assert time.monotonic() - started < probe_timeout + 1.5  # bounded by the probe timeout, not the network's
+        assert http_status(port, "/healthz", timeout=10) == 200  # not yet past the progress budget
+        wait_for(lambda: http_status(port, "/healthz", timeout=10) == 503, budget + 30, "/healthz 503", log)
+        assert time.monotonic() - frozen_at >= budget - 1
+    finally:
+        own_warehouse.process.send_signal(signal.SIGCONT)
+        kill(loader)

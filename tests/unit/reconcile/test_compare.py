@@ -118,17 +118,31 @@ def test_rows_table_and_json_show_every_store_and_absent_cells():
     del sf[(D2, "login")]
     report = three(same(), same(), sf)
     assert report.columns() == [
-        "day", "event_type", "clickhouse events", "clickhouse revenue", "iceberg events", "iceberg revenue",
-        "snowflake events", "snowflake revenue", "status",
+        "day", "event_type", "clickhouse events", "clickhouse rows", "clickhouse revenue", "iceberg events",
+        "iceberg rows", "iceberg revenue", "snowflake events", "snowflake rows", "snowflake revenue", "status",
     ]  # fmt: skip
     assert report.rows(only_differences=True) == [
-        ["2026-11-03", "login", 5, 0.0, 5, 0.0, None, None, "missing in snowflake (clickhouse=5, iceberg=5 events)"]
+        [
+            "2026-11-03",
+            "login",
+            5,
+            5,
+            0.0,
+            5,
+            5,
+            0.0,
+            None,
+            None,
+            None,
+            "missing in snowflake (clickhouse=5, iceberg=5 events)",
+        ]
     ]
     text = report.render()
     lines = text.splitlines()
     assert lines[0].startswith("day         event_type  clickhouse events")
     assert "2026-11-02  purchase" in text and "250.50" in text
     assert lines[-1].startswith("verdict: DISAGREE: consistency 99.5025%")
+    assert "rows 99.5025%" in lines[-1] and "duplicate rows" not in lines[-1]
     login = next(line for line in lines if "login" in line)
     assert " - " in login  # absent in snowflake
     body = report.as_dict()
@@ -137,13 +151,14 @@ def test_rows_table_and_json_show_every_store_and_absent_cells():
         "day": "2026-11-03",
         "event_type": "login",
         "events": {"clickhouse": 5, "iceberg": 5, "snowflake": None},
+        "rows": {"clickhouse": 5, "iceberg": 5, "snowflake": None},
         "revenue": {"clickhouse": 0.0, "iceberg": 0.0, "snowflake": None},
         "status": "missing",
         "stores": ["snowflake"],
         "detail": "missing in snowflake (clickhouse=5, iceberg=5 events)",
     }
     lines = report.summary_lines()
-    assert lines[0] == "  reconcile clickhouse  1005 events, revenue 250.50"
+    assert lines[0] == "  reconcile clickhouse  1005 events, 1005 rows, revenue 250.50"
     assert "verdict: DISAGREE" in lines[3] and "2026-11-03 login: missing in snowflake" in lines[4]
 
 
@@ -155,3 +170,27 @@ def test_rows_from_stores_take_text_or_dates_and_null_revenue():
 def test_render_table_aligns_numbers_right():
     text = render_table(["a", "n"], [["x", 5], ["long", 12345]])
     assert text.splitlines() == ["a     n", "----  -----", "x         5", "long  12345"]
+
+
+def test_a_duplicate_row_in_one_store_disagrees_whatever_the_consistency():
+    exact = three(same(), same(), same(), min_consistency=0.5)
+    assert exact.agrees and exact.rows_consistency == 1.0 and exact.duplicate_rows == dict.fromkeys(exact.stores, 0)
+    doubled = same()
+    doubled[(D1, "page_view")] = Figures(990, 0.0, rows=991)  # one event stored twice: distinct ids still agree
+    report = three(same(), doubled, same(), min_consistency=0.5)
+    assert report.events_consistency == 1.0 and report.rows_consistency < 1.0
+    assert report.consistency >= 0.5 and not report.agrees  # any duplicate row is DISAGREE
+    assert report.duplicate_rows == {"clickhouse": 0, "iceberg": 1, "snowflake": 0}
+    (cell,) = report.differing
+    assert (cell.status, cell.stores) == ("duplicates", ("iceberg",))
+    assert cell.detail == "duplicate rows iceberg=991 rows of 990 events"
+    assert "DISAGREE" in report.verdict() and "duplicate rows: iceberg 1" in report.verdict()
+    body = report.as_dict()
+    assert body["totals"]["iceberg"] == {"events": 1005, "rows": 1006, "revenue": 250.5}
+    assert body["duplicate_rows"]["iceberg"] == 1
+    assert any("differs" in line and "duplicate rows" in line for line in report.summary_lines())
+
+
+def test_cells_from_rows_take_rows_and_distinct_events():
+    cells = cells_from_rows([("2026-11-02", "login", 5, 4, None), ("2026-11-02", "login", 1, 1, 0)])
+    assert cells == {(D1, "login"): Figures(5, 0.0, rows=6)}

@@ -24,8 +24,8 @@ def test_a_report_gives_totals_verdict_and_differing_cells():
     result = {"exit_code": 1, "report": report.as_dict()}
     assert runsummary.checks(result) == {runsummary.CHECK: False}
     assert runsummary.summary_lines(result) == [
-        "  reconcile clickhouse  2 events, revenue 0.00",
-        "  reconcile iceberg     3 events, revenue 0.00",
+        "  reconcile clickhouse  2 events, 2 rows, revenue 0.00",
+        "  reconcile iceberg     3 events, 3 rows, revenue 0.00",
         f"  reconcile {report.verdict()}",
         "    differs       2026-11-02 login: events clickhouse=2, iceberg=3",
     ]

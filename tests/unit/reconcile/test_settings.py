@@ -71,12 +71,28 @@ def test_bad_arguments_raise_config_errors_before_any_store_is_read():
 
 
 def test_the_snowflake_query_groups_distinct_events_inside_the_window():
-    sql, params = snowflake_sql("STAGING.EVENTS_CLEANED", Window(date(2026, 11, 2), date(2026, 11, 3)))
+    sql, params = snowflake_sql("STAGING.EVENTS_CLEANED", Window(date(2026, 11, 2), date(2026, 11, 3)), "RAW.E")
     assert "FROM STAGING.EVENTS_CLEANED WHERE EVENT_DATE >= %(since)s AND EVENT_DATE <= %(until)s" in sql
-    assert "QUALIFY ROW_NUMBER() OVER (PARTITION BY EVENT_ID" in sql
+    assert "FROM RAW.E WHERE EVENT_DATE >= %(since)s AND EVENT_DATE <= %(until)s" in sql
     assert params == {"since": date(2026, 11, 2), "until": date(2026, 11, 3)}
     open_sql, open_params = snowflake_sql("T", Window())
     assert "WHERE" not in open_sql and open_params == {}
+
+
+def test_the_snowflake_query_counts_rows_of_both_tables_and_each_event_once():
+    import duckdb
+
+    day = date(2026, 11, 2)
+    with duckdb.connect() as con:
+        for table in ("staged", "raw"):
+            con.execute(f"CREATE TABLE {table} (EVENT_ID VARCHAR, EVENT_DATE DATE, EVENT_TYPE VARCHAR, AMOUNT DOUBLE)")
+        con.execute("INSERT INTO staged VALUES ('a', ?, 'purchase', 2.5), ('b', ?, 'purchase', 1.0)", [day, day])
+        # RAW holds a second copy of a: the staged table merged it away, the rows still count it.
+        con.execute("INSERT INTO raw SELECT * FROM staged UNION ALL SELECT * FROM staged WHERE EVENT_ID = 'a'")
+        assert con.execute(snowflake_sql("staged", Window(), "raw")[0]).fetchall() == [(day, "purchase", 3, 2, 3.5)]
+        assert con.execute(snowflake_sql("staged", Window())[0]).fetchall() == [(day, "purchase", 2, 2, 3.5)]
+        con.execute("INSERT INTO staged SELECT * FROM staged WHERE EVENT_ID = 'b'")  # a copy in the table itself
+        assert con.execute(snowflake_sql("staged", Window(), "raw")[0]).fetchall() == [(day, "purchase", 3, 2, 3.5)]
 
 
 def test_the_iceberg_filter_is_on_event_time_so_day_partitions_prune():
