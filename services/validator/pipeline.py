@@ -216,16 +216,7 @@ class TransactionProcessor:
         try:
             change = parse_envelope(message.value, "transactions")
         except CdcFormatError as error:
-            dead = rejections.from_exception(
-                message,
-                error.code,
-                error,
-                stage=Stage.DECODE,
-                now=now,
-                topic=dead_topic,
-                max_record_bytes=self.max_record_bytes,
-            )
-            return [_dead(dead)]
+            return [self._refused(message, error.code, error, Stage.DECODE, now)]
         if change is None:
             return []  # the tombstone after a delete: the delete envelope already said everything
         row = self.engine.canonical(change.row, "transaction")
@@ -252,17 +243,21 @@ class TransactionProcessor:
                 value = self.serialize_status(history)
                 outputs.append(Output(Route.STATUS_HISTORY, self.topics.status_history, key, value, headers))
         except (ValueError, TypeError, OverflowError) as error:
-            dead = rejections.from_exception(
-                message,
-                rejections.OUTPUT_CONTRACT,
-                error,
-                stage=Stage.ENRICH,
-                now=now,
-                topic=dead_topic,
-                max_record_bytes=self.max_record_bytes,
-            )
-            return [_dead(dead)]
+            return [self._refused(message, rejections.OUTPUT_CONTRACT, error, Stage.ENRICH, now)]
         return outputs
+
+    def _refused(self, message: OriginalMessage, code: str, error: Exception, stage: Stage, now: datetime) -> Output:
+        """A transaction change refused outside the rules (bad envelope, output contract), as its dead letter."""
+        dead = rejections.from_exception(
+            message,
+            code,
+            error,
+            stage=stage,
+            now=now,
+            topic=self.topics.transactions_dead_letter,
+            max_record_bytes=self.max_record_bytes,
+        )
+        return _dead(dead)
 
 
 def apply_reference(
