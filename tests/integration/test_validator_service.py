@@ -30,7 +30,7 @@ from services.generator.bad_events import BAD_KINDS, BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.kit.kafka import scan_topic
-from services.testing.net import free_port, http_status
+from services.testing.net import free_port, http_status, metric_totals
 from services.testing.processes import run_module, start_module, stop, wait_for
 from services.validator.cdc import make_envelope
 
@@ -566,29 +566,39 @@ def test_hostile_ids_and_1_mb_payloads_are_dead_lettered_at_the_validator_with_t
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(stack, validator_env: dict[str, str], tmp_path: Path) -> None:
     """SIGKILL while a load is processed, restart with the same group: every event processed (at least once),
-    and the restarted worker still knows every user and product (none wrongly dead-lettered as unknown)."""
+    and the restarted worker still knows every user and product (none wrongly dead-lettered as unknown).
+
+    The load is in the log before the worker starts, and the kill follows the worker's own record counter
+    (polled every 20 ms), so the kill always lands with most of the backlog unprocessed, however fast or
+    loaded the machine: scanning the output topic to decide when to kill took long enough under load for
+    the worker to finish first."""
     bootstrap = stack.bootstrap_servers
     log_path = tmp_path / "validator.log"
     seed = int(uuid.uuid4().int % 1_000_000)
     sim = Simulation(seed, n_users=300, n_products=100, start_time=datetime.now(UTC))
     seed_references(bootstrap, sim)
-    process = start_validator(validator_env, log_path)
     serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     ids: set[str] = set()
-    for _ in range(15_000):
+    for _ in range(40_000):
         event = sim.next_event(datetime.now(UTC))
         test_id = uuid.uuid4().hex
         ids.add(test_id)
         producer.produce("events.raw", serialize(event.to_record()), event.key, headers=[(TEST_ID, test_id.encode())])
         producer.poll(0)
     assert producer.flush(60) == 0
+    port = int(validator_env["HTTP_PORT"])
+
+    def records_done() -> float:
+        return metric_totals(port).get("lp_validator_runtime_records_total", 0.0)
 
     def processed_ids() -> Counter[str]:
         return Counter(headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "events.processed", ids))
 
+    process = start_validator(validator_env, log_path)
     try:
-        wait_for(lambda: len(processed_ids()) >= 1500, 120, "the first events to be processed", log_path)
+        # the 400 users and products of seed_references count too: 2,000 means events are being processed
+        wait_for(lambda: records_done() >= 2_000, 120, "the first events to be processed", log_path, poll_s=0.02)
         process.kill()
         process.wait(10)
         assert len(processed_ids()) < len(ids), "all processed before the kill: the test proves nothing"
