@@ -22,6 +22,18 @@ from typing import Any
 import kmock
 
 
+class _NamingEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus ``metadata.generateName`` (kopf names its Events so): a created object without a
+    name gets the prefix and a random suffix, as the API server does, instead of colliding on name None."""
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            metadata = request.data.setdefault("metadata", {})
+            if not metadata.get("name") and metadata.get("generateName"):
+                metadata["name"] = f"{metadata['generateName']}{uuid.uuid4().hex[:10]}"
+        return await super()._handle(request)
+
+
 class KubeEmulator:
     """``with KubeEmulator(resources) as kube:``; ``resources`` maps "group/version/plural" to (kind, namespaced,
     subresources)."""
@@ -31,7 +43,7 @@ class KubeEmulator:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kmock", daemon=True)
         self._stack = contextlib.AsyncExitStack()
-        self.handler: kmock.KubernetesEmulator | None = None
+        self.handler: _NamingEmulator | None = None
         self.url = ""
         self._clock = 0
 
@@ -46,7 +58,7 @@ class KubeEmulator:
         self._thread.join(timeout=10)
 
     async def _start(self) -> None:
-        handler = await self._stack.enter_async_context(kmock.KubernetesEmulator())
+        handler = await self._stack.enter_async_context(_NamingEmulator())
         for key, (kind, namespaced, subresources) in self.resources.items():
             handler.resources[key] = kmock.ResourceInfo(
                 kind=kind,
