@@ -1,8 +1,9 @@
 """A Kubernetes API for tests: kmock's emulator served on a free port from a thread of its own, with a small
 synchronous client (what ``kubectl`` would do) and a kubeconfig that points there.
 
-kmock keeps objects in memory and merges patches; it never bumps ``resourceVersion`` or ``generation`` and does
-not stamp ``creationTimestamp`` or ``uid``, so ``create`` and ``patch_spec`` stamp those as the API server would.
+kmock keeps objects in memory and merges patches; it does not stamp ``resourceVersion``, ``generation``,
+``creationTimestamp``, ``uid`` or generated names: the emulator below and ``create``/``patch_spec`` do, as the
+API server would.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import threading
 import urllib.error
@@ -19,18 +21,32 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import kmock
 
 
+@attrs.define(kw_only=True)
 class _NamingEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus ``metadata.generateName`` (kopf names its Events so): a created object without a
-    name gets the prefix and a random suffix, as the API server does, instead of colliding on name None."""
+    """kmock's emulator plus two things an API server does and kopf relies on:
+
+    - ``metadata.generateName`` (kopf names its Events so): a created object without a name gets the prefix and
+      a random suffix, instead of every Event colliding on name None;
+    - ``metadata.resourceVersion`` changes on every write, so kopf tells its own patches' echoes from stale events
+      (without it, kopf may act on a stale body and handle one creation twice).
+    """
+
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(2), init=False)  # type: ignore[type-arg]
 
     async def _handle(self, request: kmock.Request) -> Any:
-        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
-            metadata = request.data.setdefault("metadata", {})
-            if not metadata.get("name") and metadata.get("generateName"):
-                metadata["name"] = f"{metadata['generateName']}{uuid.uuid4().hex[:10]}"
+        if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            version = str(next(self._versions))
+            if isinstance(request.data, dict):
+                metadata = request.data.setdefault("metadata", {})
+                if request.action == kmock.action.CREATE and not metadata.get("name") and metadata.get("generateName"):
+                    metadata["name"] = f"{metadata['generateName']}{uuid.uuid4().hex[:10]}"
+                metadata["resourceVersion"] = version
+            elif isinstance(request.data, list):  # a JSON patch
+                request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
         return await super()._handle(request)
 
 
@@ -114,7 +130,6 @@ class KubeEmulator:
         metadata.setdefault("uid", str(uuid.uuid4()))
         metadata.setdefault("creationTimestamp", created.strftime("%Y-%m-%dT%H:%M:%SZ"))
         metadata.setdefault("generation", 1)
-        metadata.setdefault("resourceVersion", "1")  # kmock never changes it; kopf's JSON patches test it
         return self.request("POST", self.path(api, namespace, plural), document)
 
     def get(self, api: str, plural: str, namespace: str, name: str) -> Any:
