@@ -10,12 +10,8 @@ from typing import Any, Literal
 
 from confluent_kafka.admin import AdminClient
 
-from services.declarations.registry import (
-    SCHEMAS_TOPIC_SPEC,
-    KafkaSchemaStore,
-    SchemaIncompatibleError,
-    SchemaStoreError,
-)
+from services.contracts.schema_store import SchemaStoreError
+from services.declarations.registry import SCHEMAS_TOPIC_SPEC, KafkaSchemaStore, SchemaIncompatibleError
 from services.declarations.resources import KIND_SCHEMA, KIND_TOPIC, Declarations, load_declarations
 from services.declarations.topics import TopicResult, reconcile_topics
 

@@ -1,12 +1,9 @@
 """A registry-less schema store: every schema version is a record in the Kafka topic ``_lp_schemas``.
 
-One partition keeps a total order; key = subject, value = JSON
-``{subject, version, schema, fingerprint, compatibility, registered_at}``. The topic must keep records
-forever and must NOT be compacted (compaction would keep only the latest version of each subject and
-lose the history that transitive checks need).
-
-Reading never trusts watermarks (Tansu's ListOffsets "latest" is wrong): the store assigns the partition
-without a consumer group, from the beginning, and reads until librdkafka reports partition EOF.
+The record format, the reader and the consumers' resolver are in ``services.contracts.schema_store`` (the wire
+contract every consumer may read); this module writes. The topic must keep records forever and must NOT be
+compacted (compaction would keep only the latest version of each subject and lose the history that transitive
+checks need).
 
 Writes assume a single writer at a time (the operator, or local mode at start), which is what the
 deployment guarantees; the version number is the subject's history length + 1.
@@ -15,20 +12,18 @@ deployment guarantees; the version number is the subject's history length + 1.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import fastavro
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, Producer
 
+from services.contracts.schema_store import SCHEMAS_TOPIC, SchemaStoreError, SchemaVersion, read_schema_versions
 from services.declarations.avro_compat import Compatibility, Incompatibility, check_compatibility
 from services.declarations.resources import TopicSpec
 
-SCHEMAS_TOPIC = "_lp_schemas"
 SCHEMAS_TOPIC_SPEC = TopicSpec(
     name="lp-schemas",
     topic_name=SCHEMAS_TOPIC,
@@ -46,35 +41,6 @@ class SchemaIncompatibleError(Exception):
         self.subject, self.mode, self.problems = subject, mode, problems
         reasons = "\n  ".join(str(problem) for problem in problems)
         super().__init__(f"schema for subject {subject!r} is not {mode.value} compatible:\n  {reasons}")
-
-
-class SchemaStoreError(Exception):
-    """The store could not be read or written (broker unreachable, timeout, corrupt record)."""
-
-
-@dataclass(frozen=True)
-class SchemaVersion:
-    subject: str
-    version: int
-    schema: dict[str, Any]
-    fingerprint: str  # CRC-64-AVRO of the Parsing Canonical Form, hex
-    compatibility: str
-    registered_at: str  # ISO-8601 UTC
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, payload: bytes) -> SchemaVersion:
-        data = json.loads(payload)
-        return cls(
-            subject=data["subject"],
-            version=int(data["version"]),
-            schema=data["schema"],
-            fingerprint=data["fingerprint"],
-            compatibility=data["compatibility"],
-            registered_at=data["registered_at"],
-        )
 
 
 @dataclass(frozen=True)
@@ -122,49 +88,7 @@ class KafkaSchemaStore:
 
     def read_all(self) -> dict[str, list[SchemaVersion]]:
         """Every subject's versions, oldest first, read from the beginning of the topic to its end."""
-        if not self._topic_exists():
-            return {}
-        consumer = Consumer(
-            {
-                **self._client_config,
-                # Required by the client but unused: assign() fetches without joining or committing.
-                "group.id": "lp-schema-store-reader",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                # At the end of the log a fetch waits this long for new data before EOF is reported.
-                "fetch.wait.max.ms": 50,
-            }
-        )
-        history: dict[str, list[SchemaVersion]] = {}
-        deadline = time.monotonic() + self.timeout
-        try:
-            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            while True:
-                if time.monotonic() > deadline:
-                    raise SchemaStoreError(f"timed out reading {self.topic} to its end after {self.timeout}s")
-                message = consumer.poll(0.5)
-                if message is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        break
-                    if error.retriable():
-                        continue
-                    raise SchemaStoreError(f"reading {self.topic}: {error}")
-                if message.value() is None:
-                    continue  # tombstone: never written by the store, tolerated
-                try:
-                    version = SchemaVersion.from_json(message.value())
-                except (ValueError, KeyError, TypeError) as decode_error:
-                    raise SchemaStoreError(
-                        f"{self.topic} offset {message.offset()}: unreadable record: {decode_error}"
-                    ) from decode_error
-                history.setdefault(version.subject, []).append(version)
-        finally:
-            consumer.close()
-        return history
+        return read_schema_versions(self._client_config, topic=self.topic, timeout=self.timeout)
 
     def versions(self, subject: str) -> list[SchemaVersion]:
         return self.read_all().get(subject, [])
@@ -218,16 +142,6 @@ class KafkaSchemaStore:
         if pending or delivery_errors:
             reason = delivery_errors[0] if delivery_errors else f"not delivered within {self.timeout}s"
             raise SchemaStoreError(f"writing {record.subject} v{record.version} to {self.topic}: {reason}")
-
-    def _topic_exists(self) -> bool:
-        admin = AdminClient(self._client_config)
-        try:
-            # All topics, not list_topics(topic=...): a named metadata request may auto-create the topic.
-            metadata = admin.list_topics(timeout=self.timeout)
-        except KafkaException as error:
-            raise SchemaStoreError(f"cannot reach Kafka at {self.bootstrap_servers}: {error}") from error
-        topic = metadata.topics.get(self.topic)
-        return topic is not None and topic.error is None and bool(topic.partitions)
 
 
 def _plain(schema: Any) -> Any:

@@ -39,6 +39,10 @@ _MAX_PARTITIONS = 10_000
 VALUE_ENCODING_AVRO = "avro-single-object"
 VALUE_ENCODING_JSON = "json"
 VALUE_ENCODINGS = (VALUE_ENCODING_AVRO, VALUE_ENCODING_JSON)
+# What the operator does to the Kafka topic when its KafkaTopic is deleted (local apply never deletes).
+DELETION_RETAIN = "Retain"
+DELETION_DELETE = "Delete"
+DELETION_POLICIES = (DELETION_RETAIN, DELETION_DELETE)
 
 
 class DeclarationError(ValueError):
@@ -73,6 +77,7 @@ class TopicSpec:
     namespace: str | None = None
     origin: Path | None = None
     value_encoding: str = VALUE_ENCODING_AVRO
+    deletion_policy: str = DELETION_RETAIN
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> To
             "valueSchema",
             "valueEncoding",
             "description",
+            "deletionPolicy",
         }
     )
     topic_name = checker.string("topicName", required=True, pattern=_TOPIC_NAME_RE)
@@ -228,6 +234,9 @@ def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> To
     value_encoding = checker.string("valueEncoding", required=False) or VALUE_ENCODING_AVRO
     if value_encoding not in VALUE_ENCODINGS:
         checker.fail("valueEncoding", f"{value_encoding!r} is not one of {list(VALUE_ENCODINGS)}")
+    deletion_policy = checker.string("deletionPolicy", required=False) or DELETION_RETAIN
+    if deletion_policy not in DELETION_POLICIES:
+        checker.fail("deletionPolicy", f"{deletion_policy!r} is not one of {list(DELETION_POLICIES)}")
     if topic_name is None or partitions is None or replication_factor is None:
         return None
     return TopicSpec(
@@ -242,6 +251,7 @@ def _topic(checker: _SpecChecker, name: Any, namespace: Any, origin: Path) -> To
         namespace=namespace,
         origin=origin,
         value_encoding=value_encoding,
+        deletion_policy=deletion_policy,
     )
 
 

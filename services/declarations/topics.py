@@ -1,15 +1,17 @@
 """Reconcile declared KafkaTopics with a Kafka cluster through confluent-kafka's AdminClient.
 
 Idempotent: missing topics are created with their partitions, replication factor and configs; existing
-ones get their declared configs set (and configs that were set on the topic but are no longer declared
-reset to the broker default, because the declaration is authoritative). Partitions can only grow: an
-increase goes through CreatePartitions (which some brokers, e.g. Tansu, do not support: that is
-reported as an error, never ignored); a decrease is refused because Kafka cannot do it.
+ones get their declared configs set. Configs set on the topic but not declared are reset to the broker
+default when the declaration is authoritative (local apply); the operator passes ``owned_configs`` instead,
+so only keys it applied before and no longer declares are reset, and keys other tools set stay theirs.
+Partitions can only grow: an increase goes through CreatePartitions (which some brokers, e.g. Tansu, do not
+support: that is reported as an error, never ignored); a decrease, or a replication-factor change, is
+refused (``TopicResult.unsupported``) because Kafka cannot do it in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +39,10 @@ class TopicResult:
     action: Action
     message: str = ""
     partitions: int | None = None  # what the topic has after reconciling, when known
+    # Declared changes Kafka cannot make (partition decrease, replication-factor change): the spec must change,
+    # retrying cannot help. Also part of ``message``; the other errors are the broker's (retry).
+    unsupported: tuple[str, ...] = ()
+    changes: tuple[str, ...] = ()  # what was changed, one entry per partition count or config key
 
     @property
     def ok(self) -> bool:
@@ -49,12 +55,21 @@ class _Outcome:
 
     changes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
 
     def result(self, topic: str, partitions: int | None) -> TopicResult:
-        if self.errors:
-            return TopicResult(topic, "error", "; ".join(self.errors + self.changes), partitions)
+        problems = self.unsupported + self.errors
+        if problems:
+            return TopicResult(
+                topic,
+                "error",
+                "; ".join(problems + self.changes),
+                partitions,
+                unsupported=tuple(self.unsupported),
+                changes=tuple(self.changes),
+            )
         action: Action = "updated" if self.changes else "unchanged"
-        return TopicResult(topic, action, "; ".join(self.changes), partitions)
+        return TopicResult(topic, action, "; ".join(self.changes), partitions, changes=tuple(self.changes))
 
 
 def reconcile_topics(
@@ -63,12 +78,14 @@ def reconcile_topics(
     *,
     timeout: float = 30.0,
     cap_replication_factor: bool = False,
+    owned_configs: Mapping[str, Collection[str]] | None = None,
 ) -> list[TopicResult]:
     """Bring every topic in ``topics`` to its declared state; one result per topic, in order.
 
     ``cap_replication_factor`` lowers the replication factor to the number of live brokers (for
     single-broker dev clusters, where the production factor of 3 cannot be met); off in production,
-    where a missing broker must not silently reduce durability.
+    where a missing broker must not silently reduce durability. ``owned_configs`` (topic name -> keys)
+    limits the reset of undeclared configs to those keys; None resets every undeclared topic-level config.
     """
     try:
         metadata = admin.list_topics(timeout=timeout)
@@ -117,7 +134,8 @@ def reconcile_topics(
         outcome = _Outcome()
         partitions = _reconcile_partitions(admin, spec, len(topic_metadata.partitions), outcome, timeout)
         _check_replication(spec, topic_metadata, wanted_rf[spec.topic_name], outcome)
-        _reconcile_configs(admin, spec, configs.get(spec.topic_name), outcome, timeout)
+        owned = None if owned_configs is None else owned_configs.get(spec.topic_name, ())
+        _reconcile_configs(admin, spec, configs.get(spec.topic_name), outcome, timeout, owned)
         results[spec.topic_name] = outcome.result(spec.topic_name, partitions)
     return [results[spec.topic_name] for spec in topics]
 
@@ -126,7 +144,7 @@ def _reconcile_partitions(admin: AdminClient, spec: TopicSpec, actual: int, outc
     if spec.partitions == actual:
         return actual
     if spec.partitions < actual:
-        outcome.errors.append(
+        outcome.unsupported.append(
             f"cannot decrease partitions from {actual} to {spec.partitions}: Kafka does not support it "
             "(declare a new topic and migrate, or restore the count)"
         )
@@ -154,14 +172,19 @@ def _check_replication(spec: TopicSpec, topic_metadata: Any, wanted: int, outcom
     acceptable = range(wanted, spec.replication_factor + 1)
     if all(count in acceptable for count in replica_counts):
         return
-    outcome.errors.append(
+    outcome.unsupported.append(
         f"replication factor is {max(replica_counts)}, declared {wanted}: changing it needs a partition "
         "reassignment, which is not automated"
     )
 
 
 def _reconcile_configs(
-    admin: AdminClient, spec: TopicSpec, current: dict[str, ConfigEntry] | None, outcome: _Outcome, timeout: float
+    admin: AdminClient,
+    spec: TopicSpec,
+    current: dict[str, ConfigEntry] | None,
+    outcome: _Outcome,
+    timeout: float,
+    owned: Collection[str] | None = None,
 ) -> None:
     if current is None:
         outcome.errors.append("cannot describe the topic's configs")
@@ -177,7 +200,9 @@ def _reconcile_configs(
             entries.append(ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET))
     for key, entry in sorted(current.items()):
         # Only configs set on this topic; broker defaults and broker-wide settings are not ours to reset.
-        if key not in spec.config and entry.source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value:
+        if key in spec.config or entry.source != ConfigSource.DYNAMIC_TOPIC_CONFIG.value:
+            continue
+        if owned is None or key in owned:
             outcome.changes.append(f"{key}: {entry.value} -> broker default (no longer declared)")
             entries.append(ConfigEntry(key, None, incremental_operation=AlterConfigOpType.DELETE))
     if not entries:

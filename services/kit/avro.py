@@ -5,6 +5,11 @@ Payloads use Avro *single-object encoding* (spec 1.9+): two marker bytes `C3 01`
 so a reader can resolve old versions against the current contract, and a record written with an unknown schema
 is told apart from a truncated or garbage one. Decoding never raises on bad data: it returns `Decoded` or
 `DecodeError`, so a dead-letter queue is just the error route.
+
+A writer schema the files do not have (a producer already on v2 while this consumer still has v1) is asked of the
+repository's `resolver`, e.g. `services.contracts.schema_store.StoreWriterResolver` over the `_lp_schemas` topic.
+A resolver that cannot reach its store raises `SchemaStoreUnavailable`: decoding raises it too, because that is
+the consumer's problem to retry, not the record's fault, and must never become a dead letter.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -53,22 +59,44 @@ class Schema:
         return MAGIC + _FINGERPRINT.pack(self.fingerprint)
 
 
-class SchemaRepository:
-    """The contracts in `schemas/avro/`: current version per subject, plus any known older writer versions."""
+class SchemaStoreUnavailable(ConnectionError):
+    """The schema store could not be asked for a writer schema: retry the record later, never dead-letter it."""
 
-    def __init__(self, schemas: Iterable[Schema] = ()) -> None:
+
+@dataclass(frozen=True)
+class WriterSchema:
+    """A writer schema found by a resolver: its subject and its Avro definition."""
+
+    subject: str
+    definition: Mapping[str, Any]
+
+
+WriterResolver = Callable[[int], WriterSchema | None]
+"""Fingerprint -> the writer schema, None when unknown; raises `SchemaStoreUnavailable` when it cannot tell."""
+
+
+class SchemaRepository:
+    """The contracts in `schemas/avro/`: current version per subject, plus any known older writer versions, plus
+    (with a `resolver`) writer versions looked up by fingerprint, at most `max_resolved` of them kept."""
+
+    def __init__(
+        self, schemas: Iterable[Schema] = (), *, resolver: WriterResolver | None = None, max_resolved: int = 256
+    ) -> None:
         self.current: dict[str, Schema] = {}
         self.by_fingerprint: dict[int, Schema] = {}
+        self.resolver = resolver
+        self.max_resolved = max_resolved
+        self._resolved: OrderedDict[int, Schema] = OrderedDict()
         for schema in schemas:
             self.add(schema)
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> SchemaRepository:
+    def load(cls, directory: Path | None = None, *, resolver: WriterResolver | None = None) -> SchemaRepository:
         directory = directory or avro_schema_dir()
         files = sorted(directory.glob("*.avsc"))
         if not files:
             raise FileNotFoundError(f"no Avro schemas (*.avsc) in {directory}")
-        repo = cls()
+        repo = cls(resolver=resolver)
         for path in files:
             try:
                 repo.add(Schema.from_definition(path.stem, json.loads(path.read_text())))
@@ -84,6 +112,29 @@ class SchemaRepository:
     def add_writer_version(self, name: str, definition: Mapping[str, Any]) -> None:
         """Register an older version that readers of `name` must still decode (from the schema registry)."""
         self.add(Schema.from_definition(name, definition), current=False)
+
+    def writer(self, fingerprint: int) -> Schema | None:
+        """The writer schema of `fingerprint`: a known one, else the resolver's answer (cached, bounded).
+        Raises `SchemaStoreUnavailable` when the resolver cannot reach its store."""
+        known = self.by_fingerprint.get(fingerprint)
+        if known is not None:
+            return known
+        resolved = self._resolved.get(fingerprint)
+        if resolved is not None:
+            self._resolved.move_to_end(fingerprint)
+            return resolved
+        if self.resolver is None:
+            return None
+        found = self.resolver(fingerprint)
+        if found is None:
+            return None
+        schema = Schema.from_definition(found.subject, found.definition)
+        if schema.fingerprint != fingerprint:
+            return None  # the store's record does not hash to what it claims: not this writer
+        self._resolved[fingerprint] = schema
+        while len(self._resolved) > self.max_resolved:
+            self._resolved.popitem(last=False)
+        return schema
 
     def __getitem__(self, name: str) -> Schema:
         try:
@@ -157,7 +208,8 @@ class AvroDeserializer:
 
     def writer_of(self, payload: bytes | None) -> Schema | DecodeError:
         """The cheap part of decoding: size, single-object marker, writer schema known and of this subject.
-        Sinks that decode bodies themselves (column-wise) check only this."""
+        Sinks that decode bodies themselves (column-wise) check only this. Raises `SchemaStoreUnavailable` when an
+        unknown writer cannot be looked up (retry the record; it is not a dead letter)."""
         if not payload:
             return DecodeError(DecodeErrorCode.EMPTY, "empty payload")
         if len(payload) > self.max_bytes:
@@ -165,7 +217,7 @@ class AvroDeserializer:
         if len(payload) < HEADER_SIZE or payload[:2] != MAGIC:
             return DecodeError(DecodeErrorCode.NOT_AVRO, "missing the Avro single-object marker C3 01")
         (fp,) = _FINGERPRINT.unpack_from(payload, 2)
-        writer = self.repository.by_fingerprint.get(fp)
+        writer = self.repository.by_fingerprint.get(fp) or self.repository.writer(fp)  # may raise: a retry
         if writer is None:
             return DecodeError(DecodeErrorCode.UNKNOWN_SCHEMA, f"writer schema fingerprint {fp:016x} is unknown")
         if writer.name != self.reader.name:

@@ -13,9 +13,10 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from services.contracts.schema_store import SCHEMAS_TOPIC
 from services.declarations.__main__ import main
 from services.declarations.apply import ApplyReport, apply_declarations
-from services.declarations.registry import SCHEMAS_TOPIC, KafkaSchemaStore, SchemaIncompatibleError, fingerprint
+from services.declarations.registry import KafkaSchemaStore, SchemaIncompatibleError, fingerprint
 from services.declarations.resources import DeclarationError, load_declarations
 from services.stack import LocalStack, StackSettings
 from services.stack.settings import pick_free_ports

