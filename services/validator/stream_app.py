@@ -243,6 +243,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         between), the offsets are committed, and only then the floors are stored for the input partitions whose
         committed offset reached the snapshot (see services/validator/recovery.py)."""
         floors = dict(self.runner.floors)
+        version = self.runner.floors_version
         delivered = dict(self._delivered)
         commit_offsets = self._filter_committable_offsets(tps)
         did_commit = False
@@ -256,7 +257,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             committed = self._committed_offset.get(tp)
             if tp not in delivered or (committed is not None and committed >= delivered[tp]):
                 ready[(tp.topic, tp.partition)] = committed
-        self.runner.store_floors(ready, floors)
+        self.runner.store_floors(ready, floors, version)
         return did_commit
 
     async def wait_empty(self) -> None:
@@ -375,6 +376,8 @@ class BatchRunner(Service):
         self._emitted: Emitted = {}  # input partition -> input offset -> its outputs already in the log
         self._newest: dict[Partition, int] = {}  # input partition -> highest offset found by its recovery
         self._floor_task: asyncio.Task[None] | None = None
+        self._floors_version = 0  # moves with the floors; per input partition, the version last stored
+        self._stored_version: dict[Partition, int] = {}
         self.suppressed = 0  # outputs not produced again (for tests)
 
     # exactly once at the source --------------------------------------------------------------------------------
@@ -385,6 +388,7 @@ class BatchRunner(Service):
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         for tp in partitions:
+            self._stored_version.pop(tp, None)
             self._unrecovered.discard(tp)
             self._emitted.pop(tp, None)
             self._newest.pop(tp, None)
@@ -408,7 +412,11 @@ class BatchRunner(Service):
             extra={"partitions": len(inputs), "outputs_in_log": outputs, "without_floors": found.without_floors},
         )
 
-    def store_floors(self, ready: dict[Partition, int | None], floors: Floors) -> None:
+    @property
+    def floors_version(self) -> int:
+        return self._floors_version
+
+    def store_floors(self, ready: dict[Partition, int | None], floors: Floors, version: int = -1) -> None:
         """Store `floors` (a snapshot taken with the offsets just committed) for the input partitions in `ready`
         (partition -> committed offset) that no output of an uncommitted record can lie under: recovered, and
         committed past every record whose outputs their recovery found. In the background; one write at a time
@@ -420,16 +428,20 @@ class BatchRunner(Service):
             for tp, committed in ready.items()
             if tp not in self._unrecovered
             and (tp not in self._newest or (committed is not None and committed > self._newest[tp]))
+            and (version < 0 or self._stored_version.get(tp, -1) < version)  # unchanged floors: nothing to store
         ]
         if partitions:
-            self._floor_task = asyncio.ensure_future(self._write_floors(partitions, floors))
+            self._floor_task = asyncio.ensure_future(self._write_floors(partitions, floors, version))
 
-    async def _write_floors(self, partitions: list[Partition], floors: Floors) -> None:
+    async def _write_floors(self, partitions: list[Partition], floors: Floors, version: int) -> None:
         assert self.floor_store is not None
         try:
             await asyncio.to_thread(self.floor_store.write, partitions, floors)
         except Exception as error:  # older floors stay: recovery reads further back, nothing more
             log.warning("storing output floors failed: %s: %s", type(error).__name__, error)
+            return
+        for tp in partitions:
+            self._stored_version[tp] = version
 
     # called by the consumer -----------------------------------------------------------------------------------
     async def submit(self, batch: Batch, suspend_flow: asyncio.Event) -> None:
@@ -562,6 +574,7 @@ class BatchRunner(Service):
             position = (metadata.topic, metadata.partition)
             if end > floors.get(position, 0):
                 floors[position] = end
+                self._floors_version += 1
         self.consumer.mark_delivered(flight.offsets)
         for topic, count in flight.records.items():
             RECORDS.labels(topic).inc(count)

@@ -92,9 +92,13 @@ def test_floors_are_stored_only_for_partitions_recovered_and_committed_past_what
         runner.floor_store = store  # type: ignore[assignment]
         runner.to_recover([("in", 0)])
         runner._newest = {("in", 1): 50}
-        runner.store_floors({("in", 0): None, ("in", 1): 50, ("in", 2): 3}, {("out", 0): 9})
+        runner.store_floors({("in", 0): None, ("in", 1): 50, ("in", 2): 3}, {("out", 0): 9}, version=4)
         await runner._floor_task  # type: ignore[misc]
         # in/0 is not recovered yet; in/1 is committed at, not past, the newest output recovery found.
         assert store.writes == [([("in", 2)], {("out", 0): 9})]
+        runner.store_floors({("in", 2): 3}, {("out", 0): 9}, version=4)  # floors unchanged since: no write
+        runner.store_floors({("in", 1): 51}, {("out", 0): 9}, version=4)  # committed past what recovery found
+        await runner._floor_task  # type: ignore[misc]
+        assert store.writes[1:] == [([("in", 1)], {("out", 0): 9})]
 
     asyncio.run(scenario())
