@@ -4,8 +4,9 @@
 
 runs a worker that consumes INPUT_TOPICS with consumer group CONSUMER_GROUP, hands each fetched batch to the
 processor (see `services.validator.runtime.Processor`) and produces what it returns. An input offset is
-committed only after every output of its batch has been acknowledged by the broker (acks=all): delivery is
-at least once, and a crash replays at most the records after the last commit.
+committed only after every output of its batch has been acknowledged by the broker (acks=all), and a crash
+replays at most the records after the last commit; their outputs already in the log are not produced again
+(services/validator/recovery.py), so every output is in the log once.
 
 Why not Faust agents: a Faust agent gets one event at a time through the conductor, a channel queue and the
 stream iterator, and `Consumer._drain_messages` awaits `mode.Service.wait_first` (four tasks) per message.
