@@ -17,6 +17,12 @@ PRODUCER = "producer"  # which service produced the record (`generator`, `ingest
 INJECTED_FAULT = "lp-injected-fault"  # the generator broke this record on purpose (the fault's kind)
 BATCH_ORIGIN = "lp-batch-origin"  # `<file>:<row>` of a record loaded from a batch file
 
+# --- set by the validator's runtime on every output it produces ----------------------------------------------
+# `<input topic>:<partition>:<offset>:<index>/<count>`: output `index` (from 0) of the `count` outputs the input
+# record at that position gave. After a crash the runtime reads these from the output partitions' tails to
+# produce no output twice (docs/validator-runtime.md, "Exactly once at the source").
+SOURCE = "lp-source"
+
 # --- change data capture (the local CDC service; Debezium Server in Kubernetes does not add them) -----------
 CDC_LSN = "lp-cdc-lsn"  # source.lsn of the change (of the delete, for the tombstone that follows it)
 CDC_OP = "lp-cdc-op"  # r, c, u, d, or `envelope.TOMBSTONE_OP`

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -67,6 +68,72 @@ class PartFailed(RuntimeError):
         self.part, self.log_path = part, log_path
 
 
+@dataclass(frozen=True)
+class Chaos:
+    """`kill -9` of running services during the run, each restarted 1-3 s later: the exactly-once test.
+
+    Without `catch_up`, each of `services` is killed `kills` times while the load is produced (in turns, each
+    restarted and ready before the next kill). With `catch_up`, the validator starts only once the whole load
+    is in events.raw and is killed `kills` times while it catches up at full speed, a moment after each
+    restart has recovered its partitions (the moment its last commit lags furthest behind)."""
+
+    services: tuple[str, ...] = ("validator", "clickhouse-sink", "archiver")
+    kills: int = 5
+    catch_up: bool = False
+    seed: int = 1
+
+
+class ChaosMonkey(threading.Thread):
+    def __init__(self, run: DemoRun, chaos: Chaos, targets: list[ServiceProcess]) -> None:
+        super().__init__(name="chaos", daemon=True)
+        self.run_, self.chaos, self.targets = run, chaos, targets
+        self.down: set[str] = set()  # killed, not yet restarted: their exit is not a failure
+        self.kills: dict[str, int] = {}
+        self.error: BaseException | None = None
+        self._rng = random.Random(chaos.seed)
+        self._log_marks: dict[str, int] = {}  # log size at the last restart
+
+    def _recovered_since(self, service: ServiceProcess) -> bool:
+        """Whether the validator's runtime logged its recovery since its last (re)start."""
+        with service.log_path.open("rb") as log:
+            log.seek(self._log_marks.get(service.name, 0))
+            return b"recovered" in log.read()
+
+    def run(self) -> None:
+        try:
+            for _ in range(self.chaos.kills):
+                for service in self.targets:
+                    self._kill_and_restart(service)
+        except BaseException as error:  # reported by the run's thread
+            self.error = error
+
+    def _kill_and_restart(self, service: ServiceProcess) -> None:
+        if self.chaos.catch_up:  # a moment into the catch-up after its partitions were recovered
+            deadline = time.monotonic() + 180
+            while not self._recovered_since(service) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(self._rng.uniform(0.3, 1.0))
+        else:
+            time.sleep(self._rng.uniform(1.0, 3.0))
+        self.down.add(service.name)
+        service.kill()
+        self.kills[service.name] = self.kills.get(service.name, 0) + 1
+        self.run_.out(f"chaos: kill -9 {service.name} ({self.kills[service.name]})")
+        time.sleep(self._rng.uniform(1.0, 3.0))
+        self._log_marks[service.name] = _size(service.log_path)
+        service.start(self.run_.stack.env(), append_log=True)
+        self.down.discard(service.name)
+        if not service.wait_ready(180):
+            raise PartFailed(service.name, service.log_path, f"not ready after a restart\n{service.log_tail()}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 @dataclass
 class DemoRun:
     stack: LocalStack
@@ -76,6 +143,8 @@ class DemoRun:
     bad_share: float
     out: Callable[[str], None] = print
     services: list[ServiceProcess] = field(default_factory=list)
+    chaos: Chaos | None = None
+    monkey: ChaosMonkey | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -173,8 +242,10 @@ class DemoRun:
         archive_before = archive.table_stats({**self.stack.env(), **archiver_env})
         self._start(cdc)
         self._wait_for_metric(cdc, "lp_cdc_streaming", 1.0, timeout=180)  # JVM start + snapshot
-        self._start(validator)
-        self._wait_ready(validator, timeout=180)  # reads users/products to their end first
+        catch_up = self.chaos is not None and self.chaos.catch_up
+        if not catch_up:
+            self._start(validator)
+            self._wait_ready(validator, timeout=180)  # reads users/products to their end first
         self._start(clickhouse)
         self._start(archiver)
         self._wait_ready(clickhouse, timeout=120)  # migrations applied
@@ -183,7 +254,14 @@ class DemoRun:
         self._register_shop(cdc)
         self._start(generator)
         self._start(ingest)
+        if self.chaos is not None and not catch_up:
+            self._unleash(self.chaos)
         self._watch(time.monotonic())
+        if catch_up:
+            assert self.chaos is not None
+            self._start(validator)  # the whole load is in events.raw: it catches up at full speed
+            self._unleash(self.chaos)
+        self._tame()
         api = self._publish_through_api()
         self._wait_for_cdc(cdc)
         self._wait_until_consumed(validator, VALIDATOR_GROUP, VALIDATOR_INPUTS, before)
@@ -225,6 +303,21 @@ class DemoRun:
             (load, warehouse_stats),
             reconciled,
         )
+
+    def _unleash(self, chaos: Chaos) -> None:
+        names = ("validator",) if chaos.catch_up else chaos.services
+        targets = [service for service in self.services if service.name in names]
+        self.monkey = ChaosMonkey(self, chaos, targets)
+        self.monkey.start()
+
+    def _tame(self) -> None:
+        """Wait for the chaos to end: every kill done, every killed service restarted and ready."""
+        if self.monkey is None:
+            return
+        self.monkey.join()
+        if self.monkey.error is not None:
+            raise self.monkey.error
+        self.out(f"chaos done: kill -9 {self.monkey.kills}")
 
     def _load_warehouse(self, env: dict[str, str]) -> dict[str, Any]:
         """`python -m services.snowflake_loader run-once`: the command a CronJob or the service's loop runs."""
@@ -381,10 +474,13 @@ class DemoRun:
             except ComponentError as error:
                 raise PartFailed(error.component, error.log_path or self.stack.log_dir, str(error)) from None
             pending = False
+            down = self.monkey.down if self.monkey is not None else set()
             for service in self.services:
                 code = service.exit_code()
                 if code is None:
                     pending = pending or service.bounded
+                elif service.name in down or (code == -signal.SIGKILL and self.monkey is not None):
+                    continue  # killed on purpose; the monkey restarts it
                 elif code != 0 or not service.bounded:
                     raise PartFailed(service.name, service.log_path, f"exited with {code}\n{service.log_tail()}")
             metrics = generator.metrics()
@@ -479,12 +575,11 @@ class DemoRun:
         }
         ch_tables = clickhouse.get("tables") or {}
         stores |= {f"clickhouse.{name}": rows for name, rows in ch_tables.items() if ":" not in name}
-        checks |= {
-            "clickhouse: every processed event stored or dead-lettered": clickhouse["rows_written"].get(
+        if self.monkey is None:  # the sink's report counts its last process only: a chaos run compares tables
+            checks["clickhouse: every processed event stored or dead-lettered"] = clickhouse["rows_written"].get(
                 EVENTS_PROCESSED, 0
-            )
-            + clickhouse["rows_rejected"].get(EVENTS_PROCESSED, 0)
-            == topics.get(EVENTS_PROCESSED, 0),
+            ) + clickhouse["rows_rejected"].get(EVENTS_PROCESSED, 0) == topics.get(EVENTS_PROCESSED, 0)
+        checks |= {
             "clickhouse: no event_id twice": ch_tables.get("user_events_realtime: duplicate rows") == 0,
             "clickhouse: views agree with the table": ch_tables.get("user_activity_summary: events")
             == ch_tables.get("user_events_realtime"),
@@ -509,6 +604,7 @@ class DemoRun:
             "started_at": started.isoformat(timespec="seconds"),
             "duration_s": round(time.monotonic() - t0, 2),
             "params": {"events": self.events, "rate": self.rate, "seed": self.seed, "bad_share": self.bad_share},
+            "chaos": {"kills": self.monkey.kills if self.monkey is not None else {}},
             "events_produced": generator["events_produced"],
             "events_by_kind": generator["events_by_kind"],
             "ingest_api": ingest,

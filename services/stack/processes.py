@@ -31,7 +31,8 @@ class ServiceProcess:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
-    def start(self, base_env: dict[str, str]) -> None:
+    def start(self, base_env: dict[str, str], *, append_log: bool = False) -> None:
+        """Start the process; `append_log` keeps the log of an earlier start (a restart after a kill)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -40,7 +41,7 @@ class ServiceProcess:
             "HTTP_PORT": str(self.http_port),
             **self.env,
         }
-        with self.log_path.open("wb") as log:  # one run per log: a tail shows this run only
+        with self.log_path.open("ab" if append_log else "wb") as log:  # one run per log: a tail shows this run
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 env=env,
@@ -49,6 +50,12 @@ class ServiceProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own group: Ctrl-C reaches it only through us, in order
             )
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up (the chaos runs of the demo); waits until it is gone."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=30)
 
     def exit_code(self) -> int | None:
         return None if self.popen is None else self.popen.poll()

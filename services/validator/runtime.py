@@ -78,8 +78,9 @@ class Processor(Protocol):
     """Turns a batch of records of one topic (offset order within each partition) into outputs.
 
     Synchronous, CPU only, and deterministic per record: after an exception the runtime calls it again with
-    one record at a time, so a record may be processed twice. Outputs are produced at least once, so their
-    consumers must be idempotent (the platform's records carry an event_id for that)."""
+    one record at a time, and after a crash it processes the records after the last commit again, so a record
+    may be processed twice. Its outputs are produced once all the same, provided each names its `source`:
+    the runtime stamps them and does not produce again what is already in the log (recovery.py)."""
 
     def __call__(self, batch: list[InputRecord], /) -> list[Output]: ...
 

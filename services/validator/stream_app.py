@@ -4,8 +4,9 @@
 
 runs a worker that consumes INPUT_TOPICS with consumer group CONSUMER_GROUP, hands each fetched batch to the
 processor (see `services.validator.runtime.Processor`) and produces what it returns. An input offset is
-committed only after every output of its batch has been acknowledged by the broker (acks=all): delivery is
-at least once, and a crash replays at most the records after the last commit.
+committed only after every output of its batch has been acknowledged by the broker (acks=all), and a crash
+replays at most the records after the last commit; their outputs already in the log are not produced again
+(services/validator/recovery.py), so every output is in the log once.
 
 Why not Faust agents: a Faust agent gets one event at a time through the conductor, a channel queue and the
 stream iterator, and `Consumer._drain_messages` awaits `mode.Service.wait_first` (four tasks) per message.
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter as Counter_
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +54,16 @@ from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
+from services.validator.recovery import (
+    Emitted,
+    Floors,
+    FloorStore,
+    Partition,
+    drop_emitted,
+    recover,
+    stamp_outputs,
+    with_stamp,
+)
 from services.validator.runtime import (
     Batch,
     InputRecord,
@@ -86,6 +98,16 @@ BATCH_SECONDS = Histogram(
 HELD = Gauge("lp_validator_runtime_held_partitions", "Partitions paused until their next record is due (retries)")
 IN_FLIGHT = Gauge("lp_validator_runtime_in_flight_batches", "Batches produced, not yet acknowledged")
 ASSIGNED = Gauge("lp_validator_runtime_assigned_partitions", "Input partitions assigned to this worker")
+SUPPRESSED = Counter(
+    "lp_validator_runtime_outputs_suppressed_total",
+    "Outputs not produced again: found in the output topics for an input read again after a crash",
+    ["topic"],
+)
+RECOVERY_SECONDS = Histogram(
+    "lp_validator_runtime_recovery_seconds",
+    "Reading floors and output tails for newly assigned input partitions",
+    buckets=LATENCY_BUCKETS,
+)
 
 MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
 _REQUEST_OVERHEAD = 1024  # produce request and batch headers around a single record
@@ -217,6 +239,28 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def _new_offset(self, tp: TP) -> int | None:
         return self._delivered.get(tp)
 
+    async def _commit_tps(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
+        """Faust's, plus the floors: the runner's floors and the delivered offsets are read in one step (no await
+        between), the offsets are committed, and only then the floors are stored for the input partitions whose
+        committed offset reached the snapshot (see services/validator/recovery.py)."""
+        floors = dict(self.runner.floors)
+        version = self.runner.floors_version
+        delivered = dict(self._delivered)
+        commit_offsets = self._filter_committable_offsets(tps)
+        did_commit = False
+        if commit_offsets:
+            await self._handle_attached(commit_offsets)
+            did_commit = await self._commit_offsets(commit_offsets, start_new_transaction=start_new_transaction)
+            if not did_commit:
+                return False
+        ready: dict[Partition, int | None] = {}
+        for tp in self.assignment():
+            committed = self._committed_offset.get(tp)
+            if tp not in delivered or (committed is not None and committed >= delivered[tp]):
+                ready[(tp.topic, tp.partition)] = committed
+        self.runner.store_floors(ready, floors, version)
+        return did_commit
+
     async def wait_empty(self) -> None:
         """Faust calls this on rebalance (revoke) and on stop before committing: batches not started are dropped
         (their partitions are re-read from the commit by whoever owns them next), batches being processed or
@@ -231,6 +275,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self.runner.health.set_ready(False, "rebalancing")
         await super().on_partitions_revoked(revoked)  # runs the app's handler: wait_empty, commit
+        self.runner.forget([(tp.topic, tp.partition) for tp in revoked])
         for tp in revoked:
             self._delivered.pop(tp, None)
             held = self._held.pop(tp, None)
@@ -240,6 +285,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         await super().on_partitions_assigned(assigned, generation_id)
+        self.runner.to_recover([(tp.topic, tp.partition) for tp in assigned])
         ASSIGNED.set(len(assigned))
         log.info("assigned %d partitions", len(assigned), extra={"partitions": sorted(map(str, assigned))})
         self.runner.health.set_ready(True)
@@ -271,6 +317,7 @@ class _Flight:
     """A batch whose outputs are handed to the producer, waiting for the broker's acknowledgements."""
 
     acks: list[asyncio.Future[Any]]
+    ack_counts: list[int]  # records in each acknowledged batch (its RecordMetadata has the base offset)
     offsets: dict[tuple[str, int], int]
     records: dict[str, int]
     outputs: dict[str, int]
@@ -295,6 +342,10 @@ class BatchRunner(Service):
         health: Health,
         known_topics: Iterable[str],
         tracer: trace.Tracer | None = None,
+        *,
+        floor_store: FloorStore | None = None,
+        floors: Floors | None = None,
+        client_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -318,6 +369,80 @@ class BatchRunner(Service):
         self._partition_counts: dict[str, int] = {}
         self._null_key_turn = 0
         self.processed = 0  # input records whose outputs are acknowledged (for tests and benchmarks)
+        # Exactly once at the source (recovery.py). Without a floor store (unit tests) nothing is recovered.
+        self.floor_store = floor_store
+        self.client_config = client_config or {}
+        self.floors: Floors = dict(floors or {})  # per output partition: end of outputs of delivered batches
+        self._unrecovered: set[Partition] = set()  # assigned, not yet recovered: no floors may be stored for them
+        self._emitted: Emitted = {}  # input partition -> input offset -> its outputs already in the log
+        self._newest: dict[Partition, int] = {}  # input partition -> highest offset found by its recovery
+        self._floor_task: asyncio.Task[None] | None = None
+        self._floors_version = 0  # moves with the floors; per input partition, the version last stored
+        self._stored_version: dict[Partition, int] = {}
+        self.suppressed = 0  # outputs not produced again (for tests)
+
+    # exactly once at the source --------------------------------------------------------------------------------
+    def to_recover(self, partitions: Iterable[Partition]) -> None:
+        """Newly assigned input partitions: recovered before any of their records is processed."""
+        if self.floor_store is not None:
+            self._unrecovered.update(partitions)
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        for tp in partitions:
+            self._stored_version.pop(tp, None)
+            self._unrecovered.discard(tp)
+            self._emitted.pop(tp, None)
+            self._newest.pop(tp, None)
+
+    async def _recover(self) -> None:
+        assert self.floor_store is not None
+        inputs = sorted(self._unrecovered)
+        started = monotonic()
+        found = await asyncio.to_thread(recover, self.client_config, self.floor_store, inputs, dict(self.floors))
+        for tp in inputs:
+            self._unrecovered.discard(tp)
+        self._emitted.update(found.emitted)
+        self._newest.update(found.newest)
+        RECOVERY_SECONDS.observe(monotonic() - started)
+        outputs = sum(len(logged.topics) for by_offset in found.emitted.values() for logged in by_offset.values())
+        log.info(
+            "recovered %d input partitions: %d outputs of %d records after their commits are in the log already",
+            len(inputs),
+            outputs,
+            sum(len(by_offset) for by_offset in found.emitted.values()),
+            extra={"partitions": len(inputs), "outputs_in_log": outputs, "without_floors": found.without_floors},
+        )
+
+    @property
+    def floors_version(self) -> int:
+        return self._floors_version
+
+    def store_floors(self, ready: dict[Partition, int | None], floors: Floors, version: int = -1) -> None:
+        """Store `floors` (a snapshot taken with the offsets just committed) for the input partitions in `ready`
+        (partition -> committed offset) that no output of an uncommitted record can lie under: recovered, and
+        committed past every record whose outputs their recovery found. In the background; one write at a time
+        (a skipped write leaves older, lower floors: still valid)."""
+        if self.floor_store is None or (self._floor_task is not None and not self._floor_task.done()):
+            return
+        partitions = [
+            tp
+            for tp, committed in ready.items()
+            if tp not in self._unrecovered
+            and (tp not in self._newest or (committed is not None and committed > self._newest[tp]))
+            and (version < 0 or self._stored_version.get(tp, -1) < version)  # unchanged floors: nothing to store
+        ]
+        if partitions:
+            self._floor_task = asyncio.ensure_future(self._write_floors(partitions, floors, version))
+
+    async def _write_floors(self, partitions: list[Partition], floors: Floors, version: int) -> None:
+        assert self.floor_store is not None
+        try:
+            await asyncio.to_thread(self.floor_store.write, partitions, floors)
+        except Exception as error:  # older floors stay: recovery reads further back, nothing more
+            log.warning("storing output floors failed: %s: %s", type(error).__name__, error)
+            return
+        for tp in partitions:
+            self._stored_version[tp] = version
 
     # called by the consumer -----------------------------------------------------------------------------------
     async def submit(self, batch: Batch, suspend_flow: asyncio.Event) -> None:
@@ -389,6 +514,8 @@ class BatchRunner(Service):
         outputs: list[Output] = []
         counts: dict[str, int] = {}
         try:
+            if self._unrecovered and not self._unrecovered.isdisjoint(batch.next_offsets):
+                await self._recover()
             for topic, topic_records in batch.by_topic.items():
                 result = run_processor(self.processor, topic_records, self.max_record_bytes, trace_id=batch_trace_id)
                 outputs += result.outputs
@@ -403,22 +530,52 @@ class BatchRunner(Service):
                     )
                 if result.dead_letters:
                     DEAD_LETTERS.labels(topic).inc(result.dead_letters)
-            acks, per_topic = await self._produce(outputs, fallback_headers)
+            stamps = stamp_outputs(outputs)
+            if self._emitted:
+                outputs, stamps = self._drop_emitted(outputs, stamps, batch)
+            acks, ack_counts, per_topic = await self._produce(outputs, stamps, fallback_headers)
         except BaseException:
             span.end()
             raise
         span.set_attribute("lp.outputs", len(outputs))
-        return _Flight(acks, batch.next_offsets, counts, per_topic, started, span)
+        return _Flight(acks, ack_counts, batch.next_offsets, counts, per_topic, started, span)
+
+    def _drop_emitted(
+        self, outputs: list[Output], stamps: list[bytes | None], batch: Batch
+    ) -> tuple[list[Output], list[bytes | None]]:
+        """Outputs already in the log (recovery found them) are not produced again; recovered partitions that
+        this batch has read past are forgotten."""
+        kept, kept_stamps, dropped = drop_emitted(outputs, stamps, self._emitted)
+        if dropped:
+            self.suppressed += dropped
+            per_topic = Counter_(output.topic for output in outputs)
+            per_topic.subtract(output.topic for output in kept)
+            for topic, count in per_topic.items():
+                if count:
+                    SUPPRESSED.labels(topic).inc(count)
+        for tp, next_offset in batch.next_offsets.items():
+            by_offset = self._emitted.get(tp)
+            if by_offset is not None and (not by_offset or next_offset > max(by_offset)):
+                del self._emitted[tp]  # what is left was never read again: offsets below the commit
+        return kept, kept_stamps
 
     async def _complete_oldest(self) -> None:
         flight = self._in_flight[0]
         try:
-            await asyncio.gather(*flight.acks)
+            results = await asyncio.gather(*flight.acks)
         except Exception as error:
             await self._fail(DeliveryFailed(f"outputs not acknowledged: {type(error).__name__}: {error}"))
             return
         self._in_flight.popleft()
         IN_FLIGHT.set(len(self._in_flight))
+        # Floors move with the delivered offsets, in the same step (the commit reads both together).
+        floors = self.floors
+        for metadata, count in zip(results, flight.ack_counts, strict=True):
+            end = metadata.offset + count
+            position = (metadata.topic, metadata.partition)
+            if end > floors.get(position, 0):
+                floors[position] = end
+                self._floors_version += 1
         self.consumer.mark_delivered(flight.offsets)
         for topic, count in flight.records.items():
             RECORDS.labels(topic).inc(count)
@@ -451,34 +608,37 @@ class BatchRunner(Service):
 
     # producing -------------------------------------------------------------------------------------------------
     async def _produce(
-        self, outputs: Sequence[Output], fallback_headers: Sequence[tuple[str, bytes]]
-    ) -> tuple[list[asyncio.Future[Any]], dict[str, int]]:
+        self, outputs: Sequence[Output], stamps: Sequence[bytes | None], fallback_headers: Sequence[tuple[str, bytes]]
+    ) -> tuple[list[asyncio.Future[Any]], list[int], dict[str, int]]:
         """Hand `outputs` to aiokafka as one record batch per (topic, partition): its batch API costs a fraction
         of `send()` per record (no per-record future, partitioner call and accumulator lookup)."""
         assert self.app is not None
         producer = self.app.producer._ensure_producer()
         builders: dict[tuple[str, int], Any] = {}
         acks: list[asyncio.Future[Any]] = []
+        ack_counts: list[int] = []
         per_topic: dict[str, int] = {}
         self._null_key_turn += 1
-        for output in outputs:
+        for output, stamp in zip(outputs, stamps, strict=True):
             topic = output.topic
             count = self._partition_counts.get(topic)
             if count is None:
                 count = await self._partition_count(producer, topic)
             partition = self._partition_for(output.key, count)
-            headers = headers_with_trace(output, fallback_headers)
+            headers = with_stamp(headers_with_trace(output, fallback_headers), stamp)
             builder = builders.get((topic, partition))
             if builder is None:
                 builder = builders[(topic, partition)] = producer.create_batch()
             if builder.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
+                ack_counts.append(builder.record_count())
                 acks.append(await producer.send_batch(builder, topic, partition=partition))  # full: send it
                 builder = builders[(topic, partition)] = producer.create_batch()
                 builder.append(key=output.key, value=output.value, timestamp=None, headers=headers)
             per_topic[topic] = per_topic.get(topic, 0) + 1
         for (topic, partition), builder in builders.items():
+            ack_counts.append(builder.record_count())
             acks.append(await producer.send_batch(builder, topic, partition=partition))
-        return acks, per_topic
+        return acks, ack_counts, per_topic
 
     def _partition_for(self, key: bytes | None, count: int) -> int:
         if key is None:
@@ -497,6 +657,12 @@ class BatchRunner(Service):
                 raise TopicsMissing(f"the processor wrote to topic {topic!r}, which does not exist")
             self._known_topics.add(topic)
         count = len(await producer.partitions_for(topic))
+        if self.floor_store is not None and any((topic, p) not in self.floors for p in range(count)):
+            # An output partition first written now: its end before the first write is its floor.
+            store = self.floor_store
+            latest = await asyncio.to_thread(store.latest, [(topic, p) for p in range(count)])
+            for position, floor in latest.items():
+                self.floors.setdefault(position, floor)
         self._partition_counts[topic] = count
         return count
 
@@ -572,6 +738,8 @@ def create_app(
     datadir: str,
     known_topics: Iterable[str] = (),
     tracer: trace.Tracer | None = None,
+    floor_store: FloorStore | None = None,
+    floors: Floors | None = None,
 ) -> RuntimeApp:
     """The Faust app: consumer group `settings.consumer_group` over `input_topics`, tuned for the local broker."""
     app = RuntimeApp(
@@ -603,7 +771,16 @@ def create_app(
         producer_compression_type=settings.producer_compression,
         producer_request_timeout=settings.producer_request_timeout_s,
     )
-    app.runner = BatchRunner(processor, settings, health, known_topics, tracer=tracer)
+    app.runner = BatchRunner(
+        processor,
+        settings,
+        health,
+        known_topics,
+        tracer=tracer,
+        floor_store=floor_store,
+        floors=floors,
+        client_config=client_config(settings, client_id=f"{settings.service_name}-recovery"),
+    )
     app.runner.app = app
     for topic in input_topics:
         app.topics.add(app.topic(topic, key_serializer="raw", value_serializer="raw"))  # subscribe, no agent
@@ -654,10 +831,11 @@ def _exit_after_deadline() -> None:
     os._exit(ExitCode.SHUTDOWN_TIMEOUT)
 
 
-def _broker_topics(settings: StreamRuntimeSettings) -> set[str]:
-    """Every topic on the broker, from a metadata request that names none (so it creates none)."""
+def _broker_topics(settings: StreamRuntimeSettings) -> dict[str, int]:
+    """Every topic on the broker with its partition count, from a metadata request that names none (so it
+    creates none)."""
     metadata = AdminClient(client_config(settings)).list_topics(timeout=10)
-    return {name for name, entry in metadata.topics.items() if entry.error is None}
+    return {name: len(entry.partitions) for name, entry in metadata.topics.items() if entry.error is None}
 
 
 def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
@@ -665,7 +843,8 @@ def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
     wait_for_broker(client_config(settings), settings.dependency_wait_s)
     existing = _broker_topics(settings)
     inputs = resolve_input_topics(settings.input_patterns(), existing)
-    missing = [t for t in required_output_topics(inputs, settings.declared_outputs()) if t not in existing]
+    outputs = required_output_topics(inputs, settings.declared_outputs())
+    missing = [t for t in outputs if t not in existing]
     if missing:
         raise TopicsMissing(
             "output topics missing on the broker: " + ", ".join(missing) + "; declare them first "
@@ -689,7 +868,22 @@ def run(settings: StreamRuntimeSettings, processor: Processor) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     datadir = tempfile.mkdtemp(prefix="lp-faust-")
-    app = create_app(settings, processor, inputs, health=health, datadir=datadir, known_topics=existing, tracer=tracer)
+    # Exactly once at the source: the output partitions' ends now are the floors until outputs are delivered.
+    floor_store = FloorStore(
+        client_config(settings, client_id=f"{settings.service_name}-floors"), settings.consumer_group
+    )
+    floors = floor_store.latest((topic, p) for topic in outputs for p in range(existing[topic]))
+    app = create_app(
+        settings,
+        processor,
+        inputs,
+        health=health,
+        datadir=datadir,
+        known_topics=existing,
+        tracer=tracer,
+        floor_store=floor_store,
+        floors=floors,
+    )
     worker = RuntimeWorker(
         app,
         health=health,

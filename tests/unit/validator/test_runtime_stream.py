@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from faust.types import TP
@@ -17,6 +17,12 @@ from services.validator.runtime import Batch, InputRecord, Output, Record, Strea
 from services.validator.stream_app import BatchConsumer, BatchRunner, _remote_context
 
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class RecordMetadata(NamedTuple):
+    topic: str
+    partition: int
+    offset: int  # the base offset of the acknowledged record batch
 
 
 class FakeBatch:
@@ -30,12 +36,16 @@ class FakeBatch:
         self.records.append((key, value, headers))
         return object()
 
+    def record_count(self) -> int:
+        return len(self.records)
+
 
 class FakeProducer:
     def __init__(self, partitions: dict[str, int], capacity: int = 1000) -> None:
         self.partitions = partitions
         self.capacity = capacity
         self.sent: list[tuple[str, int, FakeBatch, asyncio.Future[Any]]] = []
+        self.ends: dict[tuple[str, int], int] = {}
         self.client = self
 
     def create_batch(self) -> FakeBatch:
@@ -53,10 +63,17 @@ class FakeProducer:
         topics = set(self.partitions)
         return type("Cluster", (), {"topics": lambda self: topics})()
 
+    def ack(self, sent: tuple[str, int, FakeBatch, asyncio.Future[Any]]) -> None:
+        """The broker's answer to one record batch: its base offset in the partition's log."""
+        topic, partition, batch, future = sent
+        base = self.ends.get((topic, partition), 0)
+        self.ends[(topic, partition)] = base + len(batch.records)
+        future.set_result(RecordMetadata(topic, partition, base))
+
     def ack_all(self) -> None:
-        for *_, future in self.sent:
-            if not future.done():
-                future.set_result(None)
+        for sent in self.sent:
+            if not sent[3].done():
+                self.ack(sent)
 
 
 class FakeApp:
@@ -159,12 +176,12 @@ def test_offsets_are_marked_delivered_only_after_every_ack_and_in_batch_order():
         runner._in_flight.append(await runner._start(first))
         sent_by_first = len(producer.sent)
         runner._in_flight.append(await runner._start(second))
-        for *_, future in producer.sent[sent_by_first:]:  # the second batch is acknowledged first
-            future.set_result(None)
+        for sent in producer.sent[sent_by_first:]:  # the second batch is acknowledged first
+            producer.ack(sent)
         completing = asyncio.ensure_future(runner._complete_oldest())
         await asyncio.sleep(0.01)
         assert not completing.done() and app.delivered == []  # waits for the first batch
-        producer.sent[0][3].set_result(None)
+        producer.ack(producer.sent[0])
         await asyncio.sleep(0.01)
         assert app.delivered == [] and not completing.done()  # ... for all of its acks
         producer.ack_all()
@@ -182,7 +199,7 @@ def test_a_failed_delivery_crashes_without_marking_it_or_any_later_batch_deliver
         runner._in_flight.append(await runner._start(Batch.of(records(3))))
         runner._in_flight.append(await runner._start(Batch.of(records(3))))
         producer.sent[0][3].set_exception(TimeoutError("no ack"))
-        producer.sent[1][3].set_result(None)
+        producer.ack(producer.sent[1])
         await runner._complete_oldest()
         assert app.delivered == [] and not runner._in_flight
         assert [type(e).__name__ for e in app.crashes] == ["DeliveryFailed"]
