@@ -439,16 +439,24 @@ def test_a_recreated_topic_adds_only_the_rows_raw_lacks_even_across_a_crash(stac
     assert lake.summary(database)["transactions"]["rows"] == 40
     lake.recreate("transactions", "incarnation-2")
     lake.append("transactions", list(processed_transactions(24, seed=46)))
-    lake.append("user_events", events(10, seed=47, start_minutes=80))  # incarnation 2 goes on: offsets only
+    # Incarnation 2 goes on at offsets 150.. where the lake still holds the old topic's rows 150-349: "at or past
+    # the offsets" reads those again, so its batches re-read until its offsets pass 350.
+    lake.append("user_events", events(10, seed=47, start_minutes=80))
     tables = lake.summary(database)
     assert tables["transactions"]["rereads"] and tables["transactions"]["rows"] == 24
-    assert tables["user_events"]["rows"] == 10 and not tables["user_events"]["rereads"]
+    assert tables["user_events"]["rereads"] and tables["user_events"]["rows"] == 10
+    lake.append("user_events", events(200, seed=48, start_minutes=100))  # offsets 160-359
+    loaded = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")["user_events"]
+    assert loaded["rereads"] and loaded["rows"] == 200
+    lake.append("user_events", events(5, seed=49, start_minutes=120))  # past every old offset: a plain COPY
+    loaded = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")["user_events"]
+    assert not loaded["rereads"] and loaded["rows_read"] == loaded["rows"] == 5
     assert lake.summary(database)["user_events"]["status"] == "up-to-date"
 
     rows = counts(stack, database)
     iceberg_events = lake_positions(lake, "user_events", "event_id")
-    assert len(iceberg_events) == 510 == len({key for *_, key in iceberg_events})
-    assert rows["RAW.USER_EVENTS"] == rows["STAGING.EVENTS_CLEANED"] == 510 and rows["CONTROL.PENDING"] == 0
+    assert len(iceberg_events) == 715 == len({key for *_, key in iceberg_events})
+    assert rows["RAW.USER_EVENTS"] == rows["STAGING.EVENTS_CLEANED"] == 715 and rows["CONTROL.PENDING"] == 0
     assert raw_positions(stack, database, "RAW.USER_EVENTS", "EVENT_ID") == iceberg_events  # each row once
     changes = lake.table("transactions").scan().to_arrow()
     assert changes.num_rows == 64 and rows["RAW.TRANSACTIONS"] == rows["STAGING.TRANSACTION_CHANGES"] == 64
@@ -457,9 +465,9 @@ def test_a_recreated_topic_adds_only_the_rows_raw_lacks_even_across_a_crash(stac
     )
     warehouse = warehouse_for(stack, database)
     try:
-        assert warehouse.scalar("SELECT COUNT(DISTINCT EVENT_ID) FROM RAW.USER_EVENTS") == 510
+        assert warehouse.scalar("SELECT COUNT(DISTINCT EVENT_ID) FROM RAW.USER_EVENTS") == 715
         assert warehouse.scalar("SELECT COUNT(*) FROM CONTROL.INCOMING_USER_EVENTS") == 0  # scratch only
-        assert warehouse.scalar("SELECT SUM(ROWS_LOADED) FROM CONTROL.LOADS WHERE TABLE_NAME = 'user_events'") == 510
+        assert warehouse.scalar("SELECT SUM(ROWS_LOADED) FROM CONTROL.LOADS WHERE TABLE_NAME = 'user_events'") == 715
     finally:
         warehouse.close()
 
