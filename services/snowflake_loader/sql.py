@@ -7,8 +7,8 @@ recompute the dimension and the marts for the keys the batch touched, record the
 PENDING. Every statement reads the batch from RAW by BATCH_ID, never from the COPY's result, so a phase that
 runs again finds the same input.
 
-A batch that re-reads rows loaded before (`lake.Plan.rereads`: a re-created topic, offsets gone backwards, a
-snapshot without offsets) is copied into its table's scratch twin `CONTROL.INCOMING_<TABLE>` instead, and
+A batch that re-reads rows loaded before (`lake.Plan.rereads`: a re-created topic and its older rows, offsets gone
+backwards, no lp.offsets) is copied into its table's scratch twin `CONTROL.INCOMING_<TABLE>` instead, and
 phase 1 moves into RAW only the rows whose `RAW_IDENTITY` RAW does not hold yet, then empties the scratch
 table, all in the same transaction: RAW holds each archived row once, whatever the lake's offsets did.
 
