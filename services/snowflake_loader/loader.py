@@ -168,9 +168,10 @@ class Loader:
         result.batch_id, result.snapshot_id, result.full_read = batch.batch_id, batch.snapshot_id, batch.since is None
         result.rereads = batch.rereads
         if batch.rereads:
-            log.warning(
-                "%s: snapshot %s: partitions read whole again (no lp.offsets, offsets gone backwards or a re-created "
-                "topic): only the rows RAW does not hold yet are added", table, batch.snapshot_id,
+            log.info(
+                "%s: snapshot %s: the batch may hold rows loaded before (no lp.offsets, offsets gone backwards, a "
+                "re-created topic or its older rows past the offsets): only the rows RAW lacks are added",
+                table, batch.snapshot_id,
             )  # fmt: skip
         work_dir = self.settings.snowflake_loader_work_dir
         if work_dir is not None:
