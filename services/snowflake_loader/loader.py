@@ -7,14 +7,16 @@ The steps of a batch and what a crash after each leaves (the next run repeats th
 2. write+PUT Parquet files under the batch's own stage folder (OVERWRITE): a crash leaves files that the
              next attempt overwrites (same batch) or that are never read (another batch's folder).
 3. COPY      one transaction: delete RAW rows of batches left PENDING by a crashed attempt, COPY (FORCE, so a
-             file name seen before loads again; PURGE), record the batch as PENDING. All or nothing.
+             file name seen before loads again; PURGE), record the batch as PENDING. All or nothing. A batch
+             that re-reads partitions (`lake.Plan.rereads`) is copied into the scratch twin instead and only
+             the rows RAW does not hold yet go on into RAW (`sql.insert_unseen`), in the same transaction.
 4. MERGE     one transaction: STAGING, DIM_USERS, the marts, the status history, then the LOADS row and PENDING
              cleared. All or nothing: before its COMMIT nothing of it is visible, after it the batch is done.
 
-So after a crash anywhere, RAW holds at most one copy of any batch and STAGING/MARTS are either untouched by
-the batch or completely updated by it; the rerun re-plans from LOADS and ends with the same tables a run
-without the crash makes. `SNOWFLAKE_LOADER_FAIL_AFTER` (tests) ends the process right after step 2, 3 or 4
-(before its COMMIT), as a crash there would.
+So after a crash anywhere, RAW holds at most one copy of any batch (and of any archived row) and STAGING/MARTS
+are either untouched by the batch or completely updated by it; the rerun re-plans from LOADS and ends with the
+same tables a run without the crash makes. `SNOWFLAKE_LOADER_FAIL_AFTER` (tests) ends the process right after
+step 2, 3 or 4 (before its COMMIT), as a crash there would.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def migrate(warehouse: Warehouse, settings: LoaderSettings) -> list[int]:
         warehouse.execute(f"USE DATABASE {settings.database}")
     schemas = schemas_of(settings)
     applied = apply_migrations(warehouse.execute, warehouse.query, schemas.as_dict())
-    # Every time, not only in a migration: a stage is not data, and fakesnow forgets stages on restart.
+    # Every time, not only in a migration: a stage is not data, and fakesnow forgets stages on restart; the
+    # scratch twins hold rows only inside a transaction, and re-created they always have RAW's columns.
     warehouse.execute(sql.create_stage(schemas))
+    for table in sql.RAW_TABLES:
+        warehouse.execute(sql.create_incoming(schemas, table))
     # Some statements (fakesnow's MERGE, unqualified names) need a current schema.
     warehouse.execute(f"USE SCHEMA {schemas.control}")
     return applied
@@ -91,9 +96,11 @@ class TableLoad:
     status: str = "up-to-date"  # up-to-date | loaded | missing | failed
     batch_id: str | None = None
     snapshot_id: int | None = None
-    rows: int = 0
+    rows: int = 0  # rows added to RAW (and merged)
+    rows_read: int = 0  # rows read from the lake: more than `rows` when a re-read found rows RAW holds already
     files: int = 0
     full_read: bool = False
+    rereads: bool = False  # partitions read whole that earlier loads read from: only unseen rows were added
     seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -123,14 +130,20 @@ class Loader:
         self._failing: set[str] = set()  # tables whose last load failed
 
     # --- control ----------------------------------------------------------------------------------------------
-    def last_load(self, table: str) -> tuple[int | None, lake.Offsets | None, dict[str, str]]:
-        """The last loaded snapshot, its offsets and the topic ids they count in."""
+    def last_load(self, table: str) -> tuple[int | None, lake.Offsets | None, dict[str, str], lake.Offsets]:
+        """The last loaded snapshot, its offsets, the topic ids they count in and where older incarnations'
+        rows end (`lake.Plan.older_rows_until`)."""
         rows = self.warehouse.query(sql.last_load(self.schemas), {"table": table})
         if not rows:
-            return None, None, {}
+            return None, None, {}, {}
         snapshot_id, offsets, _ = rows[0]
         decoded = lake.decode_offsets(offsets)
-        return int(snapshot_id), (decoded or None), lake.decode_topic_ids(offsets)
+        return (
+            int(snapshot_id),
+            (decoded or None),
+            lake.decode_topic_ids(offsets),
+            lake.decode_older_rows_until(offsets),
+        )
 
     def _fault(self, step: str) -> None:
         if self.settings.snowflake_loader_fail_after == step:
@@ -146,57 +159,63 @@ class Loader:
         except NoSuchTableError:
             result.status = "missing"
             return result
-        last_snapshot, last_offsets, last_topic_ids = self.last_load(table)
-        batch = lake.plan(iceberg, table, last_snapshot, last_offsets, last_topic_ids)
+        last_snapshot, last_offsets, last_topic_ids, last_older = self.last_load(table)
+        batch = lake.plan(iceberg, table, last_snapshot, last_offsets, last_topic_ids, last_older)
         if batch is None:
             result.seconds = round(time.perf_counter() - started, 3)
             self._freshness(table, iceberg, last_snapshot)
             return result
         result.batch_id, result.snapshot_id, result.full_read = batch.batch_id, batch.snapshot_id, batch.since is None
-        if result.full_read and last_snapshot is not None:
-            log.warning("%s: snapshot %s has no lp.offsets: reading the whole table", table, batch.snapshot_id)
+        result.rereads = batch.rereads
+        if batch.rereads:
+            log.info(
+                "%s: snapshot %s: the batch may hold rows loaded before (no lp.offsets, offsets gone backwards, a "
+                "re-created topic or its older rows past the offsets): only the rows RAW lacks are added",
+                table, batch.snapshot_id,
+            )  # fmt: skip
         work_dir = self.settings.snowflake_loader_work_dir
         if work_dir is not None:
             work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"lp-sf-{table}-", dir=work_dir))
         try:
             with self._timed(result, "write"):
-                files, rows = self._write(iceberg, batch, work)
+                files, rows, read_ends = self._write(iceberg, batch, work)
             with self._timed(result, "put"):
                 for path in files:
                     self.warehouse.execute(sql.put(str(path), self.schemas, table, batch.batch_id))
             self._fault("put")
             with self._timed(result, "copy"):
-                copied = self._copy(table, batch.batch_id, bool(files))
-            if copied != rows:
-                raise RuntimeError(f"{table}: wrote {rows} rows to Parquet but RAW holds {copied} of {batch.batch_id}")
+                added = self._copy(table, batch, rows, bool(files))
             self._fault("copy")
             with self._timed(result, "merge"):
-                self._merge(table, batch, rows)
+                self._merge(table, batch, added, batch.older_rows_after(read_ends))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        result.status, result.rows, result.files = "loaded", rows, len(files)
+        result.status, result.rows, result.rows_read, result.files = "loaded", added, rows, len(files)
         result.seconds = round(time.perf_counter() - started, 3)
-        ROWS.labels(table).inc(rows)
+        ROWS.labels(table).inc(added)
         BATCHES.labels(table).inc()
         self._freshness(table, iceberg, batch.snapshot_id)
         log.info(
-            "%s: loaded batch %s (%d rows, %d files) in %.1fs",
-            table, batch.batch_id, rows, len(files), result.seconds,
-            extra={"table": table, "batch_id": batch.batch_id, "rows": rows, "steps": result.steps},
+            "%s: loaded batch %s (%d rows of %d read, %d files) in %.1fs",
+            table, batch.batch_id, added, rows, len(files), result.seconds,
+            extra={"table": table, "batch_id": batch.batch_id, "rows": added, "rows_read": rows, "steps": result.steps},
         )  # fmt: skip
         return result
 
-    def _write(self, iceberg: Any, batch: lake.Plan, work: Path) -> tuple[list[Path], int]:
+    def _write(self, iceberg: Any, batch: lake.Plan, work: Path) -> tuple[list[Path], int, lake.Offsets]:
         """The batch as Parquet files of at most SNOWFLAKE_LOADER_FILE_ROWS rows (streamed: memory holds one
-        Arrow batch of the scan, not the whole batch)."""
+        Arrow batch of the scan, not the whole batch), its rows, and 1 + the highest offset read per partition."""
         loaded_at = datetime.now(UTC)
         limit = self.settings.snowflake_loader_file_rows
         files: list[Path] = []
         rows = in_file = 0
+        read_ends: lake.Offsets = {}
         writer: pq.ParquetWriter | None = None
         try:
             for record_batch in lake.read_batches(iceberg, batch):
+                for tp, end in lake.read_ends(record_batch).items():
+                    read_ends[tp] = max(read_ends.get(tp, 0), end)
                 start = 0
                 while start < record_batch.num_rows:
                     if writer is not None and in_file >= limit:
@@ -217,25 +236,40 @@ class Loader:
         finally:
             if writer is not None:
                 writer.close()
-        return files, rows
+        return files, rows, read_ends
 
-    def _copy(self, table: str, batch_id: str, has_files: bool) -> int:
-        params = {"table": table, "batch": batch_id}
+    def _copy(self, table: str, batch: lake.Plan, written: int, has_files: bool) -> int:
+        """Phase 1; the rows the batch added to RAW: all it wrote, or for a re-read those RAW lacked."""
+        params = {"table": table, "batch": batch.batch_id}
         with self.warehouse.transaction():
             self.warehouse.execute(sql.delete_pending_raw(self.schemas, table), params)
             self.warehouse.execute(sql.delete_raw_batch(self.schemas, table), params)
             self.warehouse.execute(sql.clear_pending(self.schemas), params)
-            if has_files:
-                self.warehouse.execute(sql.copy_into(self.schemas, table, batch_id))
+            if has_files and batch.rereads:
+                self.warehouse.execute(sql.clear_incoming(self.schemas, table))
+                self.warehouse.execute(sql.copy_into(self.schemas, table, batch.batch_id, incoming=True))
+                self._check(table, batch, written, self.warehouse.scalar(sql.incoming_rows(self.schemas, table)))
+                self.warehouse.execute(sql.insert_unseen(self.schemas, table))
+                self.warehouse.execute(sql.clear_incoming(self.schemas, table))
+            elif has_files:
+                self.warehouse.execute(sql.copy_into(self.schemas, table, batch.batch_id))
             self.warehouse.execute(sql.add_pending(self.schemas), params)
-        return int(self.warehouse.scalar(sql.raw_batch_rows(self.schemas, table), params))
+        added = int(self.warehouse.scalar(sql.raw_batch_rows(self.schemas, table), params))
+        if not batch.rereads:
+            self._check(table, batch, written, added)
+        return added
 
-    def _merge(self, table: str, batch: lake.Plan, rows: int) -> None:
+    @staticmethod
+    def _check(table: str, batch: lake.Plan, written: int, copied: Any) -> None:
+        if int(copied) != written:
+            raise RuntimeError(f"{table}: wrote {written} rows to Parquet but COPY landed {copied} of {batch.batch_id}")
+
+    def _merge(self, table: str, batch: lake.Plan, rows: int, older_rows_until: lake.Offsets) -> None:
         params = {
             "table": table,
             "batch": batch.batch_id,
             "snapshot": batch.snapshot_id,
-            "offsets": lake.encode_offsets(batch.offsets, batch.topic_ids),
+            "offsets": lake.encode_offsets(batch.offsets, batch.topic_ids, older_rows_until),
             "from_offsets": None if batch.since is None else lake.encode_offsets(batch.since),
             "rows": rows,
         }

@@ -7,6 +7,11 @@ recompute the dimension and the marts for the keys the batch touched, record the
 PENDING. Every statement reads the batch from RAW by BATCH_ID, never from the COPY's result, so a phase that
 runs again finds the same input.
 
+A batch that re-reads rows loaded before (`lake.Plan.rereads`: a re-created topic and its older rows, offsets gone
+backwards, no lp.offsets) is copied into its table's scratch twin `CONTROL.INCOMING_<TABLE>` instead, and
+phase 1 moves into RAW only the rows whose `RAW_IDENTITY` RAW does not hold yet, then empties the scratch
+table, all in the same transaction: RAW holds each archived row once, whatever the lake's offsets did.
+
 The merges are written as an upsert by key, DELETE of the rows being replaced then INSERT of the new ones,
 rather than `MERGE INTO`: the result is the one a MERGE (WHEN MATCHED UPDATE all / WHEN NOT MATCHED INSERT)
 gives, on Snowflake as on fakesnow, and it can run inside the explicit transaction that makes phase 2 all or
@@ -39,6 +44,13 @@ class Schemas:
 
 
 RAW_TABLES = {"user_events": "USER_EVENTS", "transactions": "TRANSACTIONS"}
+# What one archived row is: where the archiver found it and the business key STAGING dedupes on. The position
+# alone is not enough (a re-created topic uses offsets again, for other events); the key alone would drop the
+# lake's own second copies of an event (RAW keeps every archived row, STAGING one per key).
+RAW_IDENTITY = {
+    "user_events": ("ARCHIVE_POSITION", "EVENT_ID"),
+    "transactions": ("ARCHIVE_POSITION", "TRANSACTION_ID", "CHANGE_KEY"),
+}
 
 
 # --- SCD2 hash (the SQL and its Python twin must agree: tests check both) -------------------------------------------
@@ -87,11 +99,43 @@ def clear_pending(s: Schemas) -> str:
     return f"DELETE FROM {s.control}.PENDING WHERE TABLE_NAME = %(table)s"
 
 
-def copy_into(s: Schemas, table: str, batch_id: str) -> str:
-    """FORCE: the same file name may have been loaded by a rolled-back or deleted attempt; PURGE: no leftovers."""
+def copy_into(s: Schemas, table: str, batch_id: str, *, incoming: bool = False) -> str:
+    """Into RAW (or its scratch twin, `incoming`). FORCE: the same file name may have been loaded by a
+    rolled-back or deleted attempt; PURGE: no leftovers."""
+    target = incoming_table(s, table) if incoming else f"{s.raw}.{RAW_TABLES[table]}"
     return (
-        f"COPY INTO {s.raw}.{RAW_TABLES[table]} FROM @{s.stage}/{table}/{batch_id}/ "
+        f"COPY INTO {target} FROM @{s.stage}/{table}/{batch_id}/ "
         "FILE_FORMAT = (TYPE = PARQUET) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE FORCE = TRUE PURGE = TRUE"
+    )
+
+
+# --- phase 1 of a batch that re-reads rows: the scratch twin ----------------------------------------------------
+def incoming_table(s: Schemas, table: str) -> str:
+    return f"{s.control}.INCOMING_{RAW_TABLES[table]}"
+
+
+def create_incoming(s: Schemas, table: str) -> str:
+    """The scratch twin of a RAW table, re-created at every start so its columns are RAW's (it holds rows only
+    inside phase 1's transaction). TRANSIENT: no fail-safe storage for scratch rows."""
+    return f"CREATE OR REPLACE TRANSIENT TABLE {incoming_table(s, table)} LIKE {s.raw}.{RAW_TABLES[table]}"
+
+
+def clear_incoming(s: Schemas, table: str) -> str:
+    return f"DELETE FROM {incoming_table(s, table)}"
+
+
+def incoming_rows(s: Schemas, table: str) -> str:
+    return f"SELECT COUNT(*) FROM {incoming_table(s, table)}"
+
+
+def insert_unseen(s: Schemas, table: str) -> str:
+    """The scratch rows whose identity RAW does not hold yet, into RAW. Run after the batch's own earlier rows
+    and PENDING batches' rows were deleted, so only committed batches count as seen."""
+    raw = f"{s.raw}.{RAW_TABLES[table]}"
+    same = " AND ".join(f"r.{c} = i.{c}" for c in RAW_IDENTITY[table])
+    return (
+        f"INSERT INTO {raw} SELECT * FROM {incoming_table(s, table)} i "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {raw} r WHERE {same})"
     )
 
 

@@ -72,6 +72,12 @@ class Lake:
         for spec in default_tables()[:2]:
             ensure_table(self.catalog, self.settings, spec, self.repository)
         self.next_offset = {"user_events": 0, "transactions": 0}
+        self.topic_ids: dict[str, str] = {}  # table -> its topic's Kafka id, when the test gives one
+
+    def recreate(self, name: str, topic_id: str) -> None:
+        """The table's topic deleted and created again (or a new local broker): a new id, offsets from 0."""
+        self.topic_ids[name] = topic_id
+        self.next_offset[name] = 0
 
     def table(self, name: str) -> Any:
         return load_table(self.catalog, self.settings, name)
@@ -82,6 +88,8 @@ class Lake:
         serialize = AvroSerializer(self.repository[subject])
         topic = f"{self.name}.{name}"
         committer = TableCommitter(self.table(name), committer_id="test")
+        if name in self.topic_ids:
+            committer.topic_ids = {topic: self.topic_ids[name]}
         committer.claim([(topic, 0)])
         builder = AvroRowBuilder(self.repository, subject, arrow_schema(committer.table.schema()))
         columns = RecordColumns()
@@ -382,6 +390,86 @@ def test_new_snapshots_load_incrementally_and_a_tier_change_makes_scd2_rows(stac
             assert strip == [tuple(v for v in row if not str(v).startswith("user_events-")) for row in theirs[table]]
         else:
             assert ours[table] == theirs[table], table
+
+
+# --- a re-created topic: the same offsets again, for other rows ---------------------------------------------------
+def raw_positions(stack: LocalStack, database: str, table: str, key: str) -> list[tuple[Any, ...]]:
+    warehouse = warehouse_for(stack, database)
+    try:
+        return sorted(
+            (str(t), int(p), int(o), str(k))
+            for t, p, o, k in warehouse.query(f"SELECT KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET, {key} FROM {table}")
+        )
+    finally:
+        warehouse.close()
+
+
+def lake_positions(lake: Lake, name: str, key: str) -> list[tuple[Any, ...]]:
+    rows = lake.table(name).scan(selected_fields=("_kafka_topic", "_kafka_partition", "_kafka_offset", key))
+    return sorted(
+        (r["_kafka_topic"], r["_kafka_partition"], r["_kafka_offset"], str(r[key])) for r in rows.to_arrow().to_pylist()
+    )
+
+
+def test_a_recreated_topic_adds_only_the_rows_raw_lacks_even_across_a_crash(stack: LocalStack) -> None:
+    lake = Lake(stack)
+    database = f"RECREATE_{lake.name.upper()}"
+    lake.recreate("user_events", "incarnation-1")
+    lake.append("user_events", events(300, seed=41))
+    tables = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")
+    assert tables["user_events"]["rows"] == 300 and not tables["user_events"]["rereads"]
+
+    # The old topic's last rows are archived after that load; then the topic is re-created (a new local broker)
+    # and its new events are archived at offsets 0.. again, where RAW holds the old topic's rows.
+    lake.append("user_events", events(50, seed=42, start_minutes=20))  # offsets 300-349 of incarnation 1
+    lake.recreate("user_events", "incarnation-2")
+    lake.append("user_events", events(120, seed=43, start_minutes=40))  # offsets 0-119 of incarnation 2
+    lake.append("user_events", events(30, seed=44, start_minutes=60))  # offsets 120-149
+    # A crash between COPY and MERGE of the re-read batch, then the rerun: the PENDING rows are replaced.
+    crashed = lake.run_once(database, SNOWFLAKE_LOADER_FAIL_AFTER="copy", SNOWFLAKE_LOADER_TABLES="user_events")
+    assert crashed.returncode == 86, crashed.stderr[-3000:]
+    assert counts(stack, database)["CONTROL.PENDING"] == 1
+    loaded = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")["user_events"]
+    assert loaded["status"] == "loaded" and loaded["rereads"] and not loaded["full_read"]
+    assert loaded["rows_read"] == 500 and loaded["rows"] == 50 + 120 + 30  # the 300 loaded before are skipped
+
+    # The transactions' topic too (identity: position and change key), loaded with the events from here on.
+    lake.recreate("transactions", "incarnation-1")
+    lake.append("transactions", list(processed_transactions(40, seed=45)))
+    assert lake.summary(database)["transactions"]["rows"] == 40
+    lake.recreate("transactions", "incarnation-2")
+    lake.append("transactions", list(processed_transactions(24, seed=46)))
+    # Incarnation 2 goes on at offsets 150.. where the lake still holds the old topic's rows 150-349: "at or past
+    # the offsets" reads those again, so its batches re-read until its offsets pass 350.
+    lake.append("user_events", events(10, seed=47, start_minutes=80))
+    tables = lake.summary(database)
+    assert tables["transactions"]["rereads"] and tables["transactions"]["rows"] == 24
+    assert tables["user_events"]["rereads"] and tables["user_events"]["rows"] == 10
+    lake.append("user_events", events(200, seed=48, start_minutes=100))  # offsets 160-359
+    loaded = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")["user_events"]
+    assert loaded["rereads"] and loaded["rows"] == 200
+    lake.append("user_events", events(5, seed=49, start_minutes=120))  # past every old offset: a plain COPY
+    loaded = lake.summary(database, SNOWFLAKE_LOADER_TABLES="user_events")["user_events"]
+    assert not loaded["rereads"] and loaded["rows_read"] == loaded["rows"] == 5
+    assert lake.summary(database)["user_events"]["status"] == "up-to-date"
+
+    rows = counts(stack, database)
+    iceberg_events = lake_positions(lake, "user_events", "event_id")
+    assert len(iceberg_events) == 715 == len({key for *_, key in iceberg_events})
+    assert rows["RAW.USER_EVENTS"] == rows["STAGING.EVENTS_CLEANED"] == 715 and rows["CONTROL.PENDING"] == 0
+    assert raw_positions(stack, database, "RAW.USER_EVENTS", "EVENT_ID") == iceberg_events  # each row once
+    changes = lake.table("transactions").scan().to_arrow()
+    assert changes.num_rows == 64 and rows["RAW.TRANSACTIONS"] == rows["STAGING.TRANSACTION_CHANGES"] == 64
+    assert raw_positions(stack, database, "RAW.TRANSACTIONS", "TRANSACTION_ID") == lake_positions(
+        lake, "transactions", "transaction_id"
+    )
+    warehouse = warehouse_for(stack, database)
+    try:
+        assert warehouse.scalar("SELECT COUNT(DISTINCT EVENT_ID) FROM RAW.USER_EVENTS") == 715
+        assert warehouse.scalar("SELECT COUNT(*) FROM CONTROL.INCOMING_USER_EVENTS") == 0  # scratch only
+        assert warehouse.scalar("SELECT SUM(ROWS_LOADED) FROM CONTROL.LOADS WHERE TABLE_NAME = 'user_events'") == 715
+    finally:
+        warehouse.close()
 
 
 # --- sessions that heal: the warehouse restarts, the warehouse hangs ------------------------------------------------

@@ -65,7 +65,7 @@ def test_plan_reads_only_new_rows_and_skips_compactions(table) -> None:  # type:
     assert lake.plan(table, "user_events", None, None) is None  # no snapshot yet
     _append(table, payloads[:30], 0, 0)
     first = lake.plan(table, "user_events", None, None)
-    assert first is not None and first.since is None and first.row_filter == AlwaysTrue()
+    assert first is not None and first.since is None and first.row_filter == AlwaysTrue() and not first.rereads
     assert _read(table, first).num_rows == 30
     assert first.batch_id == f"user_events-{first.snapshot_id}" and first.offsets == {("ev", 0): 30}
     assert lake.plan(table, "user_events", first.snapshot_id, first.offsets) is None
@@ -73,7 +73,7 @@ def test_plan_reads_only_new_rows_and_skips_compactions(table) -> None:  # type:
     _append(table, payloads[30:50], 0, 30)
     _append(table, payloads[50:], 1, 0)
     second = lake.plan(table, "user_events", first.snapshot_id, first.offsets)
-    assert second is not None and second.since == {("ev", 0): 30}
+    assert second is not None and second.since == {("ev", 0): 30} and not second.rereads  # partition 1 is new
     new = _read(table, second)
     partitions, positions = new.column("_kafka_partition").to_pylist(), new.column("_kafka_offset").to_pylist()
     offsets = sorted(zip(partitions, positions, strict=True))
@@ -84,7 +84,10 @@ def test_plan_reads_only_new_rows_and_skips_compactions(table) -> None:  # type:
     assert lake.plan(table, "user_events", second.snapshot_id, second.offsets) is None  # nothing new
     # The last loaded snapshot may be long expired: only its offsets matter.
     third = lake.plan(table, "user_events", 12345, {("ev", 0): 45, ("ev", 1): 10})
-    assert third is not None and _read(table, third).num_rows == 5
+    assert third is not None and _read(table, third).num_rows == 5 and not third.rereads
+    # Offsets past the snapshot's (they went backwards): that partition is read whole, rows loaded before again.
+    backwards = lake.plan(table, "user_events", 12345, {("ev", 0): 70, ("ev", 1): 10})
+    assert backwards is not None and backwards.rereads and _read(table, backwards).num_rows == 50
 
 
 def test_a_recreated_topic_is_read_whole_since_its_offsets_start_again(table) -> None:  # type: ignore[no-untyped-def]
@@ -100,11 +103,49 @@ def test_a_recreated_topic_is_read_whole_since_its_offsets_start_again(table) ->
         table, "user_events", first.snapshot_id, lake.decode_offsets(stored), lake.decode_topic_ids(stored)
     )
     assert second is not None and second.since == {} and second.topic_ids == {"ev": "id-2"}
+    assert second.rereads and not first.rereads  # offsets 0-9 of the old topic are read again: RAW has them
     read = set(_read(table, second).column("event_id").to_pylist())
     assert {str(record["event_id"]) for _, _, record in events[10:]} <= read  # offsets 0-9 of the new topic too
     # Without the ids, offset 10 onwards only: the first 10 events of the new incarnation would be missed.
     blind = lake.plan(table, "user_events", first.snapshot_id, lake.decode_offsets(stored))
     assert blind is not None and len(set(_read(table, blind).column("event_id").to_pylist())) == 20
+    assert not blind.rereads
+
+
+def test_an_older_incarnations_rows_past_the_new_offsets_make_batches_reread_until_passed(table) -> None:  # type: ignore[no-untyped-def]
+    payloads = [p for _, p, _ in encoded_events(75)]
+    _append(table, payloads[:30], 0, 0, topic_id="id-1")  # offsets 0-29 of the old topic
+
+    def load(last: lake.Plan | None, stored: str | None) -> tuple[lake.Plan, str, int]:
+        """Plan from what CONTROL.LOADS holds, read the batch, and what the loader would store for it."""
+        batch = lake.plan(
+            table, "user_events", last and last.snapshot_id, lake.decode_offsets(stored),
+            lake.decode_topic_ids(stored), lake.decode_older_rows_until(stored),
+        )  # fmt: skip
+        assert batch is not None
+        read = _read(table, batch)
+        ends: lake.Offsets = {}
+        for piece in read.to_batches():  # as the loader does, batch by batch
+            for tp, end in lake.read_ends(piece).items():
+                ends[tp] = max(ends.get(tp, 0), end)
+        return batch, lake.encode_offsets(batch.offsets, batch.topic_ids, batch.older_rows_after(ends)), read.num_rows
+
+    first, stored, rows = load(None, None)
+    assert rows == 30 and not first.rereads and lake.decode_older_rows_until(stored) == {}
+    _append(table, payloads[30:40], 0, 0, topic_id="id-2")  # the topic re-created: offsets 0-9 again
+    second, stored, rows = load(first, stored)
+    assert second.rereads and rows == 40  # read whole
+    assert lake.decode_older_rows_until(stored) == {("ev", 0): 30}  # the old rows end at 30, the new at 10
+    _append(table, payloads[40:50], 0, 10, topic_id="id-2")
+    third, stored, rows = load(second, stored)
+    assert third.rereads and rows == 20 + 10  # offsets >= 10: the old topic's 10-29 again, and the new 10-19
+    assert lake.decode_older_rows_until(stored) == {("ev", 0): 30}
+    _append(table, payloads[50:70], 0, 20, topic_id="id-2")
+    fourth, stored, rows = load(third, stored)
+    assert fourth.rereads and rows == 10 + 20 and lake.decode_older_rows_until(stored) == {}  # passed: 40 > 30
+    _append(table, payloads[70:], 0, 40, topic_id="id-2")
+    fifth, stored, rows = load(fourth, stored)
+    assert not fifth.rereads and rows == 5
 
 
 def test_raw_rows_shape_timestamps_json_and_provenance() -> None:

@@ -63,6 +63,27 @@ def test_phase_two_order_and_the_first_archived_row_wins() -> None:
         sql.phase_two(sql.Schemas(), "dead_letters")
 
 
+def test_a_batch_that_rereads_lands_in_the_scratch_twin_and_adds_only_unseen_rows() -> None:
+    assert sql.copy_into(CUSTOM, "transactions", "b", incoming=True).startswith(
+        "COPY INTO CTL.INCOMING_TRANSACTIONS FROM @CTL.LOADER_STAGE/transactions/b/ "
+    )
+    assert sql.create_incoming(CUSTOM, "user_events") == (
+        "CREATE OR REPLACE TRANSIENT TABLE CTL.INCOMING_USER_EVENTS LIKE L0.USER_EVENTS"
+    )
+    assert sql.insert_unseen(CUSTOM, "user_events") == (
+        "INSERT INTO L0.USER_EVENTS SELECT * FROM CTL.INCOMING_USER_EVENTS i WHERE NOT EXISTS "
+        "(SELECT 1 FROM L0.USER_EVENTS r WHERE r.ARCHIVE_POSITION = i.ARCHIVE_POSITION AND r.EVENT_ID = i.EVENT_ID)"
+    )
+    assert "r.CHANGE_KEY = i.CHANGE_KEY" in sql.insert_unseen(CUSTOM, "transactions")
+
+
+@pytest.mark.parametrize(("table", "raw"), sorted(sql.RAW_TABLES.items()))
+def test_every_raw_table_has_an_identity_of_its_columns(table: str, raw: str) -> None:
+    identity = sql.RAW_IDENTITY[table]
+    assert identity[0] == "ARCHIVE_POSITION" and len(identity) > 1  # where it was archived, and what it is
+    assert set(identity) <= set(_ddl_columns(raw))
+
+
 def _ddl_columns(table: str) -> list[str]:
     text = "\n".join(m.sql for m in load_migrations())
     body = re.search(rf"\.{table} \((.*?)\n\);", text, re.S)
