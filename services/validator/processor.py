@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from time import monotonic
@@ -46,7 +46,7 @@ from services.contracts.topics import (
     REFERENCE_TOPICS,
     dead_letter_topic,
 )
-from services.kit.avro import SchemaRepository
+from services.kit.avro import AvroDeserializer, Decoded, SchemaRepository
 from services.kit.kafka import client_config
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import RuleEngine
@@ -65,7 +65,7 @@ from services.validator.reference_feed import ReferenceFeed
 from services.validator.references import ReferenceStore
 from services.validator.retry import RetryPolicy, parse_retry_headers
 from services.validator.rulebook import DEFAULT_RULES_DIR, RuleBook
-from services.validator.runtime import InputRecord, StreamRuntimeSettings
+from services.validator.runtime import AcceptedMemory, InputRecord, StreamRuntimeSettings
 from services.validator.runtime import Output as RuntimeOutput
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class ValidatorProcessor:
         max_record_bytes: int | None = None,
     ) -> None:
         self.topics = topics
+        self.schemas = schemas
+        self._processed_decoder: AvroDeserializer | None = None
         self.max_record_bytes = max_record_bytes
         self.rulebook = rulebook
         self.feed = feed
@@ -232,6 +234,38 @@ class ValidatorProcessor:
         """When a retry record is due (Unix time), None if it is due now or carries no retry headers."""
         state = parse_retry_headers(record.headers)
         return None if state is None else state.not_before.timestamp()
+
+    # -- the duplicate memory, rebuilt from what was accepted (the runtime's memory hook) -------------------------
+    def accepted_memory(self) -> AcceptedMemory | None:
+        """Events accepted from events.raw and events.raw.retry are on events.processed: the runtime reads those of
+        the DUPLICATE_ALLOW_ONE window back into `remember_accepted` when it is given those partitions, so a
+        duplicate of an event accepted before a restart or a rebalance is still one. None without such a rule."""
+        window = self.engine.dedupe_window("event")
+        if window is None:
+            return None
+        processed = self.topics.events_processed
+        return AcceptedMemory(
+            sources={self.topics.events_raw: processed, self.topics.events_retry: processed},
+            window_s=window.total_seconds(),
+            max_records=self.engine.dedupe.max_entries,
+            remember=self.remember_accepted,
+        )
+
+    def remember_accepted(self, payloads: Iterable[bytes | None]) -> int:
+        """Remember the events of `payloads` (events.processed values, oldest first) as accepted, as if this
+        process had accepted them: same keys (canonical ids), same event-time window, the first one wins.
+        Payloads that do not decode are skipped. Returns how many events were remembered."""
+        decode = self._processed_decoder
+        if decode is None:
+            decode = self._processed_decoder = AvroDeserializer(self.schemas, "processed_event")
+        remember = self.engine.remember_accepted
+        now = self.engine.clock()
+        remembered = 0
+        for payload in payloads:
+            decoded = decode(payload)
+            if isinstance(decoded, Decoded) and remember(decoded.record, "event", now=now):
+                remembered += 1
+        return remembered
 
     # -- replays ------------------------------------------------------------------------------------------------
     def _seen_replay(self, headers: Sequence[tuple[str, bytes | None]]) -> bool:
