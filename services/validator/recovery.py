@@ -23,6 +23,11 @@ transactions would hide those; the local broker's are unreliable, so instead:
    same outputs as before (same count, same topics at the indexes found); if it does not (a retry that was not
    due then and is now), none are produced again: what the log has stands.
 
+4. **Memory.** In the same step, a processor that remembers what it accepted (`runtime.accepted_memory`: the
+   validator's duplicate window) gets that memory back for the new partitions: the output records of its
+   window are read back and handed to it (`rebuild_memory`), so a duplicate of a record accepted before the
+   restart or rebalance is still one.
+
 The first time an input partition is seen (no floors yet) its floors are written before any of its records
 is processed, so a crash before the first commit is covered too. A worker upgraded from a version without
 floors cannot know what it emitted before: it says so in the log once per partition.

@@ -78,7 +78,9 @@ def test_the_first_accepted_wins_over_a_read_back_copy(
 def test_a_processor_without_a_duplicate_rule_offers_no_memory(
     schemas: SchemaRepository, references: ReferenceStore, rules_dir
 ) -> None:
-    book = RuleBook(rules_dir(events="rules:\n  - {id: id_present, type: MANDATORY, applies_to: [event], fields: [event_id]}\n"))
+    book = RuleBook(
+        rules_dir(events="rules:\n  - {id: id_present, type: MANDATORY, applies_to: [event], fields: [event_id]}\n")
+    )
     assert accepted_memory(ValidatorProcessor(book, schemas, references=references)) is None
     assert accepted_memory(lambda batch: []) is None
 
