@@ -439,6 +439,7 @@ class BatchRunner(Service):
         wanted = [tp for tp in inputs if memory is not None and tp[0] in memory.sources]
         if memory is None or not wanted:
             return
+        unready = False
         for attempt in range(1, MEMORY_ATTEMPTS + 1):
             try:
                 reread = await asyncio.to_thread(rebuild_memory, self.client_config, wanted, memory)
@@ -446,6 +447,7 @@ class BatchRunner(Service):
             except Exception as error:
                 if attempt == MEMORY_ATTEMPTS:
                     raise MemoryNotRebuilt(f"{type(error).__name__}: {error}") from error
+                unready = True
                 self.health.set_ready(False, "rebuilding the duplicate memory")
                 log.warning(
                     "reading back accepted records failed (attempt %d of %d): %s: %s",
@@ -455,7 +457,8 @@ class BatchRunner(Service):
                     error,
                 )
                 await asyncio.sleep(min(2.0**attempt, 10.0))
-        self.health.set_ready(True)
+        if unready:
+            self.health.set_ready(True)
         MEMORY_SECONDS.observe(reread.seconds)
         MEMORY_RECORDS.inc(reread.remembered)
         log.info(
