@@ -1,14 +1,16 @@
 """Bounded, in-memory memory of keys already accepted, for DUPLICATE_ALLOW_ONE rules.
 
-Deliberately **not durable**: Faust table recovery is unreliable on the local broker (Tansu), and a changelog
-of millions of event ids would cost more than it saves. It catches the common case (a producer or a replay
-re-sending a record within minutes, on the same partition since events are keyed by user_id); the sinks
-being idempotent on `event_id` make the end result exactly-once whatever slips through (after a restart, a
-rebalance, or beyond the window).
+Not a changelog (Faust table recovery is unreliable on the local broker, Tansu): the memory is *rebuilt* instead.
+When the streaming runtime is given partitions of events.raw or events.raw.retry (start, restart after a
+`kill -9`, rebalance), before processing any of their records it reads back what they accepted, the
+events.processed records of the rule's window (plus a 5-minute margin, bounded by `max_entries`), and feeds
+them here through `ValidatorProcessor.remember_accepted` (services/validator/recovery.py `rebuild_memory`).
+So a producer's copy of an event accepted before a restart or by another worker is still its duplicate,
+within the window. Events are keyed by user_id, so copies of one event land on the same partition.
 
 Bounds: an entry expires once the newest event time seen is more than the rule's window past it, and the
 oldest entries are evicted beyond `max_entries`. The effective window is therefore
-min(window, max_entries / event rate).
+min(window, max_entries / event rate), after a restart as before it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -195,6 +195,30 @@ class RuleEngine:
         verdict = Verdict(Outcome.REJECT if errors else Outcome.ACCEPT, tuple(errors), (), 0, ruleset.version)
         self.outcomes[verdict.outcome] += 1
         return verdict
+
+    def dedupe_window(self, kind: str) -> timedelta | None:
+        """The longest DUPLICATE_ALLOW_ONE window of `kind` (None when no such rule applies to it)."""
+        windows = [
+            rule.spec.window
+            for rule in self.rulebook.current.for_kind(kind)
+            if rule.type is RuleType.DUPLICATE_ALLOW_ONE
+        ]
+        return max(windows) if windows else None
+
+    def remember_accepted(self, record: Mapping[str, Any], kind: str, *, now: datetime | None = None) -> bool:
+        """Remember `record` as accepted earlier (e.g. read back from the processed topic after a restart), for
+        every DUPLICATE_ALLOW_ONE rule of `kind` whose `when` holds: what `evaluate` remembers on ACCEPT, with the
+        same semantics (the rule's window in event time, the first one wins). Whether any rule took it."""
+        now = now if now is not None else self.clock()
+        taken = False
+        for rule in self.rulebook.current.for_kind(kind):
+            if rule.type is not RuleType.DUPLICATE_ALLOW_ONE or (
+                rule.when is not None and not rule.when.test(record, now)
+            ):
+                continue
+            self._remember(rule, record, now)
+            taken = True
+        return taken
 
     def _remember(self, rule: CompiledRule, record: Mapping[str, Any], now: datetime) -> None:
         key = rule.dedupe_key(record)

@@ -23,6 +23,11 @@ transactions would hide those; the local broker's are unreliable, so instead:
    same outputs as before (same count, same topics at the indexes found); if it does not (a retry that was not
    due then and is now), none are produced again: what the log has stands.
 
+4. **Memory.** In the same step, a processor that remembers what it accepted (`runtime.accepted_memory`: the
+   validator's duplicate window) gets that memory back for the new partitions: the output records of its
+   window are read back and handed to it (`rebuild_memory`), so a duplicate of a record accepted before the
+   restart or rebalance is still one.
+
 The first time an input partition is seen (no floors yet) its floors are written before any of its records
 is processed, so a crash before the first commit is covered too. A worker upgraded from a version without
 floors cannot know what it emitted before: it says so in the log once per partition.
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +45,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, 
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from services.contracts.headers import SOURCE
-from services.validator.runtime import Header, Output
+from services.validator.runtime import AcceptedMemory, Header, Output
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +299,136 @@ def recover(
     emitted = {tp: by_offset for tp, by_offset in emitted.items() if by_offset}
     newest = {tp: max(by_offset) for tp, by_offset in emitted.items()}
     return Recovered(emitted, newest, without)
+
+
+# --- the processor's memory of what it accepted (the duplicate window), read back from the output topics -------
+def accepted_partitions(
+    inputs: Iterable[Partition], sources: Mapping[str, str], counts: Mapping[str, int]
+) -> list[Partition]:
+    """The output partitions holding what the input partitions `inputs` accepted: records are keyed alike and
+    partitioned by the same hash of the key, so with equal partition counts input partition p's accepted
+    records are in output partition p; otherwise they may be in any of them."""
+    wanted: set[Partition] = set()
+    for topic, partition in inputs:
+        output = sources.get(topic)
+        if output is None or output not in counts:
+            continue
+        if counts.get(topic) == counts[output]:
+            wanted.add((output, partition))
+        else:
+            wanted.update((output, p) for p in range(counts[output]))
+    return sorted(wanted)
+
+
+@dataclass(slots=True)
+class Reread:
+    """What `read_accepted` read back."""
+
+    partitions: int
+    records: int  # read from the output partitions (within the bounds)
+    remembered: int  # taken by the processor
+    seconds: float
+    by_time: bool  # the broker located the time bound itself (ListOffsets by timestamp)
+
+
+def time_index_works(admin: AdminClient, partitions: Sequence[Partition], timeout: float) -> bool:
+    """Whether the broker answers ListOffsets by timestamp: asked for a time after every record, a Kafka broker
+    answers -1 (no such offset). The local broker (Tansu 0.6) answers 0 for any time: there the time bound is
+    applied while reading, by each record's timestamp, and the count bound alone limits where reading starts."""
+    if not partitions:
+        return False
+    future = int(time.time() * 1000) + 86_400_000
+    futures = admin.list_offsets(
+        {TopicPartition(t, p): OffsetSpec.for_timestamp(future) for t, p in partitions[:1]}, request_timeout=timeout
+    )
+    return all(f.result().offset < 0 for f in futures.values())
+
+
+def read_accepted(
+    config: Mapping[str, Any],
+    partitions: Sequence[Partition],
+    *,
+    since_ms: int,
+    max_records: int,
+    remember: Callable[[Iterable[bytes | None]], int],
+    timeout: float = 120.0,
+) -> Reread:
+    """Hand `remember` the values of the records of `partitions` written since `since_ms` (record timestamp, the
+    producer's clock), oldest first per partition, to their true end. At most about `max_records` in all: each
+    partition is read from at least its "latest" (a lower bound of its end here) less its share of it."""
+    started = time.monotonic()
+    if not partitions:
+        return Reread(0, 0, 0, 0.0, False)
+    admin = AdminClient(dict(config))
+    tps = [TopicPartition(t, p) for t, p in partitions]
+    earliest = admin.list_offsets({tp: OffsetSpec.earliest() for tp in tps}, request_timeout=timeout)
+    latest = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout)
+    share = max(1, max_records // len(partitions))
+    starts: dict[Partition, int] = {}
+    for tp in tps:
+        first = max(0, earliest[tp].result().offset)
+        starts[(tp.topic, tp.partition)] = max(first, latest[tp].result().offset - share)
+    by_time = time_index_works(admin, list(partitions), timeout)
+    if by_time:
+        located = admin.list_offsets({tp: OffsetSpec.for_timestamp(since_ms) for tp in tps}, request_timeout=timeout)
+        for tp, found in located.items():
+            offset = found.result().offset
+            position = (tp.topic, tp.partition)
+            starts[position] = max(starts[position], offset) if offset >= 0 else -1  # -1: nothing that recent
+    pending = {tp for tp, start in starts.items() if start >= 0}
+    records = remembered = 0
+    consumer = Consumer(
+        {
+            **config,
+            "group.id": "lp-validator-memory",  # assign() only: never joins, never commits
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in sorted(pending)])
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"reading back accepted records of {sorted(pending)}: not at their end after {timeout}s"
+                )
+            values: list[bytes | None] = []
+            for message in consumer.consume(10_000, 0.5):
+                error = message.error()
+                if error is None:
+                    if message.timestamp()[1] >= since_ms:
+                        values.append(message.value())
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard((message.topic(), message.partition()))
+                else:
+                    raise KafkaException(error)
+            if values:
+                records += len(values)
+                remembered += remember(values)
+    finally:
+        consumer.close()
+    return Reread(len(partitions), records, remembered, time.monotonic() - started, by_time)
+
+
+MEMORY_MARGIN_S = 300.0  # clock skew between the record timestamps and event times a window may span
+
+
+def rebuild_memory(
+    config: Mapping[str, Any], inputs: Sequence[Partition], memory: AcceptedMemory, timeout: float = 120.0
+) -> Reread:
+    """Feed `memory` the records its input partitions `inputs` accepted within its window (plus a margin), from
+    the output topics it names, bounded by its size (blocking: run it in a thread)."""
+    metadata = AdminClient(dict(config)).list_topics(timeout=timeout)  # all topics: naming one would create it
+    counts = {name: len(entry.partitions) for name, entry in metadata.topics.items() if entry.error is None}
+    partitions = accepted_partitions(inputs, memory.sources, counts)
+    since_ms = int((time.time() - memory.window_s - MEMORY_MARGIN_S) * 1000)
+    return read_accepted(
+        config,
+        partitions,
+        since_ms=since_ms,
+        max_records=memory.max_records,
+        remember=memory.remember,
+        timeout=timeout,
+    )

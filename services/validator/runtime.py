@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -99,6 +99,28 @@ def hold_hooks(processor: object) -> tuple[frozenset[str], Callable[[InputRecord
     if not topics or not callable(not_before):
         return frozenset(), _never_held
     return topics, not_before
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedMemory:
+    """What a processor remembers of the records it accepted (a duplicate window), and where the runtime finds
+    them again to rebuild that memory when it is given input partitions (after a restart or a rebalance)."""
+
+    sources: Mapping[str, str]  # input topic -> the output topic holding the records it accepted
+    window_s: float  # how far back, in record time, the memory reaches
+    max_records: int  # the memory's size bound: older accepted records are not worth reading back
+    remember: Callable[[Iterable[bytes | None]], int]  # feed accepted payloads (oldest first); returns how many
+
+
+def accepted_memory(processor: object) -> AcceptedMemory | None:
+    """A processor with state about what it accepted offers `accepted_memory()`: the runtime then rebuilds that
+    state from the output topics before processing newly assigned partitions. None: nothing to rebuild."""
+    owner = getattr(processor, "__self__", processor)  # a bound `process` method: its object has the hook
+    offer = getattr(owner, "accepted_memory", None)
+    if not callable(offer):
+        return None
+    memory = offer()
+    return memory if isinstance(memory, AcceptedMemory) and memory.sources else None
 
 
 def load_processor(spec: str) -> Processor:

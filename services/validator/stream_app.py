@@ -60,6 +60,7 @@ from services.validator.recovery import (
     FloorStore,
     Partition,
     drop_emitted,
+    rebuild_memory,
     recover,
     stamp_outputs,
     with_stamp,
@@ -71,6 +72,7 @@ from services.validator.runtime import (
     Processor,
     StreamRuntimeSettings,
     TopicsMissing,
+    accepted_memory,
     headers_with_trace,
     hold_hooks,
     load_processor,
@@ -108,9 +110,23 @@ RECOVERY_SECONDS = Histogram(
     "Reading floors and output tails for newly assigned input partitions",
     buckets=LATENCY_BUCKETS,
 )
+MEMORY_SECONDS = Histogram(
+    "lp_validator_runtime_memory_rebuild_seconds",
+    "Reading back the records newly assigned input partitions accepted (the processor's duplicate memory)",
+    buckets=LATENCY_BUCKETS,
+)
+MEMORY_RECORDS = Counter(
+    "lp_validator_runtime_memory_rebuilt_records_total", "Accepted records read back into the processor's memory"
+)
+MEMORY_ATTEMPTS = 4  # reading back accepted records: tries before the worker fails
 
 MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
 _REQUEST_OVERHEAD = 1024  # produce request and batch headers around a single record
+
+
+class MemoryNotRebuilt(RuntimeError):
+    """The processor's accepted-records memory could not be read back: the worker stops rather than go on
+    without it (a duplicate of an event accepted before would be accepted again)."""
 
 
 class DeliveryFailed(RuntimeError):
@@ -411,6 +427,48 @@ class BatchRunner(Service):
             outputs,
             sum(len(by_offset) for by_offset in found.emitted.values()),
             extra={"partitions": len(inputs), "outputs_in_log": outputs, "without_floors": found.without_floors},
+        )
+        await self._rebuild_memory(inputs)
+
+    async def _rebuild_memory(self, inputs: Sequence[Partition]) -> None:
+        """The processor's memory of what it accepted (the duplicate window) for newly assigned input partitions,
+        read back from the output topics before any of their records is processed. A read that fails is retried
+        (readiness down meanwhile); after MEMORY_ATTEMPTS the worker fails (exit 1, nothing of those partitions
+        processed or committed): it never goes on without the memory."""
+        memory = accepted_memory(self.processor)
+        wanted = [tp for tp in inputs if memory is not None and tp[0] in memory.sources]
+        if memory is None or not wanted:
+            return
+        unready = False
+        for attempt in range(1, MEMORY_ATTEMPTS + 1):
+            try:
+                reread = await asyncio.to_thread(rebuild_memory, self.client_config, wanted, memory)
+                break
+            except Exception as error:
+                if attempt == MEMORY_ATTEMPTS:
+                    raise MemoryNotRebuilt(f"{type(error).__name__}: {error}") from error
+                unready = True
+                self.health.set_ready(False, "rebuilding the duplicate memory")
+                log.warning(
+                    "reading back accepted records failed (attempt %d of %d): %s: %s",
+                    attempt,
+                    MEMORY_ATTEMPTS,
+                    type(error).__name__,
+                    error,
+                )
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+        if unready:
+            self.health.set_ready(True)
+        MEMORY_SECONDS.observe(reread.seconds)
+        MEMORY_RECORDS.inc(reread.remembered)
+        log.info(
+            "duplicate memory rebuilt for %d input partitions: %d accepted records read back from %d output "
+            "partitions in %.1fs",
+            len(wanted),
+            reread.records,
+            reread.partitions,
+            reread.seconds,
+            extra={"records": reread.records, "remembered": reread.remembered, "seconds": round(reread.seconds, 3)},
         )
 
     @property

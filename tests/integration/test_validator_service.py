@@ -29,7 +29,7 @@ from services.declarations.apply import apply_declarations
 from services.generator.bad_events import BAD_KINDS, BadEventGenerator
 from services.generator.model import Simulation
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
-from services.kit.kafka import scan_topic
+from services.kit.kafka import committed_offsets, scan_topic
 from services.testing.net import free_port, http_status, metric_totals
 from services.testing.processes import run_module, start_module, stop, wait_for
 from services.validator.cdc import make_envelope
@@ -609,5 +609,83 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(stack, validator_env: dict
         assert set(counts) == ids
         assert not dead, Counter(headers_of(m)["lp-dlq-error-code"].decode() for m in dead)
         print(f"replayed after kill -9 (at least once): {sum(counts.values()) - len(ids)} duplicates")
+    finally:
+        stop_validator(process)
+
+
+def test_a_duplicate_of_an_event_accepted_before_a_kill_9_is_still_a_duplicate(
+    stack, validator_env: dict[str, str], tmp_path: Path
+) -> None:
+    """An event is accepted and its input committed, the worker is killed (-9) and restarted: copies of the
+    event arriving then (same event_id, and the event_id in upper case) are dead-lettered as DUPLICATE /
+    event_id_unique, because the restarted worker read the duplicate window back from events.processed;
+    events.processed holds the event once. (Before, the memory started empty and the copy was a second row.)"""
+    bootstrap = stack.bootstrap_servers
+    log_path = tmp_path / "validator.log"
+    seed = int(uuid.uuid4().int % 1_000_000)
+    sim = Simulation(seed, n_users=20, n_products=20, start_time=datetime.now(UTC))
+    seed_references(bootstrap, sim)
+    serialize = AvroSerializer(SchemaRepository.load()["raw_event"])
+    decode = AvroDeserializer(SchemaRepository.load(), "processed_event")
+    producer = Producer({"bootstrap.servers": bootstrap})
+    delivered: list[Message] = []
+
+    def produce(record: dict[str, Any], key: bytes | str, test_id: str) -> None:
+        def on_delivery(error: Any, message: Message) -> None:
+            assert error is None, error
+            delivered.append(message)
+
+        producer.produce(
+            "events.raw", serialize(record), key, headers=[(TEST_ID, test_id.encode())], on_delivery=on_delivery
+        )
+        assert producer.flush(30) == 0
+
+    run = uuid.uuid4().hex[:8]  # the topics are shared by the session: test ids unique to this run
+    first, later_id = f"{run}-original", f"{run}-later"
+    event = sim.next_event(datetime.now(UTC))
+    original = event.to_record()
+    event_id = original["event_id"]
+    assert event_id == event_id.lower()
+    process = start_validator(validator_env, log_path)
+    try:
+        produce(original, event.key, first)
+        (sent,) = delivered
+        wait_for(lambda: read_ours(bootstrap, "events.processed", {first}), 60, "the original", log_path)
+        position = (sent.topic(), sent.partition())
+        group = validator_env["CONSUMER_GROUP"]
+
+        def committed() -> bool:
+            return committed_offsets({"bootstrap.servers": bootstrap}, group, [position])[position] > sent.offset()
+
+        wait_for(committed, 30, "the original's input to be committed", log_path)  # not read again after the kill
+        process.kill()
+        process.wait(10)
+        process = start_validator(validator_env, log_path)
+
+        copy_ids = {f"{run}-same-id": event_id, f"{run}-upper-case-id": event_id.upper()}
+        for test_id, copy_event_id in copy_ids.items():
+            produce({**original, "event_id": copy_event_id}, event.key, test_id)
+        later = sim.next_event(datetime.now(UTC))  # a new event after the copies: the worker is processing
+        produce(later.to_record(), later.key, later_id)
+        ours = {first, later_id, *copy_ids}
+
+        def routed() -> bool:
+            seen = {headers_of(m)[TEST_ID].decode() for m in read_ours(bootstrap, "events.raw.dlq", ours)}
+            return seen >= set(copy_ids) and bool(read_ours(bootstrap, "events.processed", {later_id}))
+
+        wait_for(routed, 90, "the copies to be dead-lettered and the later event processed", log_path)
+        time.sleep(2)  # anything else would show by now
+        processed = read_ours(bootstrap, "events.processed", ours)
+        assert sorted(headers_of(m)[TEST_ID].decode() for m in processed) == sorted([later_id, first])
+        event_ids = [decode(m.value()).record["event_id"] for m in processed]  # type: ignore[union-attr]
+        assert event_ids.count(event_id) == 1
+        dead = read_ours(bootstrap, "events.raw.dlq", ours)
+        reasons = {
+            headers_of(m)[TEST_ID].decode(): (headers_of(m)["lp-dlq-error-code"], headers_of(m)["lp-dlq-rule"])
+            for m in dead
+        }
+        assert reasons == dict.fromkeys(copy_ids, (b"DUPLICATE", b"event_id_unique")), reasons
+        assert len(dead) == 2
+        assert "duplicate memory rebuilt" in log_path.read_text()
     finally:
         stop_validator(process)

@@ -13,7 +13,17 @@ from faust.types import TP
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.kit.health import Health
-from services.validator.runtime import Batch, InputRecord, Output, Record, StreamRuntimeSettings, TopicsMissing
+from services.validator import stream_app
+from services.validator.recovery import Reread
+from services.validator.runtime import (
+    AcceptedMemory,
+    Batch,
+    InputRecord,
+    Output,
+    Record,
+    StreamRuntimeSettings,
+    TopicsMissing,
+)
 from services.validator.stream_app import BatchConsumer, BatchRunner, _remote_context
 
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -301,3 +311,54 @@ def test_remote_context_parses_traceparent(header, valid):
     assert (context is not None) == valid
     if context is not None:
         assert f"{context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736" and context.is_remote
+
+
+class RememberingProcessor:
+    """A processor with an accepted-records memory (the validator's duplicate window, in miniature)."""
+
+    def __init__(self) -> None:
+        self.remembered: list[bytes | None] = []
+
+    def __call__(self, batch: list[InputRecord]) -> list[Output]:
+        return [Output("out", r.key, r.value, source=r) for r in batch]
+
+    def accepted_memory(self) -> AcceptedMemory:
+        return AcceptedMemory({"in": "out"}, 900.0, 1000, self.remember)
+
+    def remember(self, payloads: Any) -> int:
+        self.remembered += list(payloads)
+        return len(self.remembered)
+
+
+def test_a_failed_memory_rebuild_is_retried_with_readiness_down_then_the_worker_fails(monkeypatch):
+    calls: list[list[tuple[str, int]]] = []
+    readiness: list[bool] = []
+
+    def broken(config: Any, inputs: list[tuple[str, int]], memory: AcceptedMemory) -> Any:
+        calls.append(list(inputs))
+        readiness.append(runner.health.readiness()[0])
+        raise ConnectionError("broker down")
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    processor = RememberingProcessor()
+    runner, _, _ = make_runner(processor, {"out": 3})
+    runner.health.set_ready(True)
+    monkeypatch.setattr(stream_app, "rebuild_memory", broken)
+    monkeypatch.setattr(stream_app.asyncio, "sleep", no_wait)
+    with pytest.raises(stream_app.MemoryNotRebuilt, match="broker down"):
+        run(runner._rebuild_memory([("in", 0), ("other", 0)]))
+    assert calls == [[("in", 0)]] * stream_app.MEMORY_ATTEMPTS  # only the partitions whose topic it remembers
+    assert readiness == [True, False, False, False]  # down from the first failure on
+    assert runner.health.readiness()[0] is False
+
+    def works(config: Any, inputs: list[tuple[str, int]], memory: AcceptedMemory) -> Any:
+        memory.remember([b"a", b"b"])
+        return Reread(1, 2, 2, 0.01, False)
+
+    attempts = iter([broken, works])
+    monkeypatch.setattr(stream_app, "rebuild_memory", lambda *args: next(attempts)(*args))
+    calls.clear()
+    run(runner._rebuild_memory([("in", 1)]))
+    assert processor.remembered == [b"a", b"b"] and runner.health.readiness()[0] is True  # ready again
