@@ -19,7 +19,9 @@ from services.clickhouse_sink.settings import ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
+from services.contracts.schema_store import writer_resolver
 from services.contracts.topics import dead_letter_topic
+from services.kit.avro import WriterResolver
 from services.kit.sink import Rejection, Sink, SinkService
 from services.stores import clickhouse_queries as queries
 from services.stores.clickhouse import make_client, wait_for_server
@@ -57,6 +59,9 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
         return from_sink_rejection(rejection, now=now, sink=self.sink.name)
+
+    def writer_resolver(self) -> WriterResolver | None:
+        return writer_resolver(self.settings)  # newer writer versions from the operator's schema store
 
     def dead_letter_topic(self, topic: str) -> str:
         return dead_letter_topic(topic, self.sink.name)
