@@ -55,6 +55,7 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
             latency_sample_every=s.clickhouse_sink_latency_sample_every,
             fault_file=s.clickhouse_sink_fault_file,
             kill_after_inserts=s.clickhouse_sink_kill_after_inserts,
+            schemas=self.schemas,  # the service's, with the schema store's resolver: newer writers decode too
         )
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:

@@ -74,6 +74,7 @@ class _Group:
 
     members: list[_Pending]
     written: bool = False  # the store accepted them: a retry only redoes the dead letters
+    waits_for_schemas: bool = False  # held back because the schema store could not be read
     attempts: int = 0
     next_attempt_at: float = 0.0
 
@@ -289,6 +290,7 @@ class SinkRunner:
                     if not other.paused:
                         self.consumer.pause([KafkaTopicPartition(*other.tp)])
                         other.paused = True
+        self._schema_store_up()  # a group given up no longer waits for the store
 
     # -- assignment resolution -----------------------------------------------------------------------------
     def _resolve_assignments(self, now: float) -> None:
@@ -432,6 +434,7 @@ class SinkRunner:
         for state, _taken, _last in members:
             state.group = group
         if any(p.unchecked is not None for p in pendings):
+            group.waits_for_schemas = True
             self._backoff(group, now, None, f"schema store: {self.schema_store_down}")
             return
         self._attempt(group, now)
@@ -446,6 +449,7 @@ class SinkRunner:
                 state.next_resolve_at = 0.0
                 state.messages.clear()
                 state.group = None  # a batch waiting for a retry was read before the fence: never write it
+        self._schema_store_up()
 
     def _prepare(self, tp: TopicPartition, messages: list[Message], last: int) -> _Pending:
         try:
@@ -506,7 +510,9 @@ class SinkRunner:
                         member.unchecked = None
                 self._write(group)
                 group.written = True
-            self._schema_store_up()
+            if group.waits_for_schemas:
+                group.waits_for_schemas = False
+                self._schema_store_up()
             rejected = [r for m in group.members for r in m.decode_rejections + (m.result or WriteResult()).rejected]
             if rejected:
                 self._dead_letter(rejected)
@@ -514,6 +520,7 @@ class SinkRunner:
             self._backoff(group, now, error.retry_after_s, str(error))
             return False
         except SchemaStoreUnavailable as error:  # no record is at fault: the same batch again later, nothing refused
+            group.waits_for_schemas = True
             self._schema_store_down(str(error))
             self._backoff(group, now, None, f"schema store: {error}")
             return False
@@ -539,6 +546,9 @@ class SinkRunner:
             self.health.dependency_down(SCHEMA_STORE, reason)
 
     def _schema_store_up(self) -> None:
+        """A group held back for the store went through: the store is up unless another group still waits."""
+        if any(g.waits_for_schemas for g in self._groups()):
+            return
         if self.schema_store_down is not None:
             self.schema_store_down = None
             if self.health is not None:
