@@ -569,11 +569,15 @@ class BatchRunner(Service):
         if self.prepare is None:
             return
         prepare = self.prepare
+
+        def prepare_all() -> None:
+            for topic_records in batch.by_topic.values():
+                prepare(topic_records)
+
         attempt = 0
         while True:
             try:
-                for topic_records in batch.by_topic.values():
-                    await asyncio.to_thread(prepare, topic_records)
+                await asyncio.to_thread(prepare_all)  # one thread hop per batch
             except RetryBatchLater as error:
                 attempt += 1
                 await self._wait_for_dependency(error, attempt, epoch)
