@@ -13,7 +13,9 @@ import uuid
 from datetime import datetime
 
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
+from services.contracts.schema_store import writer_resolver
 from services.contracts.topics import dead_letter_topic
+from services.kit.avro import WriterResolver
 from services.kit.memory import use_system_arrow_pool
 from services.kit.sink import Rejection, SinkService, TopicPartition
 from services.stores.iceberg import open_catalog, wait_for_storage
@@ -63,6 +65,9 @@ class ArchiverService(SinkService[ArchiverSettings]):
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
         return from_sink_rejection(rejection, now=now, sink=self.sink.name)
+
+    def writer_resolver(self) -> WriterResolver | None:
+        return writer_resolver(self.settings)  # newer writer versions from the operator's schema store
 
     def dead_letter_topic(self, topic: str) -> str:
         return dead_letter_topic(topic, self.sink.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from services.contracts.schema_store import SchemaStoreSettings
 from services.kit.config import OptionalBrokerList, ServiceSettings
 from services.kit.sink import SinkSettings
 from services.stores.iceberg import CatalogSettings
@@ -21,7 +22,7 @@ class ArchiverCommandSettings(CatalogSettings, ServiceSettings):
     kafka_bootstrap_servers: OptionalBrokerList = Field("", description="Only `replay` needs Kafka.")
 
 
-class ArchiverSettings(CatalogSettings, SinkSettings):
+class ArchiverSettings(CatalogSettings, SinkSettings, SchemaStoreSettings):
     """The service (`python -m services.archiver run`): the catalog, the kit's sink settings, and its own."""
 
     service_name: str = "archiver"

@@ -19,7 +19,9 @@ from services.clickhouse_sink.settings import ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
+from services.contracts.schema_store import writer_resolver
 from services.contracts.topics import dead_letter_topic
+from services.kit.avro import WriterResolver
 from services.kit.sink import Rejection, Sink, SinkService
 from services.stores import clickhouse_queries as queries
 from services.stores.clickhouse import make_client, wait_for_server
@@ -53,10 +55,14 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
             latency_sample_every=s.clickhouse_sink_latency_sample_every,
             fault_file=s.clickhouse_sink_fault_file,
             kill_after_inserts=s.clickhouse_sink_kill_after_inserts,
+            schemas=self.schemas,  # the service's, with the schema store's resolver: newer writers decode too
         )
 
     def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
         return from_sink_rejection(rejection, now=now, sink=self.sink.name)
+
+    def writer_resolver(self) -> WriterResolver | None:
+        return writer_resolver(self.settings)  # newer writer versions from the operator's schema store
 
     def dead_letter_topic(self, topic: str) -> str:
         return dead_letter_topic(topic, self.sink.name)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.contracts.schema_store import SchemaStoreSettings
 from services.kit.config import BindHost
 from services.kit.sink import SinkSettings
 from services.stores.clickhouse import ClickHouseSettings
 
 
-class ClickHouseSinkSettings(SinkSettings, ClickHouseSettings):
+class ClickHouseSinkSettings(SinkSettings, ClickHouseSettings, SchemaStoreSettings):
     """The sink service: SinkSettings (Kafka, batching, backoff) plus ClickHouse and its own options."""
 
     service_name: str = "clickhouse-sink"

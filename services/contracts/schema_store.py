@@ -20,8 +20,12 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.avro import SchemaStoreUnavailable, WriterSchema
+from services.kit.config import OptionalBrokerList, ServiceSettings
+from services.kit.kafka import client_config
 
 SCHEMAS_TOPIC = "_lp_schemas"
 
@@ -192,3 +196,39 @@ class StoreWriterResolver:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+class SchemaStoreSettings(BaseSettings):
+    """How a consumer reads the schema store for writer schemas it was not built with (field `x` from `X`)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    schema_store_resolve: bool = Field(
+        True, description="Resolve unknown writer fingerprints from the _lp_schemas store (false: files only)."
+    )
+    schema_store_bootstrap_servers: OptionalBrokerList = Field(
+        "", description="Brokers holding _lp_schemas (empty: KAFKA_BOOTSTRAP_SERVERS, the usual case)."
+    )
+    schema_store_timeout_s: float = Field(10.0, gt=0, description="Longest read of the store before it counts as down.")
+    schema_store_max_entries: int = Field(1024, ge=1, description="Writer schemas kept in memory (LRU).")
+    schema_store_negative_ttl_s: float = Field(
+        30.0, ge=0, description="How long a fingerprint the store lacks is answered 'unknown' without reading again."
+    )
+
+
+def writer_resolver(settings: SchemaStoreSettings) -> StoreWriterResolver | None:
+    """The resolver a consumer's `SchemaRepository` asks on a miss, from its settings; None when turned off.
+    `settings` is a service's settings that include `SchemaStoreSettings` (the Kafka credentials are the service's)."""
+    if not settings.schema_store_resolve:
+        return None
+    if not isinstance(settings, ServiceSettings):
+        raise TypeError("writer_resolver needs a service's settings (ServiceSettings with SchemaStoreSettings)")
+    config = client_config(settings, client_id=f"{settings.service_name}-schema-store")
+    if settings.schema_store_bootstrap_servers:
+        config["bootstrap.servers"] = settings.schema_store_bootstrap_servers
+    return StoreWriterResolver(
+        config,
+        timeout=settings.schema_store_timeout_s,
+        max_entries=settings.schema_store_max_entries,
+        negative_ttl_s=settings.schema_store_negative_ttl_s,
+    )

@@ -12,7 +12,7 @@ exactly one of: processed (plus a status-history record for transactions), retry
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -22,7 +22,7 @@ from services.contracts import topics
 from services.contracts.deadletter import DeadLetterRecord, OriginalMessage, Stage
 from services.contracts.envelope import OP_DELETE
 from services.contracts.headers import STALE_ON_DEAD_LETTER
-from services.kit.avro import AvroDeserializer, AvroSerializer, DecodeError, SchemaRepository
+from services.kit.avro import HEADER_SIZE, AvroDeserializer, AvroSerializer, DecodeError, SchemaRepository
 from services.validator import rejections
 from services.validator.cdc import CdcFormatError, parse_envelope, table_of_topic
 from services.validator.engine import Outcome, RuleEngine, Verdict
@@ -105,6 +105,15 @@ class EventProcessor:
         # keeps one hostile record from becoming a processed record other stages choke on.
         self.decode = AvroDeserializer(schemas, "raw_event", max_bytes=max_event_bytes)
         self.serialize = AvroSerializer(schemas["processed_event"])
+
+    def resolve_writers(self, values: Iterable[bytes | None]) -> None:
+        """Look up now the writer schema of every payload not written with the current one (cached by the
+        repository, so decoding them later asks nothing). Raises `SchemaStoreUnavailable` when one must come
+        from the schema store and the store cannot be read; a payload that is garbage is left to `process`."""
+        current = self.decode.reader.header
+        for value in values:
+            if value is not None and value[:HEADER_SIZE] != current:
+                self.decode.writer_of(value)
 
     def process(self, message: OriginalMessage) -> Output:
         """A message of events.raw or events.raw.retry (its `lp-retry-*` headers say which attempt it is)."""

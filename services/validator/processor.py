@@ -41,6 +41,7 @@ from pydantic import Field
 
 from services.contracts.deadletter import OriginalMessage
 from services.contracts.headers import REPLAY_SOURCE
+from services.contracts.schema_store import SchemaStoreSettings, writer_resolver
 from services.contracts.topics import (
     CDC_TOPIC_PREFIX,
     EVENTS_RAW,
@@ -48,7 +49,7 @@ from services.contracts.topics import (
     REFERENCE_TOPICS,
     dead_letter_topic,
 )
-from services.kit.avro import AvroDeserializer, Decoded, Schema, SchemaRepository
+from services.kit.avro import AvroDeserializer, Decoded, Schema, SchemaRepository, SchemaStoreUnavailable
 from services.kit.avro_fast import RecordReader, compile_reader
 from services.kit.kafka import client_config
 from services.validator.dedupe import DedupeStore
@@ -68,7 +69,7 @@ from services.validator.reference_feed import ReferenceFeed
 from services.validator.references import ReferenceStore
 from services.validator.retry import RetryPolicy, parse_retry_headers
 from services.validator.rulebook import DEFAULT_RULES_DIR, CompiledRule, RuleBook, RuleType
-from services.validator.runtime import AcceptedMemory, InputRecord, StreamRuntimeSettings
+from services.validator.runtime import AcceptedMemory, InputRecord, RetryBatchLater, StreamRuntimeSettings
 from services.validator.runtime import Output as RuntimeOutput
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,10 @@ NOT_DUE = Counter("lp_validator_retry_not_due_total", "Retry records re-emitted 
 INPUT_TOPICS = f"{EVENTS_RAW},{EVENTS_RAW_RETRY},{CDC_TOPIC_PREFIX}*"
 
 
-class ValidatorSettings(StreamRuntimeSettings):
+SCHEMA_STORE = "schema-store"  # the dependency named in /readyz while the store cannot be read
+
+
+class ValidatorSettings(StreamRuntimeSettings, SchemaStoreSettings):
     """The streaming runtime's settings plus the validator's own (field `x` from variable `X`)."""
 
     input_topics: str = Field(INPUT_TOPICS, description=StreamRuntimeSettings.model_fields["input_topics"].description)
@@ -192,6 +196,8 @@ class ValidatorProcessor:
                 for out in self.process_one(record):
                     routes[out.route] = routes.get(out.route, 0) + 1
                     outputs.append(RuntimeOutput(out.topic, out.key, out.value, out.headers, source=record))
+        except SchemaStoreUnavailable as error:  # `prepare` resolved the writers; only a cache eviction gets here
+            raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
         finally:
             for route, count in routes.items():
                 ROUTED.labels(route.value).inc(count)
@@ -199,6 +205,17 @@ class ValidatorProcessor:
         return outputs
 
     process = __call__
+
+    def prepare(self, batch: list[InputRecord]) -> None:
+        """The runtime's `prepare` hook: look up the writer schemas of the batch's raw events that the files do not
+        have (a producer already on a newer version) before any record is processed, so that a schema store that
+        cannot be read is `RetryBatchLater` for the whole batch, never a dead letter nor a half-processed batch."""
+        if not batch or batch[0].topic not in (self.topics.events_raw, self.topics.events_retry):
+            return
+        try:
+            self.events.resolve_writers(record.value for record in batch)
+        except SchemaStoreUnavailable as error:
+            raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
 
     def process_one(self, record: InputRecord, now: datetime | None = None) -> list[Output]:
         topic = record.topic
@@ -371,7 +388,8 @@ def make_processor(settings: ValidatorSettings, *, follow_references: bool = Tru
         ).start(settings.validator_reference_catch_up_timeout_s)
     return ValidatorProcessor(
         RuleBook(settings.validator_rules_dir),
-        SchemaRepository.load(),
+        # Writer versions newer than the files baked into the image come from the operator's schema store.
+        SchemaRepository.load(resolver=writer_resolver(settings)),
         reload_interval_s=settings.validator_reload_interval_s,
         retry_policy=settings.retry_policy(),
         feed=feed,

@@ -7,6 +7,9 @@ payload). What the runtime adds is the part no processor should have to get righ
 - A batch whose processing raises is processed again record by record, and a record that still raises (or
   whose outputs are not well-formed) becomes a dead letter on `<input topic>.dlq` with stage `process`, so
   the worker never crashes on data.
+- A processor that cannot work because a dependency is down (the schema store) raises `RetryBatchLater`: the
+  batch is not dead-lettered, not committed, and handed over again after a backoff (its `prepare` hook does
+  that part before any record is processed, so a retried batch was never half processed).
 - Every output carries W3C trace context: the trace of the record it came from, else the batch's span.
 
 `services.validator.stream_app` runs this on Faust; see docs/validator-runtime.md for the delivery semantics.
@@ -123,6 +126,26 @@ def accepted_memory(processor: object) -> AcceptedMemory | None:
     return memory if isinstance(memory, AcceptedMemory) and memory.sources else None
 
 
+class RetryBatchLater(Exception):
+    """Raised by a processor (or its `prepare` hook) when a dependency it cannot do without is down right now,
+    e.g. the schema store a writer schema must come from: no record is at fault, so nothing is dead-lettered;
+    the runtime backs off and hands over the same records again. `dependency` names it for /readyz."""
+
+    def __init__(self, dependency: str, message: str) -> None:
+        super().__init__(f"{dependency}: {message}")
+        self.dependency = dependency
+
+
+def prepare_hook(processor: object) -> Callable[[list[InputRecord]], None] | None:
+    """A processor may do, before a batch is processed, the part that can fail without any record being at fault
+    (look up writer schemas): `prepare(records)` on its object, raising `RetryBatchLater`. The runtime calls it
+    for every topic of a batch before processing any, in a thread (it may block on the network), so a retry
+    never follows a half-processed batch. None when the processor has no such hook."""
+    owner = getattr(processor, "__self__", processor)
+    prepare = getattr(owner, "prepare", None)
+    return prepare if callable(prepare) else None
+
+
 def load_processor(spec: str) -> Processor:
     """`package.module:name` imports a processor; `package.module:name()` calls `name` to build one (for
     processors that load rules or reference data first). An object with a `process` method is accepted too."""
@@ -225,7 +248,7 @@ def run_processor(
     now: Callable[[], datetime] = utc_now,
     trace_id: str | None = None,
 ) -> ProcessResult:
-    """Process `batch`; never raises for a data problem.
+    """Process `batch`; never raises for a data problem (only `RetryBatchLater`, when no record is at fault).
 
     The whole batch first (the fast path); if that raises, each record on its own, so one bad record costs
     only itself: it goes to its topic's dead-letter topic with the exception text. `trace_id` (the batch
@@ -233,12 +256,16 @@ def run_processor(
     """
     try:
         return ProcessResult(check_outputs(processor(batch), max_record_bytes))
+    except RetryBatchLater:
+        raise  # no record is at fault: the caller retries the batch, nothing is dead-lettered
     except Exception:  # whatever went wrong, the records below find out which record it was
         pass
     result = ProcessResult([], batch_failed=True)
     for record in batch:
         try:
             result.outputs += check_outputs(processor([record]), max_record_bytes)
+        except RetryBatchLater:
+            raise
         except InvalidOutput as error:
             result.outputs.append(
                 dead_letter(record, PROCESSOR_OUTPUT_INVALID, str(error), now(), trace_id, max_record_bytes)

@@ -53,6 +53,7 @@ from services.kit.kafka import client_config, wait_for_broker
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
 from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.reconnect import Backoff, one_line
 from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
 from services.validator.recovery import (
     Emitted,
@@ -70,12 +71,15 @@ from services.validator.runtime import (
     InputRecord,
     Output,
     Processor,
+    ProcessResult,
+    RetryBatchLater,
     StreamRuntimeSettings,
     TopicsMissing,
     accepted_memory,
     headers_with_trace,
     hold_hooks,
     load_processor,
+    prepare_hook,
     required_output_topics,
     resolve_input_topics,
     run_processor,
@@ -105,6 +109,11 @@ SUPPRESSED = Counter(
     "Outputs not produced again: found in the output topics for an input read again after a crash",
     ["topic"],
 )
+BATCH_RETRIES = Counter(
+    "lp_validator_runtime_batch_retries_total",
+    "Batches handed to the processor again because a dependency was down (RetryBatchLater)",
+    ["dependency"],
+)
 RECOVERY_SECONDS = Histogram(
     "lp_validator_runtime_recovery_seconds",
     "Reading floors and output tails for newly assigned input partitions",
@@ -124,6 +133,10 @@ MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
 _REQUEST_OVERHEAD = 1024  # produce request and batch headers around a single record
 
 
+DEPENDENCY_BACKOFF = Backoff(initial_s=0.5, max_s=15.0)  # between tries of a batch while a dependency is down
+_DROP_CHECK_S = 0.2  # how often a batch waiting for a dependency looks for a rebalance or a stop
+
+
 class MemoryNotRebuilt(RuntimeError):
     """The processor's accepted-records memory could not be read back: the worker stops rather than go on
     without it (a duplicate of an event accepted before would be accepted again)."""
@@ -131,6 +144,10 @@ class MemoryNotRebuilt(RuntimeError):
 
 class DeliveryFailed(RuntimeError):
     """The broker did not acknowledge a batch's outputs: the worker stops without committing its inputs."""
+
+
+class _BatchDropped(Exception):
+    """A rebalance or a stop came while the batch waited for a dependency: it is re-read from the commit."""
 
 
 # --- the consumer: whole fetches to the runner, commits from delivered offsets -------------------------------------
@@ -366,6 +383,7 @@ class BatchRunner(Service):
     ) -> None:
         super().__init__(**kwargs)
         self.processor = processor
+        self.prepare = prepare_hook(processor)
         self.health = health
         self.tracer = tracer or trace.get_tracer(__name__)
         self.max_in_flight = settings.max_in_flight_batches
@@ -385,6 +403,7 @@ class BatchRunner(Service):
         self._partition_counts: dict[str, int] = {}
         self._null_key_turn = 0
         self.processed = 0  # input records whose outputs are acknowledged (for tests and benchmarks)
+        self._down: set[str] = set()  # dependencies a batch is waiting for (RetryBatchLater), marked down
         # Exactly once at the source (recovery.py). Without a floor store (unit tests) nothing is recovered.
         self.floor_store = floor_store
         self.client_config = client_config or {}
@@ -555,15 +574,17 @@ class BatchRunner(Service):
                 continue
             self._starting = True
             try:
-                self._in_flight.append(await self._start(batch))
+                self._in_flight.append(await self._start(batch, epoch))
                 IN_FLIGHT.set(len(self._in_flight))
+            except _BatchDropped:
+                log.info("dropped %d fetched records waiting for a dependency (re-read after the commit)", batch.size)
             except Exception as error:  # not a data problem (those are dead-lettered): an unknown topic, a bug
                 await self._fail(error)
             finally:
                 self._starting = False
                 self._update_idle()
 
-    async def _start(self, batch: Batch) -> _Flight:
+    async def _start(self, batch: Batch, epoch: int | None = None) -> _Flight:
         started = monotonic()
         span = self._batch_span(batch)
         span_context = span.get_span_context()
@@ -574,8 +595,9 @@ class BatchRunner(Service):
         try:
             if self._unrecovered and not self._unrecovered.isdisjoint(batch.next_offsets):
                 await self._recover()
+            await self._prepare(batch, epoch)
             for topic, topic_records in batch.by_topic.items():
-                result = run_processor(self.processor, topic_records, self.max_record_bytes, trace_id=batch_trace_id)
+                result = await self._process(topic_records, batch_trace_id, epoch)
                 outputs += result.outputs
                 counts[topic] = len(topic_records)
                 if result.batch_failed:
@@ -597,6 +619,72 @@ class BatchRunner(Service):
             raise
         span.set_attribute("lp.outputs", len(outputs))
         return _Flight(acks, ack_counts, batch.next_offsets, counts, per_topic, started, span)
+
+    # a dependency down: the same records again, later ------------------------------------------------------------
+    async def _prepare(self, batch: Batch, epoch: int | None) -> None:
+        """The processor's `prepare` hook for every topic of the batch, before any is processed (in a thread: it
+        may wait on the network), until it no longer raises `RetryBatchLater`."""
+        if self.prepare is None:
+            return
+        prepare = self.prepare
+
+        def prepare_all() -> None:
+            for topic_records in batch.by_topic.values():
+                prepare(topic_records)
+
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(prepare_all)  # one thread hop per batch
+            except RetryBatchLater as error:
+                attempt += 1
+                await self._wait_for_dependency(error, attempt, epoch)
+                continue
+            self._dependencies_up()
+            return
+
+    async def _process(self, records: list[InputRecord], trace_id: str | None, epoch: int | None) -> ProcessResult:
+        """`run_processor`, again after a backoff while it raises `RetryBatchLater` (the records are never
+        dead-lettered for it). `prepare` normally did that part already; this covers a processor without it."""
+        attempt = 0
+        while True:
+            try:
+                result = run_processor(self.processor, records, self.max_record_bytes, trace_id=trace_id)
+            except RetryBatchLater as error:
+                attempt += 1
+                await self._wait_for_dependency(error, attempt, epoch)
+                continue
+            self._dependencies_up()
+            return result
+
+    async def _wait_for_dependency(self, error: RetryBatchLater, attempt: int, epoch: int | None) -> None:
+        """Mark the dependency down (/readyz 503) and wait a backoff; raises `_BatchDropped` if a rebalance or a
+        stop comes meanwhile (the batch is then neither processed nor committed: it is read again)."""
+        self.health.dependency_down(error.dependency, one_line(error))
+        self._down.add(error.dependency)
+        BATCH_RETRIES.labels(error.dependency).inc()
+        delay = DEPENDENCY_BACKOFF.delay(attempt)
+        log.warning(
+            "batch not processed, %s; trying the same records again in %.1fs (attempt %d)",
+            error,
+            delay,
+            attempt,
+            extra={"dependency": error.dependency, "attempt": attempt, "retry_in_s": round(delay, 3)},
+        )
+        until = monotonic() + delay
+        while True:
+            if self.should_stop or self._failure is not None or (epoch is not None and epoch != self._epoch):
+                raise _BatchDropped()
+            left = until - monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, _DROP_CHECK_S))
+
+    def _dependencies_up(self) -> None:
+        for dependency in self._down:
+            self.health.dependency_up(dependency)
+            log.info("%s is back: processing resumed", dependency, extra={"dependency": dependency})
+        self._down.clear()
 
     def _drop_emitted(
         self, outputs: list[Output], stamps: list[bytes | None], batch: Batch

@@ -17,7 +17,8 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository
+from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository, SchemaStoreUnavailable
+from services.kit.health import Health
 from services.kit.kafka import KafkaConsumer, KafkaProducer
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.sink.base import (
@@ -34,6 +35,8 @@ from services.kit.sink.settings import RunnerConfig, backoff_delay
 from services.kit.tracing import extract_context
 
 log = logging.getLogger(__name__)
+
+SCHEMA_STORE = "schema-store"  # the dependency /readyz names while writer schemas cannot be looked up
 
 TRACE_LINKS_PER_BATCH = 16  # a batch span links to at most this many producer traces
 MAX_POLL_WAIT_S = 0.1
@@ -60,6 +63,8 @@ class _Pending:
     batch: PartitionBatch
     decode_rejections: list[Rejection]
     result: WriteResult | None = None
+    # Not yet checked against the contract (the schema store was down): checked again before the next try.
+    unchecked: list[Message] | None = None
 
 
 @dataclass
@@ -69,6 +74,7 @@ class _Group:
 
     members: list[_Pending]
     written: bool = False  # the store accepted them: a retry only redoes the dead letters
+    waits_for_schemas: bool = False  # held back because the schema store could not be read
     attempts: int = 0
     next_attempt_at: float = 0.0
 
@@ -152,19 +158,23 @@ class SinkRunner:
         topic_ids: Mapping[str, str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        health: Health | None = None,
     ) -> None:
         """`subjects`: input topic -> Avro subject of its values; `dead_letter`: the record to produce for a
         refused one (its topic, key, value and headers are the route's: the kit knows no dead-letter format).
 
         `consumer_factory(on_assign=, on_revoke=, on_lost=)` replaces the Kafka consumer (unit tests); it must
         offer consume, commit, pause, resume, close, committed, seek and high_watermark as `_Consumer` does.
-        `topic_ids`: the input topics' Kafka ids (default: asked from the cluster; none with a factory)."""
+        `topic_ids`: the input topics' Kafka ids (default: asked from the cluster; none with a factory).
+        `health`: where a schema store that cannot be read is marked down (`schemas` with a resolver)."""
         self.sink = sink
         self.config = config or RunnerConfig()
         self.subjects = dict(subjects)
         self.dead_letter = dead_letter
         self.clock = clock
         self.rng = rng or random.Random()
+        self.health = health
+        self.schema_store_down: str | None = None  # why writer schemas cannot be looked up right now
         schemas = schemas or SchemaRepository.load()
         # A subject of None: raw bytes without a contract (dead-letter topics); nothing to decode or check.
         self.decoders = {
@@ -224,6 +234,8 @@ class SinkRunner:
 
     def readiness(self) -> str | None:
         """None when no partition waits on the store, else why (for /readyz)."""
+        if self.schema_store_down is not None:
+            return f"schema store unavailable, batches wait: {self.schema_store_down}"
         blocked = [s.tp for s in self.states.values() if s.group is not None and s.group.attempts > 0]
         if blocked:
             return f"store refused writes for {len(blocked)} partition(s); retrying"
@@ -278,6 +290,7 @@ class SinkRunner:
                     if not other.paused:
                         self.consumer.pause([KafkaTopicPartition(*other.tp)])
                         other.paused = True
+        self._schema_store_up()  # a group given up no longer waits for the store
 
     # -- assignment resolution -----------------------------------------------------------------------------
     def _resolve_assignments(self, now: float) -> None:
@@ -420,6 +433,10 @@ class SinkRunner:
         group = _Group(pendings)
         for state, _taken, _last in members:
             state.group = group
+        if any(p.unchecked is not None for p in pendings):
+            group.waits_for_schemas = True
+            self._backoff(group, now, None, f"schema store: {self.schema_store_down}")
+            return
         self._attempt(group, now)
 
     def resync(self, partitions: Sequence[TopicPartition]) -> None:
@@ -432,8 +449,23 @@ class SinkRunner:
                 state.next_resolve_at = 0.0
                 state.messages.clear()
                 state.group = None  # a batch waiting for a retry was read before the fence: never write it
+        self._schema_store_up()
 
     def _prepare(self, tp: TopicPartition, messages: list[Message], last: int) -> _Pending:
+        try:
+            return self._check(tp, messages, last)
+        except SchemaStoreUnavailable as error:
+            # Nothing is refused for it: the batch waits, unchecked, and `_attempt` checks it again (backoff).
+            self._schema_store_down(str(error))
+            records = cast(list[SinkRecord], LazyRecords(messages, self.decoders.get(tp.topic)))
+            batch = PartitionBatch(
+                tp.topic, tp.partition, records, messages[0].offset(), last, self.topic_ids.get(tp.topic)
+            )
+            return _Pending(batch, [], unchecked=messages)
+
+    def _check(self, tp: TopicPartition, messages: list[Message], last: int) -> _Pending:
+        """The batch of `messages`, with the records that do not decode (or whose header is wrong) set aside as
+        rejections. Raises `SchemaStoreUnavailable` when a writer schema must be looked up and cannot be."""
         decoder = self.decoders.get(tp.topic)
         if decoder is None or self.sink.decode_mode == "none":
             records = cast(list[SinkRecord], LazyRecords(messages, decoder))
@@ -471,13 +503,26 @@ class SinkRunner:
         """One try at writing, dead-lettering and committing a group. False: it waits for a retry."""
         try:
             if not group.written:
+                for member in group.members:
+                    if member.unchecked is not None:
+                        checked = self._check(member.batch.topic_partition, member.unchecked, member.batch.last_offset)
+                        member.batch, member.decode_rejections = checked.batch, checked.decode_rejections
+                        member.unchecked = None
                 self._write(group)
                 group.written = True
+            if group.waits_for_schemas:
+                group.waits_for_schemas = False
+                self._schema_store_up()
             rejected = [r for m in group.members for r in m.decode_rejections + (m.result or WriteResult()).rejected]
             if rejected:
                 self._dead_letter(rejected)
         except SinkBackpressure as error:
             self._backoff(group, now, error.retry_after_s, str(error))
+            return False
+        except SchemaStoreUnavailable as error:  # no record is at fault: the same batch again later, nothing refused
+            group.waits_for_schemas = True
+            self._schema_store_down(str(error))
+            self._backoff(group, now, None, f"schema store: {error}")
             return False
         except (KafkaException, _DeadLettersNotAcknowledged) as error:  # the write is done: redo the dead letters
             self._backoff(group, now, None, f"dead-letter topic: {error}")
@@ -494,6 +539,21 @@ class SinkRunner:
                 self._resume(state)
         self._commit(offsets)  # one synchronous commit for the whole group
         return True
+
+    def _schema_store_down(self, reason: str) -> None:
+        self.schema_store_down = reason
+        if self.health is not None:
+            self.health.dependency_down(SCHEMA_STORE, reason)
+
+    def _schema_store_up(self) -> None:
+        """A group held back for the store went through: the store is up unless another group still waits."""
+        if any(g.waits_for_schemas for g in self._groups()):
+            return
+        if self.schema_store_down is not None:
+            self.schema_store_down = None
+            if self.health is not None:
+                self.health.dependency_up(SCHEMA_STORE)
+            log.info("schema store readable again: batches resume")
 
     def _write(self, group: _Group) -> None:
         batches = [m.batch for m in group.members]

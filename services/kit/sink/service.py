@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from datetime import datetime
 from typing import cast
 
-from services.kit.avro import SchemaRepository
+from services.kit.avro import SchemaRepository, WriterResolver
 from services.kit.kafka import client_config, require_topics
 from services.kit.service import Service, SettingsT
 from services.kit.sink.base import OutgoingRecord, Rejection, Sink
@@ -43,6 +43,13 @@ class SinkService(Service[SettingsT], ABC):
     def dead_letter_topic(self, topic: str) -> str:
         """Where refused records of `topic` go."""
 
+    def writer_resolver(self) -> WriterResolver | None:
+        """Where writer schemas the contract files lack are looked up (a producer already on a newer version):
+        the service passes the schema store's resolver (the contracts', which the kit does not import). None:
+        such records are dead letters (UNKNOWN_WRITER_SCHEMA). A store that cannot be read stalls the batch, with
+        backoff, and marks `schema-store` down in /readyz; it never dead-letters."""
+        return None
+
     def dead_letter_topics(self) -> list[str]:
         """The dead-letter topics that must exist at start (default: that of every input topic)."""
         return [self.dead_letter_topic(topic) for topic in self.subjects()]
@@ -67,7 +74,7 @@ class SinkService(Service[SettingsT], ABC):
         self.before_start()
         kafka = client_config(settings)
         subjects = self.subjects()
-        self.schemas = SchemaRepository.load()
+        self.schemas = SchemaRepository.load(resolver=self.writer_resolver())
         self.sink = self.make_sink()
         require_topics(kafka, *subjects, *self.dead_letter_topics(), timeout=settings.dependency_wait_s)
         self.runner = SinkRunner(
@@ -78,6 +85,7 @@ class SinkService(Service[SettingsT], ABC):
             self.dead_letter,
             RunnerConfig.from_settings(settings),
             schemas=self.schemas,
+            health=self.health,
         )
         self.health.add_check("store", self.runner.readiness)
         self.log.info(

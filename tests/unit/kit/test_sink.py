@@ -13,7 +13,8 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from prometheus_client import REGISTRY
 
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection, parse_dead_letter
-from services.kit.avro import AvroSerializer, Schema, SchemaRepository
+from services.kit.avro import AvroSerializer, Schema, SchemaRepository, SchemaStoreUnavailable, WriterSchema
+from services.kit.health import Health
 from services.kit.kafka import DeliveryFailed
 from services.kit.sink import (
     PartitionBatch,
@@ -189,7 +190,9 @@ def dead_letter(rejection: Rejection, now: datetime) -> DeadLetterRecord:
     return from_sink_rejection(rejection, now=now, sink="test")
 
 
-def make_runner(sink: Sink, **config: Any) -> tuple[SinkRunner, FakeConsumer, FakeProducer, Clock]:
+def make_runner(
+    sink: Sink, schemas: SchemaRepository | None = None, health: Health | None = None, **config: Any
+) -> tuple[SinkRunner, FakeConsumer, FakeProducer, Clock]:
     clock = Clock()
     producer = FakeProducer()
     holder: dict[str, FakeConsumer] = {}
@@ -205,12 +208,13 @@ def make_runner(sink: Sink, **config: Any) -> tuple[SinkRunner, FakeConsumer, Fa
         {TOPIC: "thing"},
         dead_letter,
         RunnerConfig(**{"batch_max_rows": 3, "batch_max_age_s": 1.0, **config}),
-        schemas=SchemaRepository([SCHEMA, OTHER]),
+        schemas=schemas or SchemaRepository([SCHEMA, OTHER]),
         producer=producer,  # type: ignore[arg-type]
         consumer_factory=factory,
         topic_ids={TOPIC: "AbCd"},
         clock=clock,
         rng=random.Random(1),
+        health=health,
     )
     return runner, holder["consumer"], producer, clock
 
@@ -571,3 +575,57 @@ def test_a_full_buffer_stops_fetching_until_written():
         runner.step()
     assert runner.buffered == 0 and not consumer.paused
     assert sink.stored == list(range(12))
+
+
+THING_V2 = Schema.from_definition(
+    "thing",
+    {
+        "type": "record",
+        "name": "Thing",
+        "fields": [*SCHEMA.definition["fields"], {"name": "tag", "type": ["null", "string"], "default": None}],
+    },
+)
+
+
+class FlakyStore:
+    """A writer resolver whose store is down until `up`; knows THING_V2."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls = 0
+
+    def __call__(self, fingerprint: int) -> WriterSchema | None:
+        self.calls += 1
+        if not self.up:
+            raise SchemaStoreUnavailable("store unreachable")
+        return WriterSchema("thing", THING_V2.definition) if fingerprint == THING_V2.fingerprint else None
+
+
+@pytest.mark.parametrize("mode", ["record", "header"])
+def test_a_schema_store_outage_stalls_the_batch_never_dead_letters_and_it_is_written_once_the_store_is_back(mode):
+    class ModeSink(FakeSink):
+        decode_mode = mode
+
+    sink, store, health = ModeSink(), FlakyStore(), Health()
+    health.set_ready(True)
+    v2 = AvroSerializer(THING_V2)
+    values = [payload(0), v2({"id": "id-1", "n": 1, "tag": "new"}), payload(2)]
+    runner, consumer, producer, clock = started(
+        sink, values, schemas=SchemaRepository([SCHEMA, OTHER], resolver=store), health=health
+    )
+    runner.step()
+    assert sink.batches == [] and consumer.commits == [] and producer.produced == []
+    assert TP in consumer.paused
+    assert "schema store" in (runner.readiness() or "")
+    ready, detail = health.readiness()
+    assert not ready and "schema-store" in detail["failing"]
+    clock.now += 60
+    runner.step()  # still down: waits again, refuses nothing
+    assert sink.batches == [] and producer.produced == []
+    store.up = True
+    clock.now += 60
+    runner.step()
+    assert [r.offset for r in sink.batches[0].records] == [0, 1, 2]
+    assert sink.stored == [0, 1, 2] and producer.produced == []  # the v2 record decoded, nothing dead-lettered
+    assert consumer.commits == [(TP, 3)]
+    assert runner.readiness() is None and health.readiness()[0]
