@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
 
-from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
-from services.contracts.schema_store import writer_resolver
-from services.contracts.topics import dead_letter_topic
-from services.kit.avro import WriterResolver
+from services.contracts.sinks import ContractSinkService
 from services.kit.memory import use_system_arrow_pool
-from services.kit.sink import Rejection, SinkService, TopicPartition
+from services.kit.sink import TopicPartition
 from services.stores.iceberg import open_catalog, wait_for_storage
 
 from .archive import ArchiverSink
@@ -34,7 +30,7 @@ def table_specs(settings: ArchiverSettings) -> list[TableSpec]:
     return [spec for spec in specs if spec.name in settings.table_names]
 
 
-class ArchiverService(SinkService[ArchiverSettings]):
+class ArchiverService(ContractSinkService[ArchiverSettings]):
     """`python -m services.archiver run`."""
 
     sink: ArchiverSink
@@ -62,15 +58,6 @@ class ArchiverService(SinkService[ArchiverSettings]):
             committer_id=self.committer_id,
             on_fenced=self._on_fenced,
         )
-
-    def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
-        return from_sink_rejection(rejection, now=now, sink=self.sink.name)
-
-    def writer_resolver(self) -> WriterResolver | None:
-        return writer_resolver(self.settings)  # newer writer versions from the operator's schema store
-
-    def dead_letter_topic(self, topic: str) -> str:
-        return dead_letter_topic(topic, self.sink.name)
 
     def _on_fenced(self, partitions: list[TopicPartition]) -> None:
         self._resync.extend(partitions)  # applied after the runner's step (we are inside its write here)

@@ -10,7 +10,6 @@ commits and writes `CLICKHOUSE_SINK_REPORT_FILE` (rows per table, event-to-visib
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,13 @@ from services.clickhouse_sink.query_server import QueryServer
 from services.clickhouse_sink.settings import ClickHouseSinkSettings
 from services.clickhouse_sink.sink import ClickHouseSink
 from services.clickhouse_sink.tables import EVENTS, TRANSACTIONS
-from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection
-from services.contracts.schema_store import writer_resolver
-from services.contracts.topics import dead_letter_topic
-from services.kit.avro import WriterResolver
-from services.kit.sink import Rejection, Sink, SinkService
+from services.contracts.sinks import ContractSinkService
+from services.kit.sink import Sink
 from services.stores import clickhouse_queries as queries
 from services.stores.clickhouse import make_client, wait_for_server
 
 
-class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
+class ClickHouseSinkService(ContractSinkService[ClickHouseSinkSettings]):
     sink: ClickHouseSink
     query_server: QueryServer | None = None
 
@@ -57,15 +53,6 @@ class ClickHouseSinkService(SinkService[ClickHouseSinkSettings]):
             kill_after_inserts=s.clickhouse_sink_kill_after_inserts,
             schemas=self.schemas,  # the service's, with the schema store's resolver: newer writers decode too
         )
-
-    def dead_letter(self, rejection: Rejection, now: datetime) -> DeadLetterRecord:
-        return from_sink_rejection(rejection, now=now, sink=self.sink.name)
-
-    def writer_resolver(self) -> WriterResolver | None:
-        return writer_resolver(self.settings)  # newer writer versions from the operator's schema store
-
-    def dead_letter_topic(self, topic: str) -> str:
-        return dead_letter_topic(topic, self.sink.name)
 
     def after_start(self) -> None:
         s = self.settings
