@@ -91,6 +91,7 @@ class ChaosMonkey(threading.Thread):
         self.kills: dict[str, int] = {}
         self.error: BaseException | None = None
         self._rng = random.Random(chaos.seed)
+        self._halted = threading.Event()  # the run ended (or failed): no more kills, no more restarts
         self._log_marks: dict[str, int] = {}  # log size at the last restart
 
     def _recovered_since(self, service: ServiceProcess) -> bool:
@@ -107,19 +108,29 @@ class ChaosMonkey(threading.Thread):
         except BaseException as error:  # reported by the run's thread
             self.error = error
 
+    def halt(self) -> None:
+        """Stop killing and restarting, and wait for the thread: a run that failed stops its services after
+        this, so no restart can outlive the run (a restarted sink would keep the store's lock)."""
+        self._halted.set()
+        self.join(timeout=200)
+
     def _kill_and_restart(self, service: ServiceProcess) -> None:
         if self.chaos.catch_up:  # a moment into the catch-up after its partitions were recovered
             deadline = time.monotonic() + 180
             while not self._recovered_since(service) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(self._rng.uniform(0.3, 1.0))
+                if self._halted.wait(0.1):
+                    return
+            self._halted.wait(self._rng.uniform(0.3, 1.0))
         else:
-            time.sleep(self._rng.uniform(1.0, 3.0))
+            self._halted.wait(self._rng.uniform(1.0, 3.0))
+        if self._halted.is_set():
+            return
         self.down.add(service.name)
         service.kill()
         self.kills[service.name] = self.kills.get(service.name, 0) + 1
         self.run_.out(f"chaos: kill -9 {service.name} ({self.kills[service.name]})")
-        time.sleep(self._rng.uniform(1.0, 3.0))
+        if self._halted.wait(self._rng.uniform(1.0, 3.0)):
+            return
         self._log_marks[service.name] = _size(service.log_path)
         service.start(self.run_.stack.env(), append_log=True)
         self.down.discard(service.name)
@@ -309,6 +320,11 @@ class DemoRun:
         targets = [service for service in self.services if service.name in names]
         self.monkey = ChaosMonkey(self, chaos, targets)
         self.monkey.start()
+
+    def halt_chaos(self) -> None:
+        """End the chaos now (a failed or interrupted run), before its services are stopped."""
+        if self.monkey is not None:
+            self.monkey.halt()
 
     def _tame(self) -> None:
         """Wait for the chaos to end: every kill done, every killed service restarted and ready."""
@@ -782,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: stopping everything", file=sys.stderr)
         return ExitCode.INTERRUPTED
     finally:
+        run.halt_chaos()
         for service in run.services:
             service.stop()
         if not reuse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
@@ -74,7 +75,7 @@ class ServiceProcess:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=1) as response:
                 text = response.read().decode()
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet, or killed mid-answer (IncompleteRead)
             return {}
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(text):

@@ -57,6 +57,7 @@ def run_with_chaos(stack: LocalStack, chaos: Chaos, events: int, rate: float, se
     try:
         return run.execute()
     finally:
+        run.halt_chaos()
         for service in run.services:
             service.stop()
 
