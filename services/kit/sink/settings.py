@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from services.kit.config import ServiceSettings
+from services.kit.reconnect import Backoff
 
 
 class SinkSettings(ServiceSettings):
@@ -45,5 +46,4 @@ class RunnerConfig:
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with "equal jitter": between half and all of min(max, initial * 2^(attempt-1))."""
-    ceiling = min(maximum, initial * 2 ** max(0, attempt - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    return Backoff(initial_s=initial, max_s=maximum).delay(attempt, rng)  # the kit's one backoff formula
