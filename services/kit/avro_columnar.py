@@ -1,7 +1,7 @@
 """Avro single-object payloads to Arrow columns, a whole batch at once.
 
 fastavro decodes one record at a time, ~50 us for a ProcessedEvent here (about 19k records/s): alone it would
-cap the archiver far below its goal of 100k rows/s. Avro's binary encoding is sequential inside a record, but
+cap the archiver (and the validator) far below their goals of 100k records/s. Avro's binary encoding is sequential inside a record, but
 the records of a batch are independent, so this decoder walks the *schema* once and decodes each field for
 all records together with numpy: a cursor array holds every record's read position, a varint is read for all
 records in a few vector operations, strings become one Arrow buffer gathered in one go. About 1 us a record.
@@ -20,8 +20,8 @@ digits). Other schemas raise `FastPathUnsupported`: use the reference path for t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -493,6 +493,9 @@ class ColumnBatch:
     columns: dict[str, pa.Array]  # only rows not flagged bad, in payload order
     good: np.ndarray  # indices of the payloads the columns hold
     bad: np.ndarray  # indices of payloads to send through the reference path
+    # field name -> for each good row, where that top-level field's encoding ends, as an offset into its payload
+    # (only the fields asked for in `decode(ends_of=...)`): lets a caller copy encoded fields as they are
+    ends: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class ColumnarDecoder:
@@ -507,7 +510,8 @@ class ColumnarDecoder:
         self._root = _record(definition, {})
         self.field_names = [name for name, _ in self._root.fields]
 
-    def decode(self, payloads: Sequence[bytes | None]) -> ColumnBatch:
+    def decode(self, payloads: Sequence[bytes | None], *, ends_of: Collection[str] = ()) -> ColumnBatch:
+        """`ends_of`: top-level fields whose end offsets to report (`ColumnBatch.ends`)."""
         values = [p or b"" for p in payloads]
         lengths = np.array(list(map(len, values)), np.int64)
         data = np.frombuffer(b"".join(values), np.uint8)
@@ -523,11 +527,17 @@ class ColumnarDecoder:
             bad[candidates[(header != self._header).any(axis=1)]] = True
         rows = np.nonzero(~bad)[0]
         cur = _Cursor(starts[rows] + HEADER_SIZE, ends[rows], np.zeros(rows.size, bool))
-        arrays = [decode(reader, cur) for _, decode in self._root.fields]
+        arrays = []
+        ends: dict[str, np.ndarray] = {}
+        for name, decode in self._root.fields:
+            arrays.append(decode(reader, cur))
+            if name in ends_of:
+                ends[name] = cur.pos - starts[rows]
         cur.bad |= cur.pos != cur.end
         ok = ~cur.bad
         bad[rows[cur.bad]] = True
         if not ok.all():
             mask = pa.array(ok)
             arrays = [a.filter(mask) for a in arrays]
-        return ColumnBatch(dict(zip(self.field_names, arrays, strict=True)), rows[ok], np.nonzero(bad)[0])
+            ends = {name: end[ok] for name, end in ends.items()}
+        return ColumnBatch(dict(zip(self.field_names, arrays, strict=True)), rows[ok], np.nonzero(bad)[0], ends)

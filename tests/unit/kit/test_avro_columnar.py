@@ -12,7 +12,7 @@ import fastavro
 import pyarrow as pa
 import pytest
 
-from services.archiver.columnar import ColumnarDecoder, FastPathUnsupported
+from services.kit.avro_columnar import ColumnarDecoder, FastPathUnsupported
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
 from services.testing.samples import encoded_events, processed_transactions
 
@@ -241,3 +241,28 @@ def test_unions_of_two_types_are_not_taken() -> None:
     )
     with pytest.raises(FastPathUnsupported, match="union"):
         ColumnarDecoder(schema)
+
+
+def test_ends_of_gives_each_field_end_within_its_payload() -> None:
+    """`ends_of` reports where a top-level field's encoding ends: the bytes after it are the rest of the record as
+    written, so a caller can copy them unchanged."""
+    from services.kit.avro import SchemaRepository
+
+    schema = SchemaRepository.load()["raw_event"]
+    records = [
+        {"event_id": "a" * n, "event_type": "x", "event_time": None, "user_id": None, "source": "s", "properties": {}}
+        for n in (0, 1, 200)
+    ]
+    parsed = fastavro.parse_schema(schema.definition)
+    payloads = []
+    for record in records:
+        body = io.BytesIO()
+        fastavro.schemaless_writer(body, parsed, record)
+        payloads.append(schema.header + body.getvalue())
+    batch = ColumnarDecoder(schema).decode(payloads, ends_of=("event_type", "properties"))
+    assert batch.good.tolist() == [0, 1, 2]
+    for row, payload in enumerate(payloads):
+        assert batch.ends["properties"][row] == len(payload)
+        event_id_length = len(records[row]["event_id"])
+        header_union_and_length = 10 + 1 + (1 if event_id_length < 64 else 2)
+        assert batch.ends["event_type"][row] == header_union_and_length + event_id_length + 1 + 1 + 1
