@@ -8,6 +8,9 @@ them here through `ValidatorProcessor.remember_accepted` (services/validator/rec
 So a producer's copy of an event accepted before a restart or by another worker is still its duplicate,
 within the window. Events are keyed by user_id, so copies of one event land on the same partition.
 
+Times are microseconds since the epoch (ints: the engine reads them from a timestamp column without making a
+datetime per record); any totally ordered time with a matching window type works the same.
+
 Bounds: an entry expires once the newest event time seen is more than the rule's window past it, and the
 oldest entries are evicted beyond `max_entries`. The effective window is therefore
 min(window, max_entries / event rate), after a restart as before it.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from datetime import datetime, timedelta
 
 DEFAULT_MAX_ENTRIES = 1_000_000
 
@@ -29,22 +31,20 @@ class DedupeStore:
         self.max_entries = max_entries
         # (namespace, key) -> expiry (event time + window). Insertion order ~ event-time order, so expiry and
         # the size bound both evict from the front in O(1).
-        self._entries: OrderedDict[tuple[str, Hashable], datetime] = OrderedDict()
-        self._watermark: datetime | None = None  # newest event time remembered
+        self._entries: OrderedDict[tuple[str, Hashable], int] = OrderedDict()
+        self._watermark: int | None = None  # newest event time remembered
         self.evicted_by_size = 0
         self.expired = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def seen(self, namespace: str, key: Hashable, event_time: datetime) -> bool:
+    def seen(self, namespace: str, key: Hashable, event_time: int) -> bool:
         """Whether `key` was remembered and its window still covers `event_time`."""
         expiry = self._entries.get((namespace, key))
         return expiry is not None and event_time <= expiry
 
-    def remember(
-        self, namespace: str, key: Hashable, event_time: datetime, window: timedelta, *, now: datetime | None = None
-    ) -> None:
+    def remember(self, namespace: str, key: Hashable, event_time: int, window: int, *, now: int | None = None) -> None:
         """Record `key` as accepted (the first one wins: an existing entry keeps its expiry). The watermark never
         passes `now`, so one event stamped far in the future cannot expire everything else."""
         entries = self._entries
@@ -59,7 +59,7 @@ class DedupeStore:
             entries.popitem(last=False)
             self.evicted_by_size += 1
 
-    def _expire(self, watermark: datetime) -> None:
+    def _expire(self, watermark: int) -> None:
         entries = self._entries
         while entries:
             first = next(iter(entries))

@@ -1,7 +1,9 @@
-"""The rule engine: one record and its kind in, a `Verdict` out.
+"""The rule engine: a batch of records of one kind in (an Arrow table), a `Verdict` per record out.
 
-Synchronous and free of I/O. Its only state is explicit: the `RuleBook` (read once per record), the
+Synchronous and free of I/O. Its only state is explicit: the `RuleBook` (read once per batch), the
 `ReferenceStore` (read), the `DedupeStore` (written when a record is accepted) and the per-rule counters.
+Rules are evaluated column-wise over the whole batch (`columns.py`, `evaluate_batch`); a single record is a
+batch of one.
 
 Outcomes:
 
@@ -18,15 +20,33 @@ retried record never blocks a later good copy of itself (the retry of a record i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from services.validator.columns import ColumnBatch
 from services.validator.dedupe import DedupeStore
 from services.validator.references import ReferenceStore
-from services.validator.rulebook import CompiledRule, Failure, RuleBook, RuleSet, RuleType, Severity
+from services.validator.rulebook import (
+    CompiledRule,
+    Failure,
+    RuleBook,
+    RuleSet,
+    RuleType,
+    Severity,
+    duplicate_failure,
+)
+
+log = logging.getLogger(__name__)
+_MICROSECOND = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Clock = Callable[[], datetime]
 
@@ -79,8 +99,46 @@ class _Checks:
     seen: Callable[[str, Any, datetime], bool]
 
 
-# (when test, check, [checked, failed], is warn, is DUPLICATE_ALLOW_ONE, the rule)
-_Step = tuple[Callable[[Mapping[str, Any], datetime], bool] | None, Any, list[int], bool, bool, CompiledRule]
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One rule in a kind's evaluation plan, with what the engine needs of it at hand."""
+
+    rule: CompiledRule
+    cell: list[int]  # [checked, failed]
+    warn: bool
+    retryable: bool  # a failure of it is a late-reference miss to retry, not an error
+    dedupe: bool
+
+
+def _table_of(records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Records given as dicts (a single record, a tool's rows) as a table, columns typed from the values."""
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return pa.table({name: pa.array([record.get(name) for record in records]) for name in names})
+
+
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch: the duplicate memory's clock (exact for the millisecond event times)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _keys(batch: ColumnBatch, fields: Sequence[str]) -> list[Any]:
+    """A DUPLICATE_ALLOW_ONE key per row (`CompiledRule.dedupe_key`): the value, or a tuple; None if one is null."""
+    if len(fields) == 1:
+        return batch.column(fields[0]).to_pylist()
+    columns = [batch.column(name).to_pylist() for name in fields]
+    return [None if None in values else values for values in zip(*columns, strict=True)]
+
+
+def _times_us(batch: ColumnBatch, field: str, now_us: int) -> list[int]:
+    """Each row's time for the duplicate window in microseconds; `now` where it has none (as `_remember`)."""
+    column = batch.column(field)
+    if not pa.types.is_timestamp(column.type) or column.type.tz is None:
+        values = column.to_pylist()
+        return [_micros(v) if isinstance(v, datetime) else now_us for v in values]
+    micros = pc.cast(pc.cast(column, pa.timestamp("us", tz="UTC")), pa.int64())
+    if micros.null_count:
+        micros = pc.fill_null(micros, now_us)
+    return micros.to_pylist()
 
 
 class RuleEngine:
@@ -101,54 +159,205 @@ class RuleEngine:
         # rule id -> [checked, failed]; keyed by id so counts survive reloads (Prometheus counters are monotonic)
         self._counts: dict[str, list[int]] = {}
         self.outcomes: dict[str, int] = dict.fromkeys(Outcome, 0)
+        self.disagreements = 0  # rows a rule's columns failed but its own check passed (a bug: logged once each)
         self._plan_for: RuleSet | None = None
-        self._plans: dict[str, tuple[_Step, ...]] = {}
+        self._plans: dict[tuple[str, bool], tuple[_Step, ...]] = {}
         self._clean_accept = Verdict(Outcome.ACCEPT)
         self._checks = _Checks(references.contains, self.dedupe.seen)
 
     # -- evaluation -------------------------------------------------------------------------------------------------
-    def _plan(self, ruleset: RuleSet, kind: str) -> tuple[_Step, ...]:
+    def _plan(self, ruleset: RuleSet, kind: str, ids_only: bool = False) -> tuple[_Step, ...]:
         if ruleset is not self._plan_for:  # a reload happened: rebuild the plans
             self._plan_for, self._plans = ruleset, {}
             self._clean_accept = Verdict(Outcome.ACCEPT, rules_version=ruleset.version)  # shared: it is frozen
-        plan = self._plans.get(kind)
+        plan = self._plans.get((kind, ids_only))
         if plan is None:
-            plan = self._plans[kind] = tuple(
-                (
-                    None if rule.when is None else rule.when.test,
-                    rule.check,
+            rules = ruleset.id_rules(kind) if ids_only else ruleset.for_kind(kind)
+            plan = self._plans[(kind, ids_only)] = tuple(
+                _Step(
+                    rule,
                     self._counts.setdefault(rule.id, [0, 0]),
                     rule.severity is Severity.WARN,
+                    rule.type is RuleType.LOOKUP and rule.spec.retry and rule.severity is Severity.ERROR,
                     rule.type is RuleType.DUPLICATE_ALLOW_ONE,
-                    rule,
                 )
-                for rule in ruleset.for_kind(kind)
+                for rule in rules
+                if not (ids_only and rule.severity is Severity.WARN)
             )
         return plan
 
     def evaluate(
         self, record: Mapping[str, Any], kind: str, *, attempt: int = 0, now: datetime | None = None
     ) -> Verdict:
-        """Judge `record` of `kind` ("event", "transaction"). `attempt`: retries already made (0 = first try)."""
+        """Judge one record of `kind` ("event", "transaction"): a batch of one. `attempt`: retries already made."""
+        return self.evaluate_batch(_table_of([record]), kind, attempts=[attempt], now=now)[0]
+
+    def check_ids(self, record: Mapping[str, Any], kind: str, *, now: datetime | None = None) -> Verdict:
+        """Only the `format: uuid` rules, for one record (see `evaluate_batch(ids_only=True)`)."""
+        return self.evaluate_batch(_table_of([record]), kind, now=now, ids_only=True)[0]
+
+    def evaluate_batch(
+        self,
+        table: pa.Table,
+        kind: str,
+        *,
+        attempts: Sequence[int] | None = None,
+        now: datetime | None = None,
+        ids_only: bool = False,
+    ) -> list[Verdict]:
+        """Judge every row of `table` (records of `kind`, in arrival order) at once; one `Verdict` per row.
+
+        Each rule computes the rows it fails over the whole batch, in columns; a row that no rule fails is
+        accepted without any per-row work. Only DUPLICATE_ALLOW_ONE runs row by row, in arrival order, since a
+        record's verdict depends on the ones accepted before it. The rows some rule fails are then walked
+        through the plan as the semantics say (phases, `when`, first error wins, warnings, retries), and each
+        failure is worded by its rule's own check. `ids_only`: only the `format: uuid` rules (a CDC delete is a
+        fact at the source, but its ids still go to every store)."""
         ruleset = self.rulebook.current
-        if now is None:
-            now = self.clock()
+        now = now if now is not None else self.clock()
+        plan = self._plan(ruleset, kind, ids_only)
+        batch = ColumnBatch(table, now)
+        size = batch.size
+        if size == 0:
+            return []
+        checks = self._checks
+        never = len(plan)
+        first_error = np.full(size, never, np.int32)  # plan index of each row's first error
+        failing_any = np.zeros(size, bool)
+        retry_any = np.zeros(size, bool)
+        whens: list[np.ndarray | None] = []
+        fails: list[np.ndarray | None] = []
+        for index, step in enumerate(plan):
+            rule = step.rule
+            when = rule.when_holds(batch) if rule.when_holds is not None else None
+            whens.append(when)
+            if rule.failing is None:
+                fails.append(None)
+                continue
+            failed = rule.failing(batch, checks)
+            if when is not None:
+                failed &= when
+            fails.append(failed)
+            if not failed.any():
+                continue
+            failing_any |= failed
+            if step.retryable:
+                retry_any |= failed
+            elif not step.warn:
+                np.minimum(first_error, np.where(failed, index, never), out=first_error)
+        duplicates = self._run_duplicates(plan, batch, whens, first_error, retry_any) if not ids_only else {}
+
+        verdicts: list[Verdict] = [self._clean_accept] * size
+        attempt_of = attempts if attempts is not None else None
+        special = failing_any
+        if duplicates:
+            special = failing_any.copy()
+            special[list(duplicates)] = True
+        clean_rows = ~special
+        clean = int(clean_rows.sum())
+        for index, step in enumerate(plan):  # every rule was reached, and passed, on the clean rows
+            when = whens[index]
+            step.cell[0] += clean if when is None else int((when & clean_rows).sum())
+        if attempt_of is not None and clean:
+            version = ruleset.version
+            for row in np.nonzero(clean_rows & (np.asarray(attempt_of) > 0))[0].tolist():
+                verdicts[row] = Verdict(Outcome.ACCEPT, (), (), attempt_of[row], version)
+        self.outcomes[Outcome.ACCEPT] += clean
+
+        rows = np.nonzero(special)[0].tolist()
+        if rows:
+            records = table.take(pa.array(rows, pa.int64())).to_pylist()
+            for row, record in zip(rows, records, strict=True):
+                attempt = attempt_of[row] if attempt_of is not None else 0
+                verdict = self._walk(plan, row, record, whens, fails, duplicates, now, attempt, ruleset.version)
+                verdicts[row] = verdict
+                self.outcomes[verdict.outcome] += 1
+        return verdicts
+
+    def _run_duplicates(
+        self,
+        plan: tuple[_Step, ...],
+        batch: ColumnBatch,
+        whens: list[np.ndarray | None],
+        first_error: np.ndarray,
+        retry_any: np.ndarray,
+    ) -> dict[int, tuple[int, Any]]:
+        """The DUPLICATE_ALLOW_ONE rules, row by row in arrival order: which rows repeat a key already accepted
+        ({row: (plan index, key)}), remembering the keys of the rows that are accepted."""
+        dedupe = [(index, step.rule) for index, step in enumerate(plan) if step.dedupe]
+        if not dedupe:
+            return {}
+        now_us = _micros(batch.now)
+        specs = []
+        for index, rule in dedupe:
+            keys = _keys(batch, rule.spec.key)
+            times = _times_us(batch, rule.spec.time_field, now_us)
+            window = int(rule.spec.window / _MICROSECOND)
+            specs.append((index, rule.id, whens[index], keys, times, window))
+        seen, remember = self.dedupe.seen, self.dedupe.remember
+        collect_all, never = self.collect_all, len(plan)
+        found: dict[int, tuple[int, Any]] = {}
+        first = dedupe[0][0]
+        reaching = range(batch.size) if collect_all else np.nonzero(first_error > first)[0].tolist()
+        for row in reaching:
+            passed = None
+            for index, rule_id, when, keys, times, window in specs:
+                if not collect_all and first_error[row] <= index:
+                    break
+                if when is not None and not when[row]:
+                    continue
+                key = keys[row]
+                if key is None:
+                    continue
+                if seen(rule_id, key, times[row]):
+                    found[row] = (index, key)
+                    break
+                passed = [*(passed or ()), (rule_id, key, times[row], window)]
+            else:
+                if passed and first_error[row] == never and not retry_any[row]:
+                    for rule_id, key, time_us, window in passed:
+                        remember(rule_id, key, time_us, window, now=now_us)
+        return found
+
+    def _walk(
+        self,
+        plan: tuple[_Step, ...],
+        row: int,
+        record: Mapping[str, Any],
+        whens: list[np.ndarray | None],
+        fails: list[np.ndarray | None],
+        duplicates: dict[int, tuple[int, Any]],
+        now: datetime,
+        attempt: int,
+        version: str,
+    ) -> Verdict:
+        """One row some rule fails, through the plan as the semantics say, each failure worded by its rule."""
         checks = self._checks
         errors: list[Failure] = []
         warnings: tuple[Failure, ...] = ()
         retryable: tuple[Failure, ...] = ()
-        dedupe_passed: list[CompiledRule] = []
-        for when, check, cell, warn, dedupe, rule in self._plan(ruleset, kind):
-            if when is not None and not when(record, now):
+        duplicate = duplicates.get(row)
+        for index, step in enumerate(plan):
+            when = whens[index]
+            if when is not None and not when[row]:
                 continue
-            cell[0] += 1
-            failures = check(record, now, checks)
-            if failures is None:
-                if dedupe:
-                    dedupe_passed.append(rule)
-                continue
-            cell[1] += 1
-            if warn:
+            step.cell[0] += 1
+            rule = step.rule
+            if step.dedupe:
+                if duplicate is None or duplicate[0] != index:
+                    continue
+                failures: tuple[Failure, ...] | None = (duplicate_failure(rule, duplicate[1]),)
+            else:
+                failed = fails[index]
+                if failed is None or not failed[row]:
+                    continue
+                failures = rule.explain(record, now, checks)
+                if failures is None:
+                    self.disagreements += 1
+                    log.error("rule %s: the columns fail row %d but the rule's check passes it", rule.id, row)
+                    continue
+            step.cell[1] += 1
+            if step.warn:
                 warnings += failures
             elif failures[0].retryable:
                 retryable += failures
@@ -156,45 +365,16 @@ class RuleEngine:
                 errors.extend(failures)
                 if not self.collect_all:
                     break
-
         if errors:
-            verdict = Verdict(Outcome.REJECT, (*errors, *retryable), warnings, attempt, ruleset.version)
-        elif retryable:
-            verdict = Verdict(Outcome.RETRY, retryable, warnings, attempt + 1, ruleset.version)
-        else:
-            for rule in dedupe_passed:
-                self._remember(rule, record, now)
-            if warnings or attempt:
-                verdict = Verdict(Outcome.ACCEPT, (), warnings, attempt, ruleset.version)
-            else:
-                verdict = self._clean_accept
-        self.outcomes[verdict.outcome] += 1
-        return verdict
+            return Verdict(Outcome.REJECT, (*errors, *retryable), warnings, attempt, version)
+        if retryable:
+            return Verdict(Outcome.RETRY, retryable, warnings, attempt + 1, version)
+        return Verdict(Outcome.ACCEPT, (), warnings, attempt, version)
 
     def canonical(self, record: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
         """`record` with its ids (the fields `format: uuid` rules name) in canonical form; judge and pass on
         this, not the record as received (see `RuleSet.canonical`)."""
         return self.rulebook.current.canonical(record, kind)
-
-    def check_ids(self, record: Mapping[str, Any], kind: str, *, now: datetime | None = None) -> Verdict:
-        """Only the `format: uuid` rules: for records no other rule judges (a CDC delete is a fact at the source,
-        but its ids still go to every store)."""
-        ruleset = self.rulebook.current
-        now = now if now is not None else self.clock()
-        errors: list[Failure] = []
-        for rule in ruleset.id_rules(kind):
-            if rule.severity is Severity.WARN or (rule.when is not None and not rule.when.test(record, now)):
-                continue
-            cell = self._counts.setdefault(rule.id, [0, 0])
-            cell[0] += 1
-            failures = rule.check(record, now, self._checks)
-            if failures is not None:
-                cell[1] += 1
-                errors.extend(failures)
-                break
-        verdict = Verdict(Outcome.REJECT if errors else Outcome.ACCEPT, tuple(errors), (), 0, ruleset.version)
-        self.outcomes[verdict.outcome] += 1
-        return verdict
 
     def dedupe_window(self, kind: str) -> timedelta | None:
         """The longest DUPLICATE_ALLOW_ONE window of `kind` (None when no such rule applies to it)."""
@@ -225,9 +405,9 @@ class RuleEngine:
         if key is None:
             return
         event_time = record.get(rule.spec.time_field)
-        if not isinstance(event_time, datetime):
-            event_time = now
-        self.dedupe.remember(rule.id, key, event_time, rule.spec.window, now=now)
+        now_us = _micros(now)
+        time_us = _micros(event_time) if isinstance(event_time, datetime) else now_us
+        self.dedupe.remember(rule.id, key, time_us, int(rule.spec.window / _MICROSECOND), now=now_us)
 
     # -- metrics ----------------------------------------------------------------------------------------------------
     def rule_counters(self) -> dict[str, RuleCounter]:

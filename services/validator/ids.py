@@ -23,6 +23,10 @@ _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 _ANY_CASE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
+# The same two patterns for Arrow's RE2 (whole-value matches; ASCII classes mean the same in both engines).
+CANONICAL_UUID = "^" + _CANONICAL.pattern + "$"
+ANY_CASE_UUID = "^" + _ANY_CASE.pattern + "$"
+
 is_canonical_uuid = _CANONICAL.fullmatch  # the hot path: a match object for a canonical id, else None
 
 

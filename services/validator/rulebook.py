@@ -17,12 +17,15 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import (
     BaseModel,
@@ -35,6 +38,15 @@ from pydantic import (
     model_validator,
 )
 
+from services.validator.columns import (
+    ColumnBatch,
+    Unsupported,
+    VectorExpression,
+    as_mask,
+    blank_or_null,
+    per_value,
+    re2_fullmatch,
+)
 from services.validator.expressions import (
     EvaluationError,
     Expression,
@@ -43,7 +55,7 @@ from services.validator.expressions import (
     compile_expression,
     parse_duration,
 )
-from services.validator.ids import canonical_uuid, is_canonical_uuid, uuid_problem
+from services.validator.ids import ANY_CASE_UUID, canonical_uuid, is_canonical_uuid, uuid_problem
 
 # The rule files shipped with the code; a deployment can point VALIDATOR_RULES_DIR elsewhere (e.g. a mounted
 # ConfigMap, which is what makes hot reload useful in Kubernetes).
@@ -227,8 +239,11 @@ class Checks(Protocol):
     def seen(self, namespace: str, key: Any, event_time: datetime) -> bool: ...
 
 
-# check(record, now, checks) -> None when it passes, else the failures (several for MANDATORY / VALUE fields)
+# explain(record, now, checks) -> None when it passes, else the failures (several for MANDATORY / VALUE fields).
+# The interpreter's semantics for one record: the engine asks it only for the rows `failing` found, to word them.
 CheckFunction = Callable[[Mapping[str, Any], datetime, Checks], tuple[Failure, ...] | None]
+# failing(batch, checks) -> the rows of the batch the rule fails (before its `when`): the verdict, column-wise
+ColumnCheck = Callable[[ColumnBatch, Checks], np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +253,13 @@ class CompiledRule:
     severity: Severity
     kinds: frozenset[str]
     when: Expression | None
-    check: CheckFunction
+    explain: CheckFunction
+    failing: ColumnCheck | None  # None for DUPLICATE_ALLOW_ONE, which the engine runs in record order
+    when_holds: Callable[[ColumnBatch], np.ndarray] | None  # the `when` over a batch
     source: str  # the file it came from
     description: str
     spec: Any  # the validated pydantic model, for introspection and docs
+    interpreted: str | None = None  # why part of this rule runs through the interpreter, if it does
 
     def dedupe_key(self, record: Mapping[str, Any]) -> Any:
         """The DUPLICATE_ALLOW_ONE key of `record` (None when a key field is missing)."""
@@ -252,7 +270,9 @@ class CompiledRule:
         return None if None in values else values
 
 
-_SIZED = frozenset({str, list, dict, tuple, set})  # types for which "empty" means missing
+_SIZED = frozenset({str, list, dict, tuple, set})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)  # types for which "empty" means missing
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -281,7 +301,19 @@ def _compile_mandatory(rule: MandatoryRule, severity: Severity) -> CheckFunction
     return check
 
 
-def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
+def _columns_mandatory(rule: MandatoryRule) -> ColumnCheck:
+    fields = tuple(rule.fields)
+
+    def failing(batch: ColumnBatch, checks: Checks) -> np.ndarray:
+        missing = np.zeros(batch.size, bool)
+        for name in fields:
+            missing |= blank_or_null(batch.column(name))
+        return missing
+
+    return failing
+
+
+def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, ColumnCheck]:
     fields = tuple(rule.fields)
     rule_type = RuleType.VALUE
     pattern = re.compile(rule.regex) if rule.regex is not None else None
@@ -321,11 +353,6 @@ def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
             return fail(name, code, f"{name}={_shown(value)} {reason}")
         return None
 
-    if uuid_format and allowed is None and pattern is None and low is None and high is None:
-        return _uuid_check(fields, check_one)
-    if len(fields) == 1:
-        return _single_value_check(fields[0], check_one, allowed, pattern, low, high, low_exclusive, high_exclusive)
-
     def check(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
         failures = tuple(
             failure
@@ -334,7 +361,64 @@ def _compile_value(rule: ValueRule, severity: Severity) -> CheckFunction:
         )
         return failures or None
 
-    return check
+    def value_fails(name: str, array: pa.Array) -> np.ndarray:
+        """Rows whose value fails one of the checks, in Arrow where it means what Python means."""
+        kind = array.type
+        text = pa.types.is_string(kind)
+        numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+        passes = np.ones(len(array), bool)
+        if allowed is not None:
+            if not text:
+                raise Unsupported("an enum over a non-text column")
+            members = pa.array(sorted(v for v in allowed if isinstance(v, str)), pa.string())
+            passes &= as_mask(pc.is_in(array, value_set=members))
+        if low is not None or high is not None:
+            if not numeric:
+                raise Unsupported("a range over a non-number column")
+            if pa.types.is_integer(kind):  # Python compares ints with float bounds exactly: integral bounds only
+                if any(b is not None and not float(b).is_integer() for b in (low, high)):
+                    raise Unsupported("a fractional bound on an integer column")
+                array = array.cast(pa.int64())
+                bound = lambda b: pa.scalar(int(b), pa.int64())  # noqa: E731
+            else:
+                bound = lambda b: pa.scalar(float(b), pa.float64())  # noqa: E731
+            if low is not None:
+                passes &= as_mask((pc.greater if low_exclusive else pc.greater_equal)(array, bound(low)))
+            if high is not None:
+                passes &= as_mask((pc.less if high_exclusive else pc.less_equal)(array, bound(high)))
+        if pattern is not None:
+            if not text:
+                raise Unsupported("a regex over a non-text column")
+            passes &= as_mask(pc.match_substring_regex(array, re2_fullmatch(pattern.pattern)))
+        if uuid_format:
+            if not text:
+                raise Unsupported("a uuid format over a non-text column")
+            passes &= as_mask(pc.match_substring_regex(array, ANY_CASE_UUID))
+        return ~passes
+
+    interpreted: list[str] = []
+
+    def failing(batch: ColumnBatch, checks: Checks) -> np.ndarray:
+        fails = np.zeros(batch.size, bool)
+        for name in fields:
+            valid = batch.valid(name)
+            if not valid.any():
+                continue
+            array = batch.column(name)
+            try:
+                fails |= valid & value_fails(name, array)
+            except Unsupported as reason:  # exact per distinct value, through the interpreter's check
+                if not interpreted:
+                    interpreted.append(f"{name}: {reason}")
+                fails |= per_value(array, lambda value, name=name: check_one(name, value) is None)
+        return fails
+
+    if uuid_format and allowed is None and pattern is None and low is None and high is None:
+        return _uuid_check(fields, check_one), failing
+    if len(fields) == 1:
+        explain = _single_value_check(fields[0], check_one, allowed, pattern, low, high, low_exclusive, high_exclusive)
+        return explain, failing
+    return check, failing
 
 
 _NUMBERS = frozenset({int, float, Decimal})
@@ -436,6 +520,17 @@ def _compile_lookup(rule: LookupRule, severity: Severity) -> CheckFunction:
     return check
 
 
+def _columns_lookup(rule: LookupRule) -> ColumnCheck:
+    name, table = rule.field, rule.reference
+
+    def failing(batch: ColumnBatch, checks: Checks) -> np.ndarray:
+        contains = checks.contains
+        keys = batch.column(name).to_pylist()
+        return np.fromiter((key is not None and not contains(table, key) for key in keys), bool, len(keys))
+
+    return failing
+
+
 def _compile_duplicate(rule: DuplicateRule, severity: Severity) -> CheckFunction:
     time_field, code, rule_id = rule.time_field, rule.code or DUPLICATE, rule.id
     key_name = ",".join(rule.key)
@@ -448,7 +543,7 @@ def _compile_duplicate(rule: DuplicateRule, severity: Severity) -> CheckFunction
         event_time = record.get(time_field)
         if not isinstance(event_time, datetime):
             event_time = now
-        if not checks.seen(rule_id, key, event_time):
+        if not checks.seen(rule_id, key, (event_time - _EPOCH) // _MICROSECOND):
             return None
         message = f"{key_name}={_shown(key)} already accepted within {window}"
         return (Failure(rule_id, RuleType.DUPLICATE_ALLOW_ONE, key_name, code, message, severity),)
@@ -466,6 +561,14 @@ def _compile_duplicate(rule: DuplicateRule, severity: Severity) -> CheckFunction
             return None if None in values else values
 
     return check
+
+
+def duplicate_failure(rule: CompiledRule, key: Any) -> Failure:
+    """The failure of a DUPLICATE_ALLOW_ONE rule for a record whose `key` was already accepted."""
+    spec = rule.spec
+    message = f"{','.join(spec.key)}={_shown(key)} already accepted within {spec.window}"
+    key_name = ",".join(spec.key)
+    return Failure(rule.id, RuleType.DUPLICATE_ALLOW_ONE, key_name, spec.code or DUPLICATE, message, rule.severity)
 
 
 def _compile_business(rule: BusinessRule, severity: Severity, expression: Expression) -> CheckFunction:
@@ -684,27 +787,42 @@ def _load_file(
 
 def _compile(model: Any, when: Expression | None, expression: Expression | None, source: str) -> CompiledRule:
     severity = Severity(model.severity)
+    failing: ColumnCheck | None
+    interpreted: list[str] = []
     if isinstance(model, MandatoryRule):
-        check = _compile_mandatory(model, severity)
+        check, failing = _compile_mandatory(model, severity), _columns_mandatory(model)
     elif isinstance(model, ValueRule):
-        check = _compile_value(model, severity)
+        check, failing = _compile_value(model, severity)
     elif isinstance(model, LookupRule):
-        check = _compile_lookup(model, severity)
+        check, failing = _compile_lookup(model, severity), _columns_lookup(model)
     elif isinstance(model, DuplicateRule):
-        check = _compile_duplicate(model, severity)
+        check, failing = _compile_duplicate(model, severity), None
     else:
         assert expression is not None
         check = _compile_business(model, severity, expression)
+        vector = VectorExpression(expression)
+        if vector.unsupported:
+            interpreted.append(f"expression: {vector.unsupported}")
+        failing = lambda batch, checks: vector.fails(batch)  # noqa: E731
+    when_holds = None
+    if when is not None:
+        vector_when = VectorExpression(when)
+        if vector_when.unsupported:
+            interpreted.append(f"when: {vector_when.unsupported}")
+        when_holds = vector_when.holds
     return CompiledRule(
         id=model.id,
         type=RuleType(model.type),
         severity=severity,
         kinds=frozenset(model.applies_to),
         when=when,
-        check=check,
+        explain=check,
+        failing=failing,
+        when_holds=when_holds,
         source=source,
         description=model.description,
         spec=model,
+        interpreted="; ".join(interpreted) or None,
     )
 
 
@@ -788,4 +906,6 @@ def describe_rules(ruleset: RuleSet) -> Iterable[dict[str, Any]]:
             "applies_to": sorted(rule.kinds),
             "file": rule.source,
             "description": rule.description,
+            "vectorised": rule.interpreted is None,
+            **({"interpreted": rule.interpreted} if rule.interpreted else {}),
         }

@@ -12,8 +12,8 @@ import fastavro
 import pyarrow as pa
 import pytest
 
-from services.kit.avro_columnar import ColumnarDecoder, FastPathUnsupported
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, Schema, SchemaRepository
+from services.kit.avro_columnar import ColumnarDecoder, FastPathUnsupported
 from services.testing.samples import encoded_events, processed_transactions
 
 EVERYTHING = {
