@@ -18,7 +18,6 @@ import ast
 import re
 import sre_constants
 import sre_parse
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from services.validator.expressions import FUNCTIONS, Expression, MissingField, _mixed_numbers
+from services.validator.ids import ANY_CASE_UUID, CANONICAL_UUID
 
 
 class Unsupported(Exception):
@@ -43,6 +43,7 @@ class ColumnBatch:
 
     table: pa.Table
     now: datetime
+    canonical_ids: frozenset[str] = frozenset()  # fields known to hold only canonical UUIDs (or nulls)
     _columns: dict[str, pa.Array] = field(default_factory=dict, repr=False)
     _valid: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _rows: list[dict[str, Any]] | None = field(default=None, repr=False)
@@ -75,8 +76,20 @@ class ColumnBatch:
     def rows(self) -> list[dict[str, Any]]:
         """The records as dicts (built once, on demand): for the interpreter and for wording failures."""
         if self._rows is None:
-            self._rows = self.table.to_pylist()
+            self._rows = records_of(self.table)
         return self._rows
+
+
+def records_of(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows as the dicts a decoder gives (Arrow hands maps over as lists of pairs: made dicts again)."""
+    records = table.to_pylist()
+    maps = [f.name for f in table.schema if pa.types.is_map(f.type)]
+    for record in records if maps else ():
+        for name in maps:
+            value = record[name]
+            if value is not None:
+                record[name] = dict(value)
+    return records
 
 
 def as_mask(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -89,7 +102,11 @@ def as_mask(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 # --- value checks ---------------------------------------------------------------------------------------------------
 # Python's str.isspace() characters, as an RE2 class: MANDATORY's "blank text is missing" must mean what it does
 # for the interpreter (Arrow's utf8_is_space has its own Unicode table). Built from Python itself.
-_PY_SPACE = "".join(f"\\x{{{code:x}}}" for code in range(sys.maxunicode + 1) if chr(code).isspace())
+PY_SPACE_CODES = (
+    0x9, 0xA, 0xB, 0xC, 0xD, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0x85, 0xA0, 0x1680, 0x2000, 0x2001, 0x2002, 0x2003,
+    0x2004, 0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200A, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000,
+)  # fmt: skip  # every code point whose str.isspace() is true (Python 3.11; a unit test checks them all)
+_PY_SPACE = "".join(f"\\x{{{code:x}}}" for code in PY_SPACE_CODES)
 BLANK_TEXT = f"^[{_PY_SPACE}]*$"
 
 
@@ -177,6 +194,34 @@ def per_value(array: pa.Array, passes: Callable[[Any], bool]) -> np.ndarray:
     if valid is not None:
         failing &= valid
     return failing
+
+
+def canonical_columns(table: pa.Table, fields: Sequence[str]) -> tuple[pa.Table, np.ndarray, frozenset[str]]:
+    """`table` with the ids in `fields` in canonical form (`ids.canonical_uuid`, column-wise), the rows where one
+    was rewritten, and the fields whose every value is now a canonical UUID (their `format: uuid` check has
+    nothing left to find). Only UUIDs spelled in upper or mixed case change; anything else is left for its rule."""
+    rewritten = np.zeros(table.num_rows, bool)
+    canonical: set[str] = set()
+    for name in fields:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
+            continue
+        valid = as_mask(column.is_valid()) if column.null_count else None
+        is_canonical = as_mask(pc.match_substring_regex(column, CANONICAL_UUID))
+        other = ~is_canonical if valid is None else valid & ~is_canonical
+        if not other.any():
+            canonical.add(name)
+            continue
+        needs = other & as_mask(pc.match_substring_regex(column, ANY_CASE_UUID))
+        if needs.any():
+            rewritten |= needs
+            lowered = pc.if_else(pa.array(needs), pc.utf8_lower(column), column)
+            table = table.set_column(table.column_names.index(name), name, lowered)
+            if not (other & ~needs).any():
+                canonical.add(name)
+    return table, rewritten, frozenset(canonical)
 
 
 # --- expressions ----------------------------------------------------------------------------------------------------
@@ -624,7 +669,9 @@ __all__ = [
     "VectorExpression",
     "as_mask",
     "blank_or_null",
+    "canonical_columns",
     "per_value",
     "re2_fullmatch",
+    "records_of",
     "truthy",
 ]

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.validator.columns import ColumnBatch
+from services.validator.columns import ColumnBatch, records_of
 from services.validator.dedupe import DedupeStore
 from services.validator.references import ReferenceStore
 from services.validator.rulebook import (
@@ -204,6 +204,7 @@ class RuleEngine:
         attempts: Sequence[int] | None = None,
         now: datetime | None = None,
         ids_only: bool = False,
+        canonical_ids: frozenset[str] = frozenset(),
     ) -> list[Verdict]:
         """Judge every row of `table` (records of `kind`, in arrival order) at once; one `Verdict` per row.
 
@@ -212,11 +213,12 @@ class RuleEngine:
         record's verdict depends on the ones accepted before it. The rows some rule fails are then walked
         through the plan as the semantics say (phases, `when`, first error wins, warnings, retries), and each
         failure is worded by its rule's own check. `ids_only`: only the `format: uuid` rules (a CDC delete is a
-        fact at the source, but its ids still go to every store)."""
+        fact at the source, but its ids still go to every store). `canonical_ids`: fields the caller found to hold
+        only canonical UUIDs (`columns.canonical_columns`), so their `format: uuid` checks are not repeated."""
         ruleset = self.rulebook.current
         now = now if now is not None else self.clock()
         plan = self._plan(ruleset, kind, ids_only)
-        batch = ColumnBatch(table, now)
+        batch = ColumnBatch(table, now, canonical_ids)
         size = batch.size
         if size == 0:
             return []
@@ -266,7 +268,7 @@ class RuleEngine:
 
         rows = np.nonzero(special)[0].tolist()
         if rows:
-            records = table.take(pa.array(rows, pa.int64())).to_pylist()
+            records = records_of(table.take(pa.array(rows, pa.int64())))
             for row, record in zip(rows, records, strict=True):
                 attempt = attempt_of[row] if attempt_of is not None else 0
                 verdict = self._walk(plan, row, record, whens, fails, duplicates, now, attempt, ruleset.version)
@@ -299,6 +301,18 @@ class RuleEngine:
         found: dict[int, tuple[int, Any]] = {}
         first = dedupe[0][0]
         reaching = range(batch.size) if collect_all else np.nonzero(first_error > first)[0].tolist()
+        if len(specs) == 1 and specs[0][2] is None and not collect_all:  # the usual: one rule, no `when`
+            index, rule_id, _, keys, times, window = specs[0]
+            accepting = ((first_error == never) & ~retry_any).tolist()
+            for row in reaching:
+                key = keys[row]
+                if key is None:
+                    continue
+                if seen(rule_id, key, times[row]):
+                    found[row] = (index, key)
+                elif accepting[row]:
+                    remember(rule_id, key, times[row], window, now=now_us)
+            return found
         for row in reaching:
             passed = None
             for index, rule_id, when, keys, times, window in specs:

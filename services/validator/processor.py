@@ -192,10 +192,13 @@ class ValidatorProcessor:
         outputs: list[RuntimeOutput] = []
         routes: dict[Route, int] = {}  # counted per batch: a labelled metric per record costs more than a rule
         try:
-            for record in batch:
-                for out in self.process_one(record):
-                    routes[out.route] = routes.get(out.route, 0) + 1
-                    outputs.append(RuntimeOutput(out.topic, out.key, out.value, out.headers, source=record))
+            if batch and batch[0].topic in (self.topics.events_raw, self.topics.events_retry):
+                pairs = self._process_events(batch)
+            else:
+                pairs = [(record, out) for record in batch for out in self.process_one(record)]
+            for record, out in pairs:
+                routes[out.route] = routes.get(out.route, 0) + 1
+                outputs.append(RuntimeOutput(out.topic, out.key, out.value, out.headers, source=record))
         except SchemaStoreUnavailable as error:  # `prepare` resolved the writers; only a cache eviction gets here
             raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
         finally:
@@ -216,6 +219,26 @@ class ValidatorProcessor:
             self.events.resolve_writers(record.value for record in batch)
         except SchemaStoreUnavailable as error:
             raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
+
+    def _process_events(self, batch: list[InputRecord]) -> list[tuple[InputRecord, Output]]:
+        """A batch of events.raw or events.raw.retry (one topic): judged together, outputs in input order."""
+        now = self.engine.clock()
+        pairs: list[tuple[InputRecord, Output] | None] = [None] * len(batch)
+        due: list[int] = []
+        for index, record in enumerate(batch):
+            if record.headers and self._seen_replay(record.headers):
+                REPLAYS_DROPPED.inc()
+                continue
+            if record.topic == self.topics.events_retry and retry_wait_seconds(record.headers, now) > 0:
+                NOT_DUE.inc()
+                headers = [(k, v if v is not None else b"") for k, v in record.headers]
+                pairs[index] = (record, Output(Route.RETRY, record.topic, record.key, record.value, headers))
+                continue
+            due.append(index)
+        records = batch if len(due) == len(batch) else [batch[i] for i in due]
+        for index, out in zip(due, self.events.process_batch(records, now), strict=True):
+            pairs[index] = (batch[index], out)
+        return [pair for pair in pairs if pair is not None]
 
     def process_one(self, record: InputRecord, now: datetime | None = None) -> list[Output]:
         topic = record.topic

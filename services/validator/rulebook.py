@@ -361,7 +361,7 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
         )
         return failures or None
 
-    def value_fails(name: str, array: pa.Array) -> np.ndarray:
+    def value_fails(name: str, array: pa.Array, known_canonical: frozenset[str]) -> np.ndarray:
         """Rows whose value fails one of the checks, in Arrow where it means what Python means."""
         kind = array.type
         text = pa.types.is_string(kind)
@@ -390,7 +390,7 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
             if not text:
                 raise Unsupported("a regex over a non-text column")
             passes &= as_mask(pc.match_substring_regex(array, re2_fullmatch(pattern.pattern)))
-        if uuid_format:
+        if uuid_format and name not in known_canonical:
             if not text:
                 raise Unsupported("a uuid format over a non-text column")
             passes &= as_mask(pc.match_substring_regex(array, ANY_CASE_UUID))
@@ -405,8 +405,12 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
             if not valid.any():
                 continue
             array = batch.column(name)
+            known_canonical = batch.canonical_ids
+            if known_canonical and name in known_canonical and allowed is None and pattern is None:
+                if low is None and high is None:
+                    continue  # `canonical_columns` found every value a canonical UUID: nothing can fail
             try:
-                fails |= valid & value_fails(name, array)
+                fails |= valid & value_fails(name, array, known_canonical)
             except Unsupported as reason:  # exact per distinct value, through the interpreter's check
                 if not interpreted:
                     interpreted.append(f"{name}: {reason}")

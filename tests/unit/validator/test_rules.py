@@ -237,3 +237,12 @@ def test_a_service_does_not_start_with_invalid_rules(rules_dir: Callable[..., Pa
     directory = rules_dir(events="rules:\n  - id: x\n    type: VALUE\n    applies_to: event\n")
     with pytest.raises(RuleLoadError):
         RuleBook(directory)
+
+
+def test_the_blank_text_class_is_pythons_whitespace() -> None:
+    """MANDATORY's blank-text pattern lists exactly the characters str.isspace() calls whitespace."""
+    import sys
+
+    from services.validator.columns import PY_SPACE_CODES
+
+    assert set(PY_SPACE_CODES) == {code for code in range(sys.maxunicode + 1) if chr(code).isspace()}
