@@ -17,7 +17,7 @@ The peer (`main`, run as a script in its own virtualenv, see below) is a plain q
   10-byte header as `services.kit.avro.AvroSerializer`); rejected -> the dead-letter topic, original bytes, with
   a `reason` header (`<rule id>: <message>`). Routed by `to_topic` with a topic-selecting callable, quix's
   documented way to route by content (branching with two `filter`s would pickle-copy every value for the second
-  branch: ~10 % of the peer's time here).
+  branch: ~10 % of the peer's time in a profile).
 
 Deliberately not in the peer (what a first hand-written version leaves out, none of it on this benchmark's path,
 where every event is valid and every reference is known): no retry topic (an unknown user or product is
