@@ -6,12 +6,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PEER_STAMP := $(VENV)/peer/.installed
 
 EVENTS ?= 60000
 RATE   ?= 1000
 SEED   ?=
 
-.PHONY: help install run up down status test test-unit test-integration lint format manifests schema-check bench clean
+.PHONY: help install run up down status test test-unit test-integration lint format manifests schema-check bench bench-peer clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -68,8 +69,16 @@ manifests: $(STAMP) ## regenerate deploy/k8s EventSchema resources from schemas/
 schema-check: $(STAMP) ## check schemas/avro against git (default: merge-base with origin/main, else HEAD)
 	$(PY) -m services.declarations schema-check
 
-bench: $(STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
+bench: $(STAMP) $(PEER_STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
 	$(PY) -m bench
+
+# The validator benchmark's quix-streams peer runs in a virtualenv of its own: its pins conflict with ours.
+$(PEER_STAMP): bench/peer-requirements.txt
+	@test -x $(VENV)/peer/bin/python || $(PYTHON) -m venv $(VENV)/peer
+	$(VENV)/peer/bin/python -m pip install --quiet --disable-pip-version-check -r bench/peer-requirements.txt
+	@touch $(PEER_STAMP)
+
+bench-peer: $(PEER_STAMP) ## the quix-streams peer's virtualenv (.venv/peer) for `python -m bench.validator`
 
 clean: down ## remove .local (all local state) and the virtualenv
 	rm -rf .local $(VENV)

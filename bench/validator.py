@@ -8,6 +8,9 @@ every rule incl. lookups and the duplicate window, enrichment, e-mail hashing, e
   client the runtime uses, without any processing.
 - service: `python -m services.validator` (the real service, its defaults), from its first processed record to
   its last, read from its `/metrics`.
+- per-record peer: the same rules and enrichment written as a quix-streams user would, one record at a time
+  (`bench.validator_peer`, its own process and virtualenv), over the same records on the same broker; the service
+  is also reported as a multiple of it.
 - processor in-process: `ValidatorProcessor` alone over the same records, no Kafka: the share of the cost that
   is validation itself, which says what limits the service.
 """
@@ -24,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import BenchContext, Result, produce_all
+from bench.validator_peer import peer_rate
 from bench.validator_runtime import _bare_loop, _create_topics, worker_rate
 from services.contracts.topics import CDC_PRODUCTS, CDC_USERS, EVENTS_RAW
 from services.declarations.apply import apply_declarations
@@ -99,13 +103,14 @@ def run(ctx: BenchContext) -> list[Result]:
     _seed_references(bootstrap, simulation)
     produce_all(bootstrap, EVENTS_RAW, records)
     work_dir = Path(tempfile.mkdtemp(prefix="validator-", dir=ctx.work_dir))
-    ceilings, services = [], []
+    ceilings, services, peers = [], [], []
     for round_ in range(ROUNDS):  # alternate and keep the best of each: the machine is small and shared
         bare_out = f"bench.validator.bare.{time.time_ns()}.{round_}"
         _create_topics(bootstrap, bare_out)
         ceilings.append(asyncio.run(_bare_loop(bootstrap, EVENTS_RAW, bare_out, events)))
         services.append(_service_rate(ctx.env, events, work_dir))
-    ceiling, service = max(ceilings), max(services)
+        peers.append(peer_rate(bootstrap, events, work_dir))
+    ceiling, service, peer = max(ceilings), max(services), max(peers)
     in_process = _processor_rate(simulation, records[: min(len(records), 40_000)])
     spread = ", ".join(f"{s:,.0f}/{c:,.0f}" for s, c in zip(services, ceilings, strict=True))
     return [
@@ -125,6 +130,23 @@ def run(ctx: BenchContext) -> list[Result]:
             round(ceiling),
             "bare aiokafka consume-then-produce of the same records",
             note="decode + rules + enrich + encode only, no Kafka: what limits the service",
+        ),
+        Result(
+            "per-record peer (quix-streams) events/s",
+            round(peer),
+            "events/s",
+            round(ceiling),
+            "bare aiokafka consume-then-produce of the same records",
+            note=f"same rules and enrichment, one record at a time, as a quix-streams app (bench/validator_peer.py); "
+            f"best of {ROUNDS} (runs: {', '.join(f'{p:,.0f}' for p in peers)})",
+        ),
+        Result(
+            "validator service vs per-record peer",
+            round(service),
+            "events/s",
+            round(peer),
+            "the per-record quix-streams peer, same events and broker",
+            note="ratio: the service's rate as a multiple of the peer's",
         ),
     ]
 
