@@ -190,11 +190,37 @@ class RuleEngine:
         self, record: Mapping[str, Any], kind: str, *, attempt: int = 0, now: datetime | None = None
     ) -> Verdict:
         """Judge one record of `kind` ("event", "transaction"): a batch of one. `attempt`: retries already made."""
-        return self.evaluate_batch(_table_of([record]), kind, attempts=[attempt], now=now)[0]
+        return self.evaluate_records([record], kind, attempts=[attempt], now=now)[0]
 
     def check_ids(self, record: Mapping[str, Any], kind: str, *, now: datetime | None = None) -> Verdict:
         """Only the `format: uuid` rules, for one record (see `evaluate_batch(ids_only=True)`)."""
-        return self.evaluate_batch(_table_of([record]), kind, now=now, ids_only=True)[0]
+        return self.evaluate_records([record], kind, now=now, ids_only=True)[0]
+
+    def evaluate_records(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        kind: str,
+        *,
+        attempts: Sequence[int] | None = None,
+        now: datetime | None = None,
+        ids_only: bool = False,
+    ) -> list[Verdict]:
+        """`evaluate_batch` over records given as dicts (CDC rows, a tool's records), columns typed from the
+        values. Records whose values do not share a type per field (an Arrow column has one) are judged as
+        batches of one, in order."""
+        now = now if now is not None else self.clock()
+        try:
+            table = _table_of(records)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+            if len(records) == 1:
+                raise
+            return [
+                self.evaluate_records(
+                    [record], kind, attempts=None if attempts is None else [attempts[i]], now=now, ids_only=ids_only
+                )[0]
+                for i, record in enumerate(records)
+            ]
+        return self.evaluate_batch(table, kind, attempts=attempts, now=now, ids_only=ids_only)
 
     def evaluate_batch(
         self,

@@ -18,24 +18,23 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from services.contracts import topics
 from services.contracts.deadletter import ConsumedRecord, DeadLetterRecord, OriginalMessage, Stage
 from services.contracts.envelope import OP_DELETE
 from services.contracts.headers import STALE_ON_DEAD_LETTER
-import numpy as np
-import pyarrow as pa
-
 from services.kit.avro import HEADER_SIZE, AvroDeserializer, AvroSerializer, DecodeError, SchemaRepository
 from services.kit.avro_columnar import ColumnarDecoder
 from services.kit.avro_columnar import ColumnBatch as ColumnBatch
 from services.validator import rejections
-from services.validator.cdc import CdcFormatError, parse_envelope, table_of_topic
-from services.validator.engine import Outcome, RuleEngine, Verdict
+from services.validator.cdc import CdcFormatError, ChangeEvent, parse_envelope, table_of_topic
 from services.validator.columns import as_mask, canonical_columns, records_of
+from services.validator.engine import Outcome, RuleEngine, Verdict
 from services.validator.enrich import enrich_event
 from services.validator.outputs import processed_event, processed_transaction, status_change
 from services.validator.references import ApplyResult, ReferenceStore
-from services.validator.splice import ENDS_NEEDED, LEADING_UNIONS, ProcessedEventEncoder, email_keyed_rows
 from services.validator.retry import (
     Retry,
     RetryPolicy,
@@ -44,6 +43,7 @@ from services.validator.retry import (
     retry_decision,
     retry_headers,
 )
+from services.validator.splice import ENDS_NEEDED, LEADING_UNIONS, ProcessedEventEncoder, email_keyed_rows
 
 Headers = list[tuple[str, bytes]]
 
@@ -367,22 +367,42 @@ class TransactionProcessor:
         self.serialize_transaction = AvroSerializer(schemas["processed_transaction"])
         self.serialize_status = AvroSerializer(schemas["transaction_status_change"])
 
-    def process(self, message: OriginalMessage) -> list[Output]:
-        now = self.engine.clock()
+    def process(self, message: ConsumedRecord) -> list[Output]:
+        """One change (a batch of one)."""
+        return self.process_batch([message])[0]
+
+    def process_batch(self, messages: Sequence[ConsumedRecord], now: datetime | None = None) -> list[list[Output]]:
+        """Changes in arrival order: each one's outputs (none for a tombstone), in the same order. The rows are
+        judged together; a delete only by the id rules (a fact at the source, but its ids go to every store)."""
+        now = now if now is not None else self.engine.clock()
+        results: list[list[Output]] = [[] for _ in messages]
+        changes: list[tuple[int, ChangeEvent]] = []
+        for index, message in enumerate(messages):
+            try:
+                change = parse_envelope(message.value, "transactions")
+            except CdcFormatError as error:
+                results[index] = [self._refused(message, error.code, error, Stage.DECODE, now)]
+                continue
+            if change is None:
+                continue  # the tombstone after a delete: the delete envelope already said everything
+            row = self.engine.canonical(change.row, "transaction")
+            if row is not change.row:  # the row is `after`, or `before` for a delete
+                change = replace(change, after=row) if change.after is not None else replace(change, before=row)
+            changes.append((index, change))
+        verdicts: dict[int, Verdict] = {}
+        for deletes in (False, True):
+            group = [(index, change) for index, change in changes if (change.op == OP_DELETE) is deletes]
+            if group:
+                judged = self.engine.evaluate_records(
+                    [change.row for _, change in group], "transaction", now=now, ids_only=deletes
+                )
+                verdicts.update(zip((index for index, _ in group), judged, strict=True))
+        for index, change in changes:
+            results[index] = self._outputs(messages[index], change, verdicts[index], now)
+        return results
+
+    def _outputs(self, message: ConsumedRecord, change: ChangeEvent, verdict: Verdict, now: datetime) -> list[Output]:
         dead_topic = self.topics.transactions_dead_letter
-        try:
-            change = parse_envelope(message.value, "transactions")
-        except CdcFormatError as error:
-            return [self._refused(message, error.code, error, Stage.DECODE, now)]
-        if change is None:
-            return []  # the tombstone after a delete: the delete envelope already said everything
-        row = self.engine.canonical(change.row, "transaction")
-        if row is not change.row:  # the row is `after`, or `before` for a delete
-            change = replace(change, after=row) if change.after is not None else replace(change, before=row)
-        if change.op != OP_DELETE:
-            verdict = self.engine.evaluate(row, "transaction", now=now)
-        else:  # a delete is a fact at the source: nothing left to judge but the ids every store keys on
-            verdict = self.engine.check_ids(row, "transaction", now=now)
         if verdict.outcome is not Outcome.ACCEPT:  # never retried: a CDC row's changes must stay in order
             dead = rejections.from_failures(
                 message, verdict.errors, now=now, topic=dead_topic, max_record_bytes=self.max_record_bytes
@@ -403,7 +423,7 @@ class TransactionProcessor:
             return [self._refused(message, rejections.OUTPUT_CONTRACT, error, Stage.ENRICH, now)]
         return outputs
 
-    def _refused(self, message: OriginalMessage, code: str, error: Exception, stage: Stage, now: datetime) -> Output:
+    def _refused(self, message: ConsumedRecord, code: str, error: Exception, stage: Stage, now: datetime) -> Output:
         """A transaction change refused outside the rules (bad envelope, output contract), as its dead letter."""
         dead = rejections.from_exception(
             message,

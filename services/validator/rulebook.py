@@ -397,6 +397,7 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
         return ~passes
 
     interpreted: list[str] = []
+    uuid_only = uuid_format and allowed is None and pattern is None and low is None and high is None
 
     def failing(batch: ColumnBatch, checks: Checks) -> np.ndarray:
         fails = np.zeros(batch.size, bool)
@@ -406,9 +407,8 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
                 continue
             array = batch.column(name)
             known_canonical = batch.canonical_ids
-            if known_canonical and name in known_canonical and allowed is None and pattern is None:
-                if low is None and high is None:
-                    continue  # `canonical_columns` found every value a canonical UUID: nothing can fail
+            if name in known_canonical and uuid_only:
+                continue  # `canonical_columns` found every value a canonical UUID: nothing can fail
             try:
                 fails |= valid & value_fails(name, array, known_canonical)
             except Unsupported as reason:  # exact per distinct value, through the interpreter's check
