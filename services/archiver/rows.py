@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 
 from services.contracts.deadletter import NotADeadLetter, parse_dead_letter
 from services.kit.avro import AvroDeserializer, Decoded, DecodeError, SchemaRepository
-
 from services.kit.avro_columnar import ColumnarDecoder, FastPathUnsupported
+
 from .schemas import KAFKA_COLUMN_NAMES, KAFKA_KEY, KAFKA_OFFSET, KAFKA_PARTITION, KAFKA_TIMESTAMP, KAFKA_TOPIC
 
 MISSING_DLQ_HEADERS = "MISSING_DLQ_HEADERS"

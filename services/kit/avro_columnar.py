@@ -1,7 +1,7 @@
 """Avro single-object payloads to Arrow columns, a whole batch at once.
 
 fastavro decodes one record at a time, ~50 us for a ProcessedEvent here (about 19k records/s): alone it would
-cap the archiver (and the validator) far below their goals of 100k records/s. Avro's binary encoding is sequential inside a record, but
+cap the archiver and the validator far below their goals. Avro's binary encoding is sequential inside a record, but
 the records of a batch are independent, so this decoder walks the *schema* once and decodes each field for
 all records together with numpy: a cursor array holds every record's read position, a varint is read for all
 records in a few vector operations, strings become one Arrow buffer gathered in one go. About 1 us a record.

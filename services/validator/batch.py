@@ -1,4 +1,7 @@
-"""Batch files (CSV, JSON Lines, Parquet) read into raw_event records: the one validation path for files too.
+"""Batch files (CSV, JSON Lines, Parquet, Avro) read into raw_event records: the one validation path for files too.
+
+The rows are judged in batches by the same compiled rulebook as the stream (`EventProcessor.process_records`
+builds the same Arrow batch the stream's decoder does); this module only reads and types them.
 
 Each reader streams (CSV and JSONL line by line, Parquet by record batches) and yields, per row, either a
 `BatchRow` whose `record` is exactly what decoding an events.raw payload yields (same fields, same Python
@@ -33,7 +36,14 @@ BATCH_SOURCE = "batch-file"
 BATCH_DLQ_TOPIC = dead_letter_topic(EVENTS_RAW)  # rows of a file are raw events
 INT_RANGE = (-(2**31), 2**31 - 1)
 LONG_RANGE = (-(2**63), 2**63 - 1)
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".avro": "avro",
+}
 
 
 class CoercionError(ValueError):
@@ -364,6 +374,38 @@ def read_parquet(
             yield result
 
 
+def read_avro(
+    path: str | Path, *, coercer: RecordCoercer | None = None, stats: BatchStats | None = None
+) -> Iterator[BatchRow | BatchError]:
+    """An Avro object container file (any writer schema: its records are coerced like JSON rows). A file that
+    breaks off mid-way yields the rows before the break, then one error for the rest."""
+    import fastavro
+
+    path = Path(path)
+    coercer = coercer or RecordCoercer.for_raw_event()
+    stats = stats if stats is not None else BatchStats()
+    origin = _origin(path)
+    position = 0
+    with path.open("rb") as handle:
+        try:
+            for row in fastavro.reader(handle):
+                position += 1
+                stats.rows += 1
+                if not isinstance(row, dict):
+                    stats.errors += 1
+                    yield BatchError(position, None, "Avro: a record must be a record", b"", origin)
+                    continue
+                stats.unknown_columns.update(k for k in row if k not in coercer.names)
+                result = _coerce(coercer, row, position, lambda r=row: json.dumps(r, default=str).encode(), origin)
+                if isinstance(result, BatchError):
+                    stats.errors += 1
+                yield result
+        except (ValueError, EOFError, OSError, StopIteration) as error:  # not Avro, or cut off
+            stats.rows += 1
+            stats.errors += 1
+            yield BatchError(position + 1, None, f"Avro: {type(error).__name__}: {error}", b"", origin)
+
+
 def read_file(
     path: str | Path,
     *,
@@ -371,10 +413,10 @@ def read_file(
     coercer: RecordCoercer | None = None,
     stats: BatchStats | None = None,
 ) -> Iterator[BatchRow | BatchError]:
-    """Dispatch on `file_format` ("csv", "jsonl", "parquet") or the file extension."""
+    """Dispatch on `file_format` ("csv", "jsonl", "parquet", "avro") or the file extension."""
     path = Path(path)
     kind = file_format or FORMATS.get(path.suffix.lower())
-    readers = {"csv": read_csv, "jsonl": read_jsonl, "parquet": read_parquet}
+    readers = {"csv": read_csv, "jsonl": read_jsonl, "parquet": read_parquet, "avro": read_avro}
     if kind not in readers:
         raise ValueError(f"{path}: unknown batch format {kind or path.suffix!r}; use one of {sorted(readers)}")
     return readers[kind](path, coercer=coercer, stats=stats)

@@ -156,6 +156,9 @@ def replay(args: argparse.Namespace, settings: ServiceSettings) -> int:
 # --- load ------------------------------------------------------------------------------------------------------
 
 
+LOAD_BATCH_ROWS = 2000  # rows judged together, as the stream's batches
+
+
 def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     config = client_config(settings, client_id="lp-validator-load")
     wait_for_broker(config, settings.dependency_wait_s)
@@ -183,11 +186,21 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
     routes: Counter[str] = Counter()
     stats = BatchStats()
     dead_topic = events.topics.events_dead_letter
+    records: list[dict[str, Any]] = []
+    messages: list[OriginalMessage] = []
+
+    def judge() -> None:  # one batch of rows through the stream's engine, outputs in row order
+        for out in events.process_records(records, messages):
+            producer.produce(out.topic, out.value, out.key, out.headers)
+            routes[out.route.value] += 1
+        records.clear()
+        messages.clear()
+        producer.poll(0)
+
     for path in args.files:
         for item in read_file(Path(path), coercer=coercer, stats=stats):
-            now = events.engine.clock()
             if isinstance(item, BatchError):
-                dead = item.to_dead_letter(now, topic=dead_topic)
+                dead = item.to_dead_letter(events.engine.clock(), topic=dead_topic)
                 producer.produce(dead.topic, dead.value, dead.key, dead.headers)
                 routes["dead_letter"] += 1
                 continue
@@ -198,11 +211,11 @@ def load(args: argparse.Namespace, settings: ValidatorSettings) -> int:
             except (ValueError, TypeError, OverflowError):
                 value = json.dumps(item.record, default=str).encode()
             headers: Headers = [(BATCH_ORIGIN, f"{item.origin}:{item.position}".encode())]
-            message = OriginalMessage(item.origin, -1, item.position, key, value, headers)
-            out = events.process_record(item.record, message, now=now)
-            producer.produce(out.topic, out.value, out.key, out.headers)
-            routes[out.route.value] += 1
-        producer.poll(0)
+            records.append(item.record)
+            messages.append(OriginalMessage(item.origin, -1, item.position, key, value, headers))
+            if len(records) >= LOAD_BATCH_ROWS:
+                judge()
+        judge()
     producer.flush()
     _print(
         {
