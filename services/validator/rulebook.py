@@ -55,7 +55,7 @@ from services.validator.expressions import (
     compile_expression,
     parse_duration,
 )
-from services.validator.ids import ANY_CASE_UUID, canonical_uuid, is_canonical_uuid, uuid_problem
+from services.validator.ids import ANY_CASE_UUID, canonical_uuid, uuid_problem
 
 # The rule files shipped with the code; a deployment can point VALIDATOR_RULES_DIR elsewhere (e.g. a mounted
 # ConfigMap, which is what makes hot reload useful in Kubernetes).
@@ -417,96 +417,7 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
                 fails |= per_value(array, lambda value, name=name: check_one(name, value) is None)
         return fails
 
-    if uuid_format and allowed is None and pattern is None and low is None and high is None:
-        return _uuid_check(fields, check_one), failing
-    if len(fields) == 1:
-        explain = _single_value_check(fields[0], check_one, allowed, pattern, low, high, low_exclusive, high_exclusive)
-        return explain, failing
     return check, failing
-
-
-_NUMBERS = frozenset({int, float, Decimal})
-
-
-def _uuid_check(fields: tuple[str, ...], check_one: Callable[[str, Any], Failure | None]) -> CheckFunction:
-    """`format: uuid` alone: a canonical id passes on one regex match; anything else is judged by `check_one`."""
-
-    def check(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
-        failures = None
-        for name in fields:
-            value = record.get(name)
-            if value is None or (value.__class__ is str and is_canonical_uuid(value) is not None):
-                continue
-            failure = check_one(name, value)
-            if failure is not None:
-                failures = (failures or ()) + (failure,)
-        return failures
-
-    return check
-
-
-def _single_value_check(
-    name: str,
-    check_one: Callable[[str, Any], Failure | None],
-    allowed: frozenset[Any] | None,
-    pattern: re.Pattern[str] | None,
-    low: float | None,
-    high: float | None,
-    low_exclusive: bool,
-    high_exclusive: bool,
-) -> CheckFunction:
-    """The common one-field, one-check rules with the passing case inlined (no call but `record.get`); a
-    failing value goes through `check_one`, which builds the message."""
-
-    def slow(value: Any) -> tuple[Failure, ...] | None:
-        failure = check_one(name, value)
-        return None if failure is None else (failure,)
-
-    if allowed is not None and pattern is None and low is None and high is None:
-
-        def check_enum(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
-            value = record.get(name)
-            try:
-                if value is None or value in allowed:
-                    return None
-            except TypeError:  # unhashable: not in the enum
-                pass
-            return slow(value)
-
-        return check_enum
-
-    if pattern is not None and allowed is None and low is None and high is None:
-        fullmatch = pattern.fullmatch
-
-        def check_regex(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
-            value = record.get(name)
-            if value is None or (value.__class__ is str and fullmatch(value) is not None):
-                return None
-            return slow(value)
-
-        return check_regex
-
-    if pattern is None and allowed is None:
-        low_value = float("-inf") if low is None else low
-        high_value = float("inf") if high is None else high
-
-        def check_range(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
-            value = record.get(name)
-            if value is None or (
-                value.__class__ in _NUMBERS
-                and (value > low_value if low_exclusive else value >= low_value)
-                and (value < high_value if high_exclusive else value <= high_value)
-            ):
-                return None
-            return slow(value)
-
-        return check_range
-
-    def check_any(record: Mapping[str, Any], now: datetime, checks: Checks) -> tuple[Failure, ...] | None:
-        value = record.get(name)
-        return None if value is None else slow(value)
-
-    return check_any
 
 
 def _compile_lookup(rule: LookupRule, severity: Severity) -> CheckFunction:
