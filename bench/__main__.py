@@ -18,6 +18,7 @@ from bench import (
     ingest,
     snowflake_loader,
     validator,
+    validator_engines,
     validator_runtime,
 )
 from bench.harness import BenchContext, Benchmark, Result, default_paths, write_results
@@ -30,6 +31,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cdc": cdc.run,
     "validator_runtime": validator_runtime.run,
     "validator": validator.run,
+    "validator_engines": validator_engines.run,
     "clickhouse_sink": clickhouse_sink.run,
     "archiver": archiver.run,
     "snowflake_loader": snowflake_loader.run,
