@@ -389,13 +389,21 @@ def _compile_value(rule: ValueRule, severity: Severity) -> tuple[CheckFunction, 
         if pattern is not None:
             if not text:
                 raise Unsupported("a regex over a non-text column")
-            passes &= as_mask(pc.match_substring_regex(array, re2_fullmatch(pattern.pattern)))
+            if re2_pattern is None:
+                raise Unsupported(re2_refused)
+            passes &= as_mask(pc.match_substring_regex(array, re2_pattern))
         if uuid_format and name not in known_canonical:
             if not text:
                 raise Unsupported("a uuid format over a non-text column")
             passes &= as_mask(pc.match_substring_regex(array, ANY_CASE_UUID))
         return ~passes
 
+    re2_pattern, re2_refused = None, ""
+    if pattern is not None:  # checked once, here: whether RE2 means what `re` does for this pattern
+        try:
+            re2_pattern = re2_fullmatch(pattern.pattern)
+        except Unsupported as reason:
+            re2_refused = str(reason)
     interpreted: list[str] = []
     uuid_only = uuid_format and allowed is None and pattern is None and low is None and high is None
 

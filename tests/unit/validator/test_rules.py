@@ -246,3 +246,20 @@ def test_the_blank_text_class_is_pythons_whitespace() -> None:
     from services.validator.columns import PY_SPACE_CODES
 
     assert set(PY_SPACE_CODES) == {code for code in range(sys.maxunicode + 1) if chr(code).isspace()}
+
+
+def test_decimal_against_float_is_compared_exactly() -> None:
+    """Python compares Decimal('0.10') with the float 0.1 exactly (the float is a little more than 0.1); the
+    column form must not round the decimal to a float first, so it leaves such comparisons to the interpreter."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    import pyarrow as pa
+
+    from services.validator.columns import ColumnBatch, VectorExpression
+    from services.validator.expressions import compile_expression
+
+    expression = compile_expression("amount < 0.1")
+    table = pa.table({"amount": pa.array([Decimal("0.10"), Decimal("0.11"), Decimal("0.09")])})
+    holds = VectorExpression(expression).holds(ColumnBatch(table, datetime.now(UTC)))
+    assert holds.tolist() == [Decimal("0.10") < 0.1, False, True] == [True, False, True]
