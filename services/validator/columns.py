@@ -263,27 +263,25 @@ def _or(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return a | b
 
 
+# in this order: bool is an int, and a datetime is a date
+_CONSTANT_KINDS = (
+    (bool, "bool"),
+    (int, "int"),
+    (float, "float"),
+    (Decimal, "decimal"),
+    (str, "text"),
+    (datetime, "time"),
+    (timedelta, "duration"),
+)
+
+
 def _kind(vector: Vector) -> str:
     """'int', 'float', 'decimal', 'text', 'time', 'duration', 'bool', 'sized', 'null' or 'other'."""
     if isinstance(vector, _Const):
         value = vector.value
         if value is None:
             return "null"
-        if isinstance(value, bool):
-            return "bool"
-        if isinstance(value, int):
-            return "int"
-        if isinstance(value, float):
-            return "float"
-        if isinstance(value, Decimal):
-            return "decimal"
-        if isinstance(value, str):
-            return "text"
-        if isinstance(value, datetime):
-            return "time"
-        if isinstance(value, timedelta):
-            return "duration"
-        return "other"
+        return next((kind for cls, kind in _CONSTANT_KINDS if isinstance(value, cls)), "other")
     kind = vector.type
     if pa.types.is_boolean(kind):
         return "bool"

@@ -91,6 +91,17 @@ def _dead(record: DeadLetterRecord) -> Output:
     return Output(Route.DEAD_LETTER, record.topic, record.key, record.value, record.headers)
 
 
+@dataclass(slots=True)
+class _EventBatch:
+    """A batch being judged: its table (row i is message `rows[i]`), the messages, and the outputs being filled."""
+
+    table: pa.Table
+    rows: list[int]
+    messages: Sequence[ConsumedRecord]
+    outputs: list[Output | None]
+    now: datetime
+
+
 class EventProcessor:
     """events.raw and events.raw.retry: decode, validate, retry late references, enrich, serialize."""
 
@@ -182,7 +193,7 @@ class EventProcessor:
             table = pa.concat_tables([table, slow_table]).take(pa.array(order))
             rows = [rows[i] for i in order.tolist()]
         spliceable = is_fast[np.asarray(rows, np.int64)] if slow_kept else np.ones(len(rows), bool)
-        self._judge_and_emit(table, rows, messages, outputs, now, spliceable, columns, fast)
+        self._judge_and_emit(_EventBatch(table, rows, messages, outputs, now), spliceable, columns, fast)
         return outputs  # type: ignore[return-value]  # every row has its output now
 
     def process_records(
@@ -193,26 +204,20 @@ class EventProcessor:
         outputs: list[Output | None] = [None] * len(records)
         table = pa.Table.from_pylist(list(records), schema=self._raw_arrow)
         rows = list(range(len(records)))
-        self._judge_and_emit(
-            table, rows, messages, outputs, now, np.zeros(len(rows), bool), None, np.zeros(0, np.int64)
-        )
+        judged = _EventBatch(table, rows, messages, outputs, now)
+        self._judge_and_emit(judged, np.zeros(len(rows), bool), None, np.zeros(0, np.int64))
         return outputs  # type: ignore[return-value]
 
     def _judge_and_emit(
-        self,
-        table: pa.Table,
-        rows: list[int],
-        messages: Sequence[ConsumedRecord],
-        outputs: list[Output | None],
-        now: datetime,
-        spliceable: np.ndarray,
-        columns: ColumnBatch | None,
-        fast_rows: np.ndarray,
+        self, batch: _EventBatch, spliceable: np.ndarray, columns: ColumnBatch | None, fast_rows: np.ndarray
     ) -> None:
-        """Judge `table` (row i is message `rows[i]`) and put each row's output at its message's place."""
+        """Judge the batch's table and put each row's output at its message's place. `spliceable`: rows whose
+        payload `columns` decoded (`fast_rows`: their message indices, sorted)."""
+        rows, messages, outputs, now = batch.rows, batch.messages, batch.outputs, batch.now
         if not rows:
             return
-        table, rewritten, canonical = canonical_columns(table, self.engine.rulebook.current.uuid_fields("event"))
+        table, rewritten, canonical = canonical_columns(batch.table, self.engine.rulebook.current.uuid_fields("event"))
+        batch.table = table
         spliceable &= ~rewritten
         states = [parse_retry_headers(h) if (h := messages[row].headers) else None for row in rows]
         attempts = [state.attempt if state is not None else 0 for state in states]
@@ -242,7 +247,7 @@ class EventProcessor:
                 splice &= as_mask(table.column(name).is_valid())
             splice &= ~email_keyed_rows(table.column("properties").combine_chunks())
         if splice.any():
-            self._emit_spliced(table, rows, messages, outputs, now, verdicts, splice, columns, fast_rows)
+            self._emit_spliced(batch, verdicts, splice, columns, fast_rows)
         slow = np.nonzero(accepted & ~splice)[0].tolist()
         if slow:
             records = records_of(table.take(pa.array(slow, pa.int64())))
@@ -251,17 +256,15 @@ class EventProcessor:
 
     def _emit_spliced(
         self,
-        table: pa.Table,
-        rows: list[int],
-        messages: Sequence[ConsumedRecord],
-        outputs: list[Output | None],
-        now: datetime,
+        batch: _EventBatch,
         verdicts: list[Verdict],
         splice: np.ndarray,
         columns: ColumnBatch | None,
         fast_rows: np.ndarray,
     ) -> None:
+        """The accepted rows in `splice`, encoded from their raw payloads (`splice.ProcessedEventEncoder`)."""
         assert columns is not None
+        table, rows, messages, outputs, now = batch.table, batch.rows, batch.messages, batch.outputs, batch.now
         picked = np.nonzero(splice)[0]
         picked_at = np.asarray(rows, np.int64)[picked]
         picked_rows = picked_at.tolist()
