@@ -11,8 +11,9 @@ PEER_STAMP := $(VENV)/peer/.installed
 EVENTS ?= 60000
 RATE   ?= 1000
 SEED   ?=
+DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install run up down status test test-unit test-integration lint format manifests schema-check bench bench-peer clean
+.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check bench bench-peer clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -49,6 +50,13 @@ test-unit: $(STAMP) ## unit tests only (seconds)
 
 test-integration: $(STAMP) ## integration tests only (start the embedded stack on free ports)
 	$(PY) -m pytest -q -m integration
+
+differential: $(STAMP) ## the validator's verdicts on EVENTS generated events: recorded to DIFFERENTIAL if absent, else compared
+	@if [ -f $(DIFFERENTIAL) ]; then \
+		$(PY) -m services.testing.verdicts compare $(DIFFERENTIAL); \
+	else \
+		$(PY) -m services.testing.verdicts record --events $(EVENTS) $(if $(SEED),--seed $(SEED)) --out $(DIFFERENTIAL); \
+	fi
 
 lint: $(STAMP) ## ruff, the one-way layers contract, generated manifests in sync, Avro compatibility against git
 	$(VENV)/bin/ruff check .
