@@ -82,6 +82,20 @@ def read(bootstrap: str, topic: str) -> list[Any]:
     return messages
 
 
+def read_settled(bootstrap: str, topic: str, quiet_s: float = 1.0, timeout_s: float = 30.0) -> list[Any]:
+    """The topic's records once it has stopped growing: after a SIGKILL, produce requests the process had already
+    written to its socket still reach the broker and land after the kill, so one read right away can miss them."""
+    deadline = time.monotonic() + timeout_s
+    records = read(bootstrap, topic)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        again = read(bootstrap, topic)
+        if len(again) == len(records):
+            return again
+        records = again
+    raise AssertionError(f"{topic} kept growing for {timeout_s} s after the writer was killed")
+
+
 def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     partitions = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics[topic].partitions
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
@@ -249,7 +263,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_repeats_nothing(stack,
     first.process.kill()  # SIGKILL: no flush, no commit, no leaving the group
     first.process.wait(timeout=10)
     at_kill = committed(bootstrap, group, topic)
-    produced_before_restart = len(read(bootstrap, output))
+    produced_before_restart = len(read_settled(bootstrap, output))
     assert 0 < sum(at_kill.values()) < produced_before_restart < n  # outputs of uncommitted inputs are out
 
     second = start_worker(topic, output, group)
