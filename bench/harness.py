@@ -94,7 +94,18 @@ def write_results(results: list[Result], json_path: Path, markdown_path: Path) -
         )
     lines += _earlier_rows(markdown_path, measured)
     lines += ["", "See `docs/benchmarks-method.md` for how each figure is measured.", ""]
+    lines += _kept_sections(markdown_path)
     markdown_path.write_text("\n".join(lines))
+
+
+def _kept_sections(markdown_path: Path) -> list[str]:
+    """The `## ` sections of the previous file (one-off measurements written by hand, with their own date and
+    command, such as a retired engine's comparison): `make bench` does not rerun them, so it keeps them."""
+    if not markdown_path.exists():
+        return []
+    lines = markdown_path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
+    return [] if start is None else [*lines[start:], ""]
 
 
 def _earlier_rows(markdown_path: Path, measured: set[str]) -> list[str]:
