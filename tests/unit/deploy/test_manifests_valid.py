@@ -662,3 +662,30 @@ def test_crds_declare_status_and_print_ready_and_reason() -> None:
     assert topic["properties"]["spec"]["properties"]["deletionPolicy"]["enum"] == ["Retain", "Delete"]
     schema = crds()[("lambdapipeline.io/v1alpha1", "EventSchema")]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert {"version", "versions", "fingerprint", "compatibility"} <= set(schema["properties"]["status"]["properties"])
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CHART_DIR / "values-kind.yaml")]], ids=["default", "kind"])
+def test_no_container_sets_an_environment_variable_twice(values: list[str]) -> None:
+    """A duplicate env name renders silently and the last one wins (the loader's SHUTDOWN_TIMEOUT_S was set twice)."""
+    for document in helm_template(*values):
+        spec = document.get("spec", {})
+        pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []):
+            names = [variable["name"] for variable in container.get("env", [])]
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            assert not duplicates, f"{document['kind']} {document['metadata']['name']}: {duplicates}"
+
+
+def test_scaled_services_get_a_disruption_budget_and_single_pods_none() -> None:
+    rendered = helm_template()
+    budgets = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodDisruptionBudget"}
+    deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
+    autoscaled = {d["spec"]["scaleTargetRef"]["name"] for d in rendered if d["kind"] == "HorizontalPodAutoscaler"}
+    scaled = {name for name, d in deployments.items() if name in autoscaled or d["spec"].get("replicas", 1) > 1}
+    assert scaled, "the default values scale some service"
+    assert set(budgets) == scaled
+    for name, budget in budgets.items():
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert budget["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+    switched_off = helm_template("--set", "podDisruptionBudget.enabled=false")
+    assert not [d for d in switched_off if d["kind"] == "PodDisruptionBudget"]
