@@ -689,3 +689,30 @@ def test_scaled_services_get_a_disruption_budget_and_single_pods_none() -> None:
         assert budget["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
     switched_off = helm_template("--set", "podDisruptionBudget.enabled=false")
     assert not [d for d in switched_off if d["kind"] == "PodDisruptionBudget"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("services.validator.replicass=2", "replicass"),
+        ("serviceDefaults.autoscaling.maxReplica=3", "maxReplica"),
+        ("jobs.reconcile.schedul=x", "schedul"),
+        ("imag.tag=dev", "imag"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ],
+)
+def test_values_schema_refuses_a_typo_naming_it(setting: str, named: str) -> None:
+    """values.schema.json: a misspelt key no longer renders silently; helm names it."""
+    done = subprocess.run(
+        [tool("helm"), "template", "lp", str(CHART_DIR), "--set", setting], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert named in done.stderr, done.stderr
+
+
+def test_service_account_annotations_render() -> None:
+    role = "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/lp"
+    rendered = helm_template("--set", role)
+    accounts = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ServiceAccount"}
+    services_account = accounts["lp-lambda-pipeline"]  # the operator has one of its own
+    assert services_account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lp"}
