@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.validator.expressions import FUNCTIONS, Expression, MissingField, _mixed_numbers
+from services.validator.expressions import FUNCTIONS, Expression, _mixed_numbers
 from services.validator.ids import ANY_CASE_UUID, CANONICAL_UUID
 
 
@@ -657,15 +657,9 @@ def _call(name: str, values: Sequence[Vector], size: int) -> pa.Array:
     raise Unsupported(f"{name}() of {[_kind(v) for v in values]}")
 
 
-def vectorisation_problems(expression: Expression) -> str | None:
-    """Why `expression` is interpreted row by row instead of vectorised, or None when it is vectorised."""
-    return VectorExpression(expression).unsupported
-
-
 __all__ = [
     "BLANK_TEXT",
     "ColumnBatch",
-    "MissingField",
     "Unsupported",
     "VectorExpression",
     "as_mask",

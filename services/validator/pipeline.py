@@ -27,7 +27,7 @@ from services.contracts.envelope import OP_DELETE
 from services.contracts.headers import STALE_ON_DEAD_LETTER
 from services.kit.avro import HEADER_SIZE, AvroDeserializer, AvroSerializer, DecodeError, SchemaRepository
 from services.kit.avro_columnar import ColumnarDecoder
-from services.kit.avro_columnar import ColumnBatch as ColumnBatch
+from services.kit.avro_columnar import ColumnBatch as DecodedColumns  # not columns.ColumnBatch: the decode
 from services.validator import rejections
 from services.validator.cdc import CdcFormatError, ChangeEvent, parse_envelope, table_of_topic
 from services.validator.columns import as_mask, canonical_columns, records_of
@@ -209,7 +209,7 @@ class EventProcessor:
         return outputs  # type: ignore[return-value]
 
     def _judge_and_emit(
-        self, batch: _EventBatch, spliceable: np.ndarray, columns: ColumnBatch | None, fast_rows: np.ndarray
+        self, batch: _EventBatch, spliceable: np.ndarray, columns: DecodedColumns | None, fast_rows: np.ndarray
     ) -> None:
         """Judge the batch's table and put each row's output at its message's place. `spliceable`: rows whose
         payload `columns` decoded (`fast_rows`: their message indices, sorted)."""
@@ -259,7 +259,7 @@ class EventProcessor:
         batch: _EventBatch,
         verdicts: list[Verdict],
         splice: np.ndarray,
-        columns: ColumnBatch | None,
+        columns: DecodedColumns | None,
         fast_rows: np.ndarray,
     ) -> None:
         """The accepted rows in `splice`, encoded from their raw payloads (`splice.ProcessedEventEncoder`)."""

@@ -16,6 +16,7 @@ import pytest
 
 from services.contracts.deadletter import OriginalMessage, parse_dead_letter
 from services.kit.avro import AvroDeserializer, AvroSerializer, Decoded, SchemaRepository
+from services.testing.verdicts import mutate_id
 from services.validator.cdc import make_envelope
 from services.validator.dedupe import DedupeStore
 from services.validator.engine import Outcome, RuleEngine
@@ -147,24 +148,6 @@ def test_upper_case_ids_are_carried_on_canonical(known: SimpleNamespace, schemas
     assert {name: decoded.record[name] for name in ID_FIELDS} == {k: v.lower() for k, v in upper.items()}
 
 
-def mutate(rng: random.Random, value: str) -> str:
-    """One of the hostile edits seen in the wild: a non-hex digit, a control byte, a case change, a cut."""
-    at = rng.randrange(len(value))
-    match rng.randrange(6):
-        case 0:
-            return value[:at] + rng.choice("gvxz") + value[at + 1 :]
-        case 1:
-            return value[:at] + chr(rng.choice([0, 1, 9, 10, 13, 27, 127, 0x85])) + value[at + 1 :]
-        case 2:
-            return value.upper()
-        case 3:
-            return value[:at]
-        case 4:
-            return value[:at] + value[at + 1 :] + rng.choice("0a-")
-        case _:
-            return value + rng.choice(["", " ", "\x00", "0"])
-
-
 def test_every_accepted_id_is_a_canonical_uuid(known: SimpleNamespace, schemas: SchemaRepository) -> None:
     """What a store's UUID column (ClickHouse) would refuse never leaves the validator: 3000 mutated events."""
     rng = random.Random(12)
@@ -174,7 +157,7 @@ def test_every_accepted_id_is_a_canonical_uuid(known: SimpleNamespace, schemas: 
     for n in range(3000):
         record = known.event(event_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)))
         for name in rng.sample(ID_FIELDS, rng.randint(1, 2)):
-            record[name] = mutate(rng, record[name])
+            record[name] = mutate_id(rng, record[name])
         out = events.process(message(schemas, record, offset=n))
         if out.route is Route.PROCESSED:
             accepted += 1
