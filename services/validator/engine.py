@@ -302,6 +302,19 @@ class RuleEngine:
                 self.outcomes[verdict.outcome] += 1
         return verdicts
 
+    def accepted(self, verdicts: Sequence[Verdict]) -> np.ndarray:
+        """The mask of accepted rows of `evaluate_batch`'s verdicts. Rows no rule failed share one Verdict
+        object, so they are found by identity in one C pass; only the others are looked at one by one."""
+        clean = id(self._clean_accept)
+        mask = np.fromiter(map(id, verdicts), np.uint64, len(verdicts)) == clean
+        for row in np.nonzero(~mask)[0].tolist():
+            mask[row] = verdicts[row].outcome is Outcome.ACCEPT
+        return mask
+
+    def is_clean(self, verdict: Verdict) -> bool:
+        """Whether `verdict` is the shared one of rows no rule failed (no flags, no warnings)."""
+        return verdict is self._clean_accept
+
     def _run_duplicates(
         self,
         plan: tuple[_Step, ...],
@@ -330,15 +343,8 @@ class RuleEngine:
         if len(specs) == 1 and specs[0][2] is None and not collect_all:  # the usual: one rule, no `when`
             index, rule_id, _, keys, times, window = specs[0]
             accepting = ((first_error == never) & ~retry_any).tolist()
-            for row in reaching:
-                key = keys[row]
-                if key is None:
-                    continue
-                if seen(rule_id, key, times[row]):
-                    found[row] = (index, key)
-                elif accepting[row]:
-                    remember(rule_id, key, times[row], window, now=now_us)
-            return found
+            repeated = self.dedupe.admit(rule_id, reaching, keys, times, accepting, window, now=now_us)
+            return {row: (index, key) for row, key in repeated.items()}
         for row in reaching:
             passed = None
             for index, rule_id, when, keys, times, window in specs:

@@ -43,6 +43,7 @@ from services.validator.retry import (
     retry_decision,
     retry_headers,
 )
+from services.validator.runtime import Output as RuntimeOutput
 from services.validator.splice import ENDS_NEEDED, LEADING_UNIONS, ProcessedEventEncoder, email_keyed_rows
 
 Headers = list[tuple[str, bytes]]
@@ -56,12 +57,11 @@ class Route(StrEnum):
 
 
 @dataclass(slots=True)  # not frozen: one is made per record, and a frozen dataclass's __init__ costs ~3x
-class Output:
-    route: Route
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
+class Output(RuntimeOutput):
+    """A record for the runtime to produce (its `source` is set by the processor, which knows the input record),
+    and the route it took: made once per record, so the runtime takes it as it is."""
+
+    route: Route = Route.PROCESSED
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _passthrough_headers(headers: Sequence[tuple[str, bytes | None]]) -> Headers
 
 
 def _dead(record: DeadLetterRecord) -> Output:
-    return Output(Route.DEAD_LETTER, record.topic, record.key, record.value, record.headers)
+    return Output(record.topic, record.key, record.value, record.headers, route=Route.DEAD_LETTER)
 
 
 @dataclass(slots=True)
@@ -219,10 +219,13 @@ class EventProcessor:
         table, rewritten, canonical = canonical_columns(batch.table, self.engine.rulebook.current.uuid_fields("event"))
         batch.table = table
         spliceable &= ~rewritten
-        states = [parse_retry_headers(h) if (h := messages[row].headers) else None for row in rows]
-        attempts = [state.attempt if state is not None else 0 for state in states]
+        states: list[RetryState | None] = [None] * len(rows)
+        attempts: list[int] | None = None  # first attempts all (no headers: the usual batch of events.raw)
+        if any(messages[row].headers for row in rows):
+            states = [parse_retry_headers(h) if (h := messages[row].headers) else None for row in rows]
+            attempts = [state.attempt if state is not None else 0 for state in states]
         verdicts = self.engine.evaluate_batch(table, "event", attempts=attempts, now=now, canonical_ids=canonical)
-        accepted = np.fromiter((v.outcome is Outcome.ACCEPT for v in verdicts), bool, len(verdicts))
+        accepted = self.engine.accepted(verdicts)
         dead_topic = self.topics.events_dead_letter
         for index in np.nonzero(~accepted)[0].tolist():
             message, verdict, state = messages[rows[index]], verdicts[index], states[index]
@@ -278,17 +281,25 @@ class EventProcessor:
             table.column("user_id").take(take).combine_chunks(),
             table.column("product_id").take(take).combine_chunks(),
             table.column("event_time").take(take).combine_chunks(),
-            [tuple(v.flags) if (v := verdicts[i]).warnings else () for i in picked.tolist()],
+            self._flags_of(verdicts, picked),
             now,
             version,
         )
-        topic, processed = self.topics.events_processed, Route.PROCESSED
+        topic = self.topics.events_processed
         for row, value in zip(picked_rows, values, strict=True):
             message = messages[row]
             headers = message.headers
-            outputs[row] = Output(
-                processed, topic, message.key, value, _passthrough_headers(headers) if headers else []
-            )
+            outputs[row] = Output(topic, message.key, value, _passthrough_headers(headers) if headers else [])
+
+    def _flags_of(self, verdicts: list[Verdict], picked: np.ndarray) -> list[tuple[str, ...]]:
+        """The quality flags of the `picked` rows' verdicts; rows no rule failed have none."""
+        flags: list[tuple[str, ...]] = [()] * len(picked)
+        clean = self.engine.is_clean
+        for at, row in enumerate(picked.tolist()):
+            verdict = verdicts[row]
+            if not clean(verdict) and verdict.warnings:
+                flags[at] = tuple(verdict.flags)
+        return flags
 
     def _encode_one(
         self, message: ConsumedRecord, record: Mapping[str, Any], verdict: Verdict, now: datetime
@@ -312,9 +323,7 @@ class EventProcessor:
                 max_record_bytes=self.max_record_bytes,
             )
             return _dead(dead)
-        return Output(
-            Route.PROCESSED, self.topics.events_processed, message.key, value, _passthrough_headers(message.headers)
-        )
+        return Output(self.topics.events_processed, message.key, value, _passthrough_headers(message.headers))
 
     # -- one message (tools, tests): a batch of one ----------------------------------------------------------------
     def process(self, message: OriginalMessage) -> Output:
@@ -350,7 +359,7 @@ class EventProcessor:
             original_partition=state.original_partition if state else message.partition,
             original_offset=state.original_offset if state else message.offset,
         )
-        return Output(Route.RETRY, self.topics.events_retry, message.key, message.value, headers)
+        return Output(self.topics.events_retry, message.key, message.value, headers, route=Route.RETRY)
 
 
 class TransactionProcessor:
@@ -417,11 +426,11 @@ class TransactionProcessor:
             processed = processed_transaction(change, quality_flags=flags, validated_at=now, rules_version=version)
             key = str(processed["transaction_id"]).encode()
             value = self.serialize_transaction(processed)
-            outputs = [Output(Route.PROCESSED, self.topics.transactions_processed, key, value, headers)]
+            outputs = [Output(self.topics.transactions_processed, key, value, headers)]
             history = status_change(change)
             if history is not None:
                 value = self.serialize_status(history)
-                outputs.append(Output(Route.STATUS_HISTORY, self.topics.status_history, key, value, headers))
+                outputs.append(Output(self.topics.status_history, key, value, headers, route=Route.STATUS_HISTORY))
         except (ValueError, TypeError, OverflowError) as error:
             return [self._refused(message, rejections.OUTPUT_CONTRACT, error, Stage.ENRICH, now)]
         return outputs

@@ -190,26 +190,22 @@ class ValidatorProcessor:
     # -- the processor ------------------------------------------------------------------------------------------
     def __call__(self, batch: list[InputRecord]) -> list[RuntimeOutput]:
         self._maybe_reload()
-        outputs: list[RuntimeOutput] = []
-        routes: dict[Route, int] = {}  # counted per batch: a labelled metric per record costs more than a rule
+        outputs: list[Output] = []
         try:
             if batch and batch[0].topic in (self.topics.events_raw, self.topics.events_retry):
-                pairs = self._process_events(batch)
+                outputs = self._process_events(batch)
             elif batch and batch[0].topic == self.topics.transactions_cdc:
-                pairs = self._process_transactions(batch)
+                outputs = self._process_transactions(batch)
             else:
-                pairs = [(record, out) for record in batch for out in self.process_one(record)]
-            counted = Counter_(out.route for _, out in pairs)  # counted per batch: per record costs more than a rule
-            for route, count in counted.items():
-                routes[route] = routes.get(route, 0) + count
-            outputs = [RuntimeOutput(out.topic, out.key, out.value, out.headers, record) for record, out in pairs]
+                outputs = [out for record in batch for out in _from(record, self.process_one(record))]
         except SchemaStoreUnavailable as error:  # `prepare` resolved the writers; only a cache eviction gets here
             raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
         finally:
-            for route, count in routes.items():
+            # counted per batch: a labelled metric per record costs more than a rule
+            for route, count in Counter_(map(_route_of, outputs)).items():
                 ROUTED.labels(route.value).inc(count)
             self._export_metrics()
-        return outputs
+        return outputs  # type: ignore[return-value]  # pipeline outputs are runtime outputs with a route
 
     process = __call__
 
@@ -224,12 +220,12 @@ class ValidatorProcessor:
         except SchemaStoreUnavailable as error:
             raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
 
-    def _process_events(self, batch: list[InputRecord]) -> list[tuple[InputRecord, Output]]:
+    def _process_events(self, batch: list[InputRecord]) -> list[Output]:
         """A batch of events.raw or events.raw.retry (one topic): judged together, outputs in input order."""
         now = self.engine.clock()
         if batch[0].topic == self.topics.events_raw and not any(record.headers for record in batch):
-            return list(zip(batch, self.events.process_batch(batch, now), strict=True))  # no replay, no retry
-        pairs: list[tuple[InputRecord, Output] | None] = [None] * len(batch)
+            return _sourced(batch, self.events.process_batch(batch, now))  # no replay, no retry
+        outputs: list[Output | None] = [None] * len(batch)
         due: list[int] = []
         for index, record in enumerate(batch):
             if record.headers and self._seen_replay(record.headers):
@@ -238,21 +234,22 @@ class ValidatorProcessor:
             if record.topic == self.topics.events_retry and retry_wait_seconds(record.headers, now) > 0:
                 NOT_DUE.inc()
                 headers = [(k, v if v is not None else b"") for k, v in record.headers]
-                pairs[index] = (record, Output(Route.RETRY, record.topic, record.key, record.value, headers))
+                outputs[index] = Output(record.topic, record.key, record.value, headers, record, Route.RETRY)
                 continue
             due.append(index)
         records = batch if len(due) == len(batch) else [batch[i] for i in due]
         for index, out in zip(due, self.events.process_batch(records, now), strict=True):
-            pairs[index] = (batch[index], out)
-        return [pair for pair in pairs if pair is not None]
+            out.source = batch[index]
+            outputs[index] = out
+        return [out for out in outputs if out is not None]
 
-    def _process_transactions(self, batch: list[InputRecord]) -> list[tuple[InputRecord, Output]]:
+    def _process_transactions(self, batch: list[InputRecord]) -> list[Output]:
         """A batch of cdc.postgres.transactions: judged together, outputs in input order."""
         fresh = [r for r in batch if not (r.headers and self._seen_replay(r.headers))]
         if len(fresh) < len(batch):
             REPLAYS_DROPPED.inc(len(batch) - len(fresh))
         results = self.transactions.process_batch(fresh)
-        return [(record, out) for record, outs in zip(fresh, results, strict=True) for out in outs]
+        return [out for record, outs in zip(fresh, results, strict=True) for out in _from(record, outs)]
 
     def process_one(self, record: InputRecord, now: datetime | None = None) -> list[Output]:
         topic = record.topic
@@ -278,7 +275,7 @@ class ValidatorProcessor:
             if retry_wait_seconds(record.headers, now or self.engine.clock()) > 0:
                 NOT_DUE.inc()
                 headers = [(k, v if v is not None else b"") for k, v in record.headers]
-                return [Output(Route.RETRY, topic, record.key, record.value, headers)]
+                return [Output(topic, record.key, record.value, headers, route=Route.RETRY)]
             return [self.events.process(message)]
         if topic == self.topics.events_raw:
             return [self.events.process(message)]
@@ -433,3 +430,20 @@ def make_processor(settings: ValidatorSettings, *, follow_references: bool = Tru
         max_event_bytes=settings.validator_max_event_bytes,
         max_record_bytes=dead_letter_budget(settings),
     )
+
+
+def _route_of(output: Output) -> Route:
+    return output.route
+
+
+def _sourced(batch: Sequence[InputRecord], outputs: list[Output]) -> list[Output]:
+    """`outputs`, one per record of `batch`, each naming its record as its source (trace context, stamps)."""
+    for record, output in zip(batch, outputs, strict=True):
+        output.source = record
+    return outputs
+
+
+def _from(record: InputRecord, outputs: Iterable[Output]) -> Iterable[Output]:
+    for output in outputs:
+        output.source = record
+        yield output

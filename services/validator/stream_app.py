@@ -649,7 +649,13 @@ class BatchRunner(Service):
         attempt = 0
         while True:
             try:
-                result = run_processor(self.processor, records, self.max_record_bytes, trace_id=trace_id)
+                # In a thread: while the processor works (much of it in Arrow and numpy, without the GIL), the loop
+                # goes on fetching the next batch and sending the last one's outputs. Only this task calls the
+                # processor, one batch at a time, and a rebalance waits for it (`_starting`), so its state is
+                # never touched from two threads at once.
+                result = await asyncio.to_thread(
+                    run_processor, self.processor, records, self.max_record_bytes, trace_id=trace_id
+                )
             except RetryBatchLater as error:
                 attempt += 1
                 await self._wait_for_dependency(error, attempt, epoch)
