@@ -463,3 +463,27 @@ def test_kind_chart_files_are_all_links() -> None:
     """files/ holds only links (one copy of each file in the repository)."""
     for path in Path(KIND_CHART / "files").iterdir():
         assert path.is_symlink(), path
+
+
+def cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def memory_mib(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_everything_fits_the_documented_kind_node() -> None:
+    """docs/deploy.md asks for 4 CPUs and 8 GiB: the requests of both releases (at their minimum replicas) leave
+    room for kind's own pods (about 1 CPU and 1 GiB: apiserver, etcd, controllers, CoreDNS, kindnet)."""
+    cpu = memory = 0.0
+    for document in (*kind_dependencies(), *kind_platform()):
+        if document["kind"] != "Deployment":
+            continue
+        replicas = document["spec"].get("replicas", 1)  # an autoscaled one starts at minReplicas, 1 here
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            requests = container["resources"]["requests"]
+            cpu += replicas * cpu_cores(str(requests["cpu"]))
+            memory += replicas * memory_mib(requests["memory"])
+    assert cpu <= 3.0 and memory <= 6 * 1024, (cpu, memory)
