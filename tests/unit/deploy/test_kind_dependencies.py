@@ -37,7 +37,10 @@ MODULE_SETTINGS = {
     "services.ingest": ["services.ingest.app:IngestSettings"],
     "services.validator": ["services.validator.processor:ValidatorSettings"],
     "services.clickhouse_sink": ["services.clickhouse_sink.settings:ClickHouseSinkSettings"],
-    "services.archiver": ["services.archiver.settings:ArchiverSettings"],
+    "services.archiver": [  # the service, and the maintenance CronJobs (compact, expire, ...)
+        "services.archiver.settings:ArchiverSettings",
+        "services.archiver.settings:ArchiverCommandSettings",
+    ],
     "services.snowflake_loader": ["services.snowflake_loader.settings:LoaderSettings"],
     "services.operator": ["services.operator.settings:OperatorConfig"],
     "services.cdc": ["services.cdc.settings:CdcSettings"],
