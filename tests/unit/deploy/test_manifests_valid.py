@@ -293,7 +293,9 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     for document in rendered:
         by_kind.setdefault(document["kind"], []).append(document["metadata"]["name"])
     services = ["archiver", "clickhouse-sink", "generator", "ingest", "snowflake-loader", "validator"]
-    assert sorted(by_kind["Deployment"]) == sorted(f"lp-lambda-pipeline-{name}" for name in [*services, "operator"])
+    debezium = ["debezium"] if values else []  # Debezium Server runs on kind (the in-cluster PostgreSQL)
+    deployments = [*services, "operator", *debezium]
+    assert sorted(by_kind["Deployment"]) == sorted(f"lp-lambda-pipeline-{name}" for name in deployments)
     assert sorted(by_kind["Service"]) == [f"lp-lambda-pipeline-{name}" for name in services]
     # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale
     assert sorted(by_kind["HorizontalPodAutoscaler"]) == ["lp-lambda-pipeline-ingest", "lp-lambda-pipeline-validator"]
@@ -416,7 +418,7 @@ def test_a_service_can_be_disabled_and_needs_a_module() -> None:
 def test_kind_values_create_a_dev_secret() -> None:
     rendered = helm_template("-f", str(CHART_DIR / "values-kind.yaml"))
     (secret,) = [d for d in rendered if d["kind"] == "Secret"]
-    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    deployment = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("generator"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert {"secretRef": {"name": secret["metadata"]["name"], "optional": False}} in container["envFrom"]
     assert container["image"] == "lambda-pipeline:dev"

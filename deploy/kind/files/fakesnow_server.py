@@ -1,0 +1,1 @@
+../../../services/stack/_fakesnow_server.py
