@@ -176,7 +176,7 @@ _METADATA = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name"],
-    "properties": {"name": {"type": "string", "minLength": 1}, "labels": _STRING_MAP},
+    "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"}, "labels": _STRING_MAP},
 }
 _ENDPOINT = {
     "type": "object",
@@ -482,7 +482,9 @@ def test_generator_deployment() -> None:
         for item in container["env"]
         if "secretKeyRef" in item.get("valueFrom", {})
     }
-    assert secret_refs == {"PGPASSWORD": {"name": "lp-lambda-pipeline-generator", "key": "PGPASSWORD", "optional": False}}
+    assert secret_refs == {
+        "PGPASSWORD": {"name": "lp-lambda-pipeline-generator", "key": "PGPASSWORD", "optional": False}
+    }
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["SERVICE_NAME"] == "generator" and env["HTTP_PORT"] == "8080"
     assert int(env["SHUTDOWN_TIMEOUT_S"]) < pod["spec"]["terminationGracePeriodSeconds"]
@@ -557,7 +559,9 @@ def test_kind_values_create_dev_secrets_per_workload() -> None:
     assert secrets["lp-lambda-pipeline-generator"]["stringData"] == {"PGPASSWORD": "lambda"}
     deployment = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("generator"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    refs = [item["valueFrom"]["secretKeyRef"] for item in container["env"] if "secretKeyRef" in item.get("valueFrom", {})]
+    refs = [
+        item["valueFrom"]["secretKeyRef"] for item in container["env"] if "secretKeyRef" in item.get("valueFrom", {})
+    ]
     assert refs == [{"name": "lp-lambda-pipeline-generator", "key": "PGPASSWORD", "optional": False}]
     assert container["image"] == "lambda-pipeline:dev"
 
@@ -826,7 +830,9 @@ def test_scaled_services_get_a_disruption_budget_and_single_pods_none() -> None:
     budgets = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodDisruptionBudget"}
     deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
     autoscaled = {
-        d["spec"]["scaleTargetRef"]["name"] for d in rendered if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+        d["spec"]["scaleTargetRef"]["name"]
+        for d in rendered
+        if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
     }
     scaled = {name for name, d in deployments.items() if name in autoscaled or d["spec"].get("replicas", 1) > 1}
     assert scaled, "the default values scale some service"

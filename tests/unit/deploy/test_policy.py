@@ -119,9 +119,7 @@ def test_no_exception_is_stale(scan: tuple[list[Finding], dict[str, Any]]) -> No
     scanned = [f for f in findings if f.rendering in RENDERINGS]
     for entry in exceptions():
         for pattern in entry["objects"]:
-            matched = [
-                f for f in scanned if f.check == entry["check"] and fnmatch.fnmatchcase(f.object, pattern)
-            ]
+            matched = [f for f in scanned if f.check == entry["check"] and fnmatch.fnmatchcase(f.object, pattern)]
             assert matched, f"{entry['check']} {pattern}: no such finding any more; remove it from the exceptions"
 
 
