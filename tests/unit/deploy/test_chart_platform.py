@@ -396,12 +396,44 @@ def test_the_loaders_settings_accept_the_mounted_files(tmp_path: Path) -> None:
     assert settings.snowflake_password_file == mounted and settings.snowflake_password is None
 
 
-def test_dev_secrets_are_one_per_workload() -> None:
-    rendered = helm_template("--set", "devSecrets.generator.PGPASSWORD=x", "--set", "devSecrets.reconcile.A=b")
+def test_dev_secrets_give_each_workload_only_its_keys() -> None:
+    """devSecrets is one map of dev credentials; each workload's Secret gets exactly the keys it reads."""
+    rendered = helm_template(*KIND_VALUES, *ALL_ON)
     secrets = by_kind(rendered, "Secret")
-    assert set(secrets) == {"generator", "reconcile"}
-    assert secrets["generator"]["stringData"] == {"PGPASSWORD": "x"}
+    dev = yaml.safe_load((CHART_DIR / "values-kind.yaml").read_text())["devSecrets"]
+    for name, workload in workloads(rendered).items():
+        pod = pod_spec(workload)
+        wanted = set()
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            wanted |= {ref["key"] for ref in secret_refs(container).values() if ref["key"] in dev}
+        wanted |= {
+            item["key"]
+            for volume in pod["volumes"]
+            if volume["name"] == "secret-files"
+            for item in volume["secret"]["items"]
+        }
+        owner = SECRET_OWNER.get(name, name)
+        if not wanted:
+            assert owner not in secrets, name
+            continue
+        assert secrets[owner]["stringData"] == {key: dev[key] for key in wanted}, name
     assert not by_kind(helm_template(), "Secret")  # production: none from the chart
+    assert "devSecrets has no PGPASSWORD, which services.generator requires" in helm_fails("--set", "devSecrets.X=1")
+    sasl = helm_template(
+        *KIND_VALUES,
+        "--set",
+        "config.KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT",
+        "--set",
+        "devSecrets.KAFKA_SASL_USERNAME=u",
+        "--set",
+        "devSecrets.KAFKA_SASL_PASSWORD=p",
+        "--set",
+        "services.validator.lagAutoscaling.authenticationRef=kafka",
+    )
+    assert by_kind(sasl, "Secret")["validator"]["stringData"] == {
+        "KAFKA_SASL_USERNAME": "u",
+        "KAFKA_SASL_PASSWORD": "p",
+    }
 
 
 # --- autoscaling ------------------------------------------------------------------------------------------------

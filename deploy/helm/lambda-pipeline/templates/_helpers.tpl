@@ -162,3 +162,58 @@ its variable set to the mounted file's path. dict "root" $ "name" <workload> "se
 {{- end }}
 {{- toJson $partitions }}
 {{- end }}
+
+{{/*
+Every enabled workload, as JSON: [{name, where, connectsTo, metricsPort, apiPorts, secretOwner, secret}], where
+secretOwner is the workload whose Secret it reads (a job with `service` and no `secret` of its own: that service).
+The NetworkPolicies and the dev Secrets are built from it.
+*/}}
+{{- define "lp.workloads" -}}
+{{- $workloads := list }}
+{{- range $name, $spec := .Values.services }}
+{{- $svc := include "lp.serviceConfig" (dict "root" $ "spec" $spec "name" $name) | fromYaml }}
+{{- if $svc.enabled }}
+{{- $workloads = append $workloads (dict "name" $name "where" (printf "services.%s" $name) "connectsTo" $svc.connectsTo "metricsPort" $svc.port "apiPorts" ($svc.extraPorts | default list) "secretOwner" $name "secret" $svc.secret "kafkaClient" (has "kafka" $svc.connectsTo)) }}
+{{- end }}
+{{- end }}
+{{- range $name, $spec := .Values.jobs }}
+{{- $spec = $spec | default dict }}
+{{- $job := mergeOverwrite (deepCopy $.Values.jobDefaults) (deepCopy $spec) }}
+{{- if (hasKey $spec "enabled" | ternary $spec.enabled $job.enabled) }}
+{{- $owner := $name }}
+{{- $secret := $job.secret }}
+{{- if and $job.service (not (hasKey $spec "secret")) (hasKey $.Values.services $job.service) }}
+{{- $owner = $job.service }}
+{{- $secret = (include "lp.serviceConfig" (dict "root" $ "spec" (get $.Values.services $job.service) "name" $job.service) | fromYaml).secret }}
+{{- end }}
+{{- $workloads = append $workloads (dict "name" $name "where" (printf "jobs.%s" $name) "connectsTo" $job.connectsTo "metricsPort" 0 "apiPorts" list "secretOwner" $owner "secret" $secret "kafkaClient" (has "kafka" $job.connectsTo)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.debezium.enabled }}
+{{- $workloads = append $workloads (dict "name" "debezium" "where" "debezium" "connectsTo" .Values.debezium.connectsTo "metricsPort" 0 "apiPorts" list "secretOwner" "debezium" "secret" .Values.debezium.secret "kafkaClient" false) }}
+{{- end }}
+{{- if .Values.operator.enabled }}
+{{- $workloads = append $workloads (dict "name" "operator" "where" "operator" "connectsTo" .Values.operator.connectsTo "metricsPort" 8081 "apiPorts" list "secretOwner" "operator" "secret" .Values.operator.secret "kafkaClient" (has "kafka" .Values.operator.connectsTo)) }}
+{{- end }}
+{{- toJson $workloads }}
+{{- end }}
+
+{{/* The Secret keys one workload reads (same dict as lp.secretEnv), as JSON: {key: required}. */}}
+{{- define "lp.secretKeys" -}}
+{{- $keys := dict }}
+{{- range .secret.env }}
+{{- if kindIs "string" . }}
+{{- $_ := set $keys . true }}
+{{- else }}
+{{- $_ := set $keys (.key | default .name) (not .optional) }}
+{{- end }}
+{{- end }}
+{{- range .secret.files }}
+{{- $_ := set $keys .key true }}
+{{- end }}
+{{- if and .kafkaClient (hasPrefix "SASL" (.root.Values.config.KAFKA_SECURITY_PROTOCOL | default "PLAINTEXT")) }}
+{{- $_ := set $keys "KAFKA_SASL_USERNAME" true }}
+{{- $_ := set $keys "KAFKA_SASL_PASSWORD" true }}
+{{- end }}
+{{- toJson $keys }}
+{{- end }}
