@@ -607,3 +607,25 @@ def test_the_loaders_liveness_outlasts_a_long_load() -> None:
     # the other services keep the code's default budget: a stuck consumer is restarted within minutes
     validator = pod_spec(by_kind(helm_template(), "Deployment")["validator"])["containers"][0]
     assert "HEALTH_PROGRESS_BUDGET_S" not in env_values(validator)
+
+
+# --- values.schema.json for the new keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("networkPolicy.enabeld=false", "enabeld"),
+        ("networkPolicy.destinations.kafka.ports[0].protocl=TCP", "protocl"),
+        ("services.validator.lagAutoscaling.maxReplica=3", "maxReplica"),
+        ("services.generator.secret.existingSecrets=x", "existingSecrets"),
+        ("services.generator.secret.files[0].path=x", "path"),
+        ("jobs.reconcile.secret.mountpath=/x", "mountpath"),
+        ("metrics.serviceMonitor.enable=true", "enable"),
+        ("operator.peerin=x", "peerin"),
+        ("debezium.javaopts=x", "javaopts"),
+        ("image.digest=latest", "digest"),
+    ],
+)
+def test_values_schema_refuses_typos_in_the_new_keys(setting: str, named: str) -> None:
+    assert named in helm_fails("--set", setting)
