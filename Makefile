@@ -7,13 +7,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PEER_STAMP := $(VENV)/peer/.installed
+POLICY_STAMP := $(VENV)/policy/.installed
 
 EVENTS ?= 60000
 RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check bench bench-peer clean
+.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -41,11 +42,11 @@ down: $(STAMP) ## stop everything `make up` started
 status: $(STAMP) ## show the local stack's processes, ports and logs
 	$(PY) -m services.stack status
 
-test: $(STAMP) ## lint, then unit and integration tests against the real local stack
+test: $(STAMP) $(POLICY_STAMP) ## lint, then unit and integration tests against the real local stack
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q
 
-test-unit: $(STAMP) ## unit tests only (seconds)
+test-unit: $(STAMP) $(POLICY_STAMP) ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit
 
 test-integration: $(STAMP) ## integration tests only (start the embedded stack on free ports)
@@ -76,6 +77,15 @@ manifests: $(STAMP) ## regenerate deploy/k8s EventSchema resources from schemas/
 
 schema-check: $(STAMP) ## check schemas/avro against git (default: merge-base with origin/main, else HEAD)
 	$(PY) -m services.declarations schema-check
+
+policy: $(STAMP) $(POLICY_STAMP) ## checkov on the rendered chart; fails on a finding not justified in deploy/helm/policy-exceptions.yaml
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/deploy/test_policy.py
+
+# checkov runs in a virtualenv of its own (.venv/policy): its pins (boto3, packaging) conflict with ours.
+$(POLICY_STAMP): deploy/helm/policy-requirements.txt
+	@test -x $(VENV)/policy/bin/python || $(PYTHON) -m venv $(VENV)/policy
+	$(VENV)/policy/bin/python -m pip install --quiet --disable-pip-version-check -r deploy/helm/policy-requirements.txt
+	@touch $(POLICY_STAMP)
 
 bench: $(STAMP) $(PEER_STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
 	$(PY) -m bench

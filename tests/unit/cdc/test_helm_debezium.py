@@ -66,11 +66,14 @@ def test_deployment_runs_one_debezium_server_with_derived_connection(checks: Mod
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"].startswith("quay.io/debezium/server:3.")
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     assert env["PGHOST"] == "pg.db" and env["PGPORT"] == "6543"
     assert env["PGUSER"] == "cdc" and env["PGDATABASE"] == "oltp"
-    assert "PGPASSWORD" not in env  # from the Secret, through envFrom
-    assert {"secretRef": {"name": "lambda-pipeline-secrets", "optional": False}} in container["envFrom"]
+    assert "PGPASSWORD" not in env  # from Debezium's own Secret, that key only
+    secret_env = [item for item in container["env"] if "valueFrom" in item]
+    password = {"name": "lp-lambda-pipeline-debezium", "key": "PGPASSWORD", "optional": False}
+    assert secret_env == [{"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": password}}]
+    assert container["envFrom"] == [{"configMapRef": {"name": "lp-lambda-pipeline-config"}}]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/debezium/config"]["readOnly"] is True
     assert container["livenessProbe"]["httpGet"]["path"] == "/q/health/live"
@@ -90,6 +93,6 @@ def test_default_port_and_extra_placeholders(checks: ModuleType) -> None:
         "debezium.preflight=false",
     )["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
-    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"]}
+    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"] if "value" in item}
     assert env["PGPORT"] == "5432" and env["CDC_SLOT_NAME"] == "prod_cdc"
     assert "initContainers" not in pod

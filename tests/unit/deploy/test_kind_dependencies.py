@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import tempfile
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -249,22 +250,51 @@ def addresses(env: dict[str, str]) -> list[tuple[str, str, int]]:
 
 
 def shared_environment() -> dict[str, str]:
-    """What every platform pod gets from envFrom: the chart's ConfigMap and the dev Secret."""
+    """What every platform pod gets from envFrom: the chart's ConfigMap."""
     rendered = {name_of(d): d for d in kind_platform()}
-    config = rendered[f"ConfigMap/{PLATFORM_RELEASE}-config"]["data"]
-    secret = rendered[f"Secret/{kind_values()['secret']['name']}"]["stringData"]
-    return {**config, **secret}
+    return dict(rendered[f"ConfigMap/{PLATFORM_RELEASE}-config"]["data"])
+
+
+def secret_values() -> dict[str, dict[str, str]]:
+    """Each rendered Secret's keys and values (the chart makes one per workload from `devSecrets`)."""
+    return {d["metadata"]["name"]: d.get("stringData", {}) for d in kind_platform() if d["kind"] == "Secret"}
 
 
 def platform_containers() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
-    """(owner, container, its environment) of every container of the platform's kind render."""
-    shared = shared_environment()
+    """(owner, container, its environment) of every container of the platform's kind render: the shared
+    ConfigMap, its own values, and the keys its `secretKeyRef`s name, read from the rendered Secrets."""
+    shared, secrets = shared_environment(), secret_values()
     found = []
     for document in kind_platform():
         for container in containers(document):
-            own = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+            own: dict[str, str] = {}
+            for item in container.get("env", []):
+                if "value" in item:
+                    own[item["name"]] = item["value"]
+                elif ref := item.get("valueFrom", {}).get("secretKeyRef"):
+                    values = secrets[ref["name"]]
+                    if ref["key"] in values or not ref.get("optional"):  # an optional key absent: no variable
+                        own[item["name"]] = values[ref["key"]]
+            files = secret_files(document, container, secrets)
+            own = {name: files.get(value, value) for name, value in own.items()}  # a mounted key: a real file
             found.append((f"{name_of(document)}:{container['name']}", container, {**shared, **own}))
     return found
+
+
+def secret_files(document: dict[str, Any], container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict:
+    """The container's files mounted from Secrets (path in the pod -> a local file with the key's value), so a
+    variable naming one (`SNOWFLAKE_PASSWORD_FILE`) is read as the pod would read it."""
+    volumes = {v["name"]: v["secret"] for v in pod_spec(document).get("volumes", []) if "secret" in v}
+    files: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"])
+        if volume is None:
+            continue
+        for item in volume.get("items", []):
+            local = Path(tempfile.mkdtemp(prefix="secret-")) / item["path"]
+            local.write_text(secrets[volume["secretName"]][item["key"]])
+            files[f"{mount['mountPath']}/{item['path']}"] = str(local)
+    return files
 
 
 def test_every_address_in_the_kind_values_is_a_dependency_service() -> None:
@@ -312,7 +342,7 @@ def test_services_reach_their_pods() -> None:
 
 def test_the_kind_credentials_are_the_dependencies_credentials() -> None:
     credentials = dependency_values()["credentials"]
-    secret = kind_values()["secret"]["stringData"]
+    secret = kind_values()["devSecrets"]
     assert secret["PGPASSWORD"] == credentials["postgresPassword"]
     assert secret["CLICKHOUSE_PASSWORD"] == credentials["clickhousePassword"]
     assert secret["AWS_ACCESS_KEY_ID"] == credentials["s3AccessKeyId"]
@@ -422,7 +452,10 @@ def dev_config() -> dict[str, Any]:
 def test_skaffold_dev_installs_the_dependencies_before_the_platform() -> None:
     config = dev_config()
     assert config["deploy"]["kubeContext"] == "kind-lambda-pipeline"
-    dependencies, platform = config["deploy"]["helm"]["releases"]
+    keda, dependencies, platform = config["deploy"]["helm"]["releases"]
+    # KEDA first: the platform's ScaledObjects need its CRDs (a pinned chart version, waited for)
+    assert (keda["remoteChart"], keda["repo"]) == ("keda", "https://kedacore.github.io/charts")
+    assert keda["version"][0].isdigit() and keda["wait"] is True
     assert (REPO_ROOT / dependencies["chartPath"]).resolve() == KIND_CHART
     assert dependencies["wait"] is True  # helm --wait: the platform starts once every dependency is ready
     assert (REPO_ROOT / platform["chartPath"]).resolve() == CHART_DIR

@@ -163,8 +163,135 @@ def custom_resource_errors(document: dict[str, Any]) -> list[str]:
     return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
 
 
+# The fields the chart renders for the KEDA and Prometheus-operator kinds, refusing any other: a misspelt field
+# fails here (their CRDs are not installed here, so this is the chart's subset, not the full CRD schema).
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["matchLabels"],
+    "properties": {"matchLabels": _STRING_MAP},
+}
+_METADATA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"}, "labels": _STRING_MAP},
+}
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+        "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+    },
+}
+_MONITOR_SPEC = {
+    "selector": _SELECTOR,
+    "namespaceSelector": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+    },
+}
+EXTERNAL_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {}},
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "advanced": {"type": "object"},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"const": "kafka"},
+                                "metadata": {
+                                    **_STRING_MAP,
+                                    "required": ["bootstrapServers", "consumerGroup", "topic", "lagThreshold"],
+                                },
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["name"],
+                                    "properties": {"name": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "endpoints"],
+                "properties": {**_MONITOR_SPEC, "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    **_MONITOR_SPEC,
+                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                },
+            },
+        },
+    },
+}
+
+
+def external_kind_errors(document: dict[str, Any]) -> list[str]:
+    kubernetes_validate()
+    import jsonschema
+
+    schema = EXTERNAL_KIND_SCHEMAS.get((document["apiVersion"], document["kind"]))
+    if schema is None:
+        return [f"no schema for {document['apiVersion']} {document['kind']}"]
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
 def validate_any(document: dict[str, Any]) -> None:
-    if document["apiVersion"].startswith("kopf.dev/"):
+    if document["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+        assert external_kind_errors(document) == [], document["metadata"]["name"]
+    elif document["apiVersion"].startswith("kopf.dev/"):
         assert document["kind"] == "KopfPeering" and document["metadata"]["name"]
     elif document["apiVersion"].startswith("lambdapipeline.io/"):
         assert custom_resource_errors(document) == [], document["metadata"]["name"]
@@ -297,8 +424,11 @@ def test_chart_renders_valid_manifests(values: list[str]) -> None:
     deployments = [*services, "operator", *debezium]
     assert sorted(by_kind["Deployment"]) == sorted(f"lp-lambda-pipeline-{name}" for name in deployments)
     assert sorted(by_kind["Service"]) == [f"lp-lambda-pipeline-{name}" for name in services]
-    # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale
-    assert sorted(by_kind["HorizontalPodAutoscaler"]) == ["lp-lambda-pipeline-ingest", "lp-lambda-pipeline-validator"]
+    # the seeded generator and the sinks (offsets and dedup tokens per partition) do not autoscale; the ingest API
+    # scales on CPU, the validator (a consumer) on its consumer group's lag
+    assert sorted(by_kind["HorizontalPodAutoscaler"]) == ["lp-lambda-pipeline-ingest"]
+    assert sorted(by_kind["ScaledObject"]) == ["lp-lambda-pipeline-validator"]
+    assert by_kind["NetworkPolicy"] and by_kind["PodDisruptionBudget"]
     assert sorted(by_kind["CustomResourceDefinition"]) == [
         "eventschemas.lambdapipeline.io",
         "kafkatopics.lambdapipeline.io",
@@ -347,8 +477,16 @@ def test_generator_deployment() -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    env_from = {next(iter(source)): source[next(iter(source))]["name"] for source in container["envFrom"]}
-    assert env_from == {"configMapRef": "lp-lambda-pipeline-config", "secretRef": "lambda-pipeline-secrets"}
+    # the shared ConfigMap whole; of the generator's own Secret only PGPASSWORD
+    assert container["envFrom"] == [{"configMapRef": {"name": "lp-lambda-pipeline-config"}}]
+    secret_refs = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in container["env"]
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+    assert secret_refs == {
+        "PGPASSWORD": {"name": "lp-lambda-pipeline-generator", "key": "PGPASSWORD", "optional": False}
+    }
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["SERVICE_NAME"] == "generator" and env["HTTP_PORT"] == "8080"
     assert int(env["SHUTDOWN_TIMEOUT_S"]) < pod["spec"]["terminationGracePeriodSeconds"]
@@ -378,6 +516,7 @@ def test_adding_a_service_is_a_values_entry(tmp_path: Path) -> None:
                         "module": "services.validator",
                         "args": ["--strict"],
                         "autoscaling": {"enabled": True, "maxReplicas": 16},
+                        "lagAutoscaling": {"enabled": False},  # one autoscaler per workload
                         "env": {"BATCH": 500},
                     }
                 }
@@ -415,12 +554,17 @@ def test_a_service_can_be_disabled_and_needs_a_module() -> None:
     assert completed.returncode != 0 and "services.broken.module is required" in completed.stderr
 
 
-def test_kind_values_create_a_dev_secret() -> None:
-    rendered = helm_template("-f", str(CHART_DIR / "values-kind.yaml"))
-    (secret,) = [d for d in rendered if d["kind"] == "Secret"]
+def test_kind_values_create_dev_secrets_per_workload() -> None:
+    rendered = helm_template("-f", str(CHART_DIR / "values-kind.yaml"), "--set", "debezium.enabled=true")
+    secrets = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Secret"}
+    assert secrets["lp-lambda-pipeline-generator"]["stringData"] == {"PGPASSWORD": "lambda"}
+    assert secrets["lp-lambda-pipeline-debezium"]["stringData"] == {"PGPASSWORD": "lambda"}
     deployment = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("generator"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert {"secretRef": {"name": secret["metadata"]["name"], "optional": False}} in container["envFrom"]
+    refs = [
+        item["valueFrom"]["secretKeyRef"] for item in container["env"] if "secretKeyRef" in item.get("valueFrom", {})
+    ]
+    assert refs == [{"name": "lp-lambda-pipeline-generator", "key": "PGPASSWORD", "optional": False}]
     assert container["image"] == "lambda-pipeline:dev"
 
 
@@ -504,7 +648,12 @@ def test_archiver_maintenance_runs_as_cronjobs() -> None:
         parsed = _parser().parse_args(args)  # the arguments are ones the archiver's command line accepts
         assert parsed.command == args[0] and parsed.table == "all"
         assert container["image"] == service_container["image"]
-        assert container["envFrom"] == service_container["envFrom"]  # the same ConfigMap and Secret
+        assert container["envFrom"] == service_container["envFrom"]  # the same ConfigMap
+        secret_env = [item for item in container["env"] if "valueFrom" in item and "secretKeyRef" in item["valueFrom"]]
+        service_secret_env = [
+            item for item in service_container["env"] if "valueFrom" in item and "secretKeyRef" in item["valueFrom"]
+        ]
+        assert secret_env == service_secret_env  # the archiver's Secret and lake credentials
         env = {item["name"]: item.get("value") for item in container["env"]}
         service_env = {item["name"]: item.get("value") for item in service_container["env"]}
         for key in ("ICEBERG_CATALOG", "ICEBERG_REST_URI", "ICEBERG_WAREHOUSE", "ICEBERG_NAMESPACE"):
@@ -600,7 +749,7 @@ def operator_objects(*extra: str) -> dict[str, dict[str, Any]]:
 
 def test_chart_renders_the_operator_with_its_own_account() -> None:
     objects = operator_objects()
-    assert set(objects) == {"ServiceAccount", "Role", "RoleBinding", "Deployment"}
+    assert set(objects) == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "NetworkPolicy"}
     for document in objects.values():
         validate_builtin(document)
     deployment = objects["Deployment"]
@@ -682,7 +831,11 @@ def test_scaled_services_get_a_disruption_budget_and_single_pods_none() -> None:
     rendered = helm_template()
     budgets = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "PodDisruptionBudget"}
     deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
-    autoscaled = {d["spec"]["scaleTargetRef"]["name"] for d in rendered if d["kind"] == "HorizontalPodAutoscaler"}
+    autoscaled = {
+        d["spec"]["scaleTargetRef"]["name"]
+        for d in rendered
+        if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+    }
     scaled = {name for name, d in deployments.items() if name in autoscaled or d["spec"].get("replicas", 1) > 1}
     assert scaled, "the default values scale some service"
     assert set(budgets) == scaled
