@@ -14,7 +14,7 @@ RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer clean
+.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -89,6 +89,11 @@ $(POLICY_STAMP): deploy/helm/policy-requirements.txt
 
 bench: $(STAMP) $(PEER_STAMP) ## measure throughput against raw ceilings; writes docs/benchmarks.md and .local/bench.json
 	$(PY) -m bench
+
+IMAGE_TARGET ?= runtime
+
+image: ## build the image with podman (IMAGE_TARGET=runtime|local); installs podman and a local base image if missing
+	deploy/image/image.sh --target $(IMAGE_TARGET)
 
 # The validator benchmark's quix-streams peer runs in a virtualenv of its own: its pins conflict with ours.
 $(PEER_STAMP): bench/peer-requirements.txt

@@ -33,7 +33,7 @@ from services.cdc.connector import (
     local_properties,
     table_topics,
 )
-from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, start_jvm
+from services.cdc.engine import ChangeRecord, EmbeddedEngine, jvm_options, require_engine_packages, start_jvm
 from services.cdc.preflight import PreflightError, PreflightReport, connect, run_preflight
 from services.cdc.settings import CdcSettings
 from services.cdc.slots import drop_slot
@@ -50,6 +50,7 @@ from services.contracts.envelope import (
 from services.contracts.headers import CDC_LSN, CDC_OP
 from services.kit.dependencies import DependencyUnavailable, dsn_address, wait_for_tcp
 from services.kit.exits import ExitCode
+from services.kit.extras import LocalExtraMissing
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS
 from services.kit.service import Service
@@ -369,6 +370,11 @@ class CdcService(Service[CdcSettings]):
 def run_service(settings: CdcSettings) -> int:
     """Preflight (one clear line and exit 1 on failure), then the service frame."""
     log = logging.getLogger(settings.service_name)
+    try:
+        require_engine_packages()
+    except LocalExtraMissing as error:  # a production image pointed at the local runner: nothing was touched
+        log.error("cannot start: %s", error)
+        return ExitCode.CONFIG
     try:
         plan = prepare(settings)
     except PreflightError as error:

