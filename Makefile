@@ -14,7 +14,7 @@ RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image clean
+.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ IMAGE_TARGET ?= runtime
 
 image: ## build the image with podman (IMAGE_TARGET=runtime|local); installs podman and a local base image if missing
 	deploy/image/image.sh --target $(IMAGE_TARGET)
+
+container-proof: $(STAMP) ## run the ingest Deployment, rendered from the chart, in the image with podman kube play
+	$(PY) deploy/image/container_proof.py
 
 # The validator benchmark's quix-streams peer runs in a virtualenv of its own: its pins conflict with ours.
 $(PEER_STAMP): bench/peer-requirements.txt
