@@ -4,13 +4,16 @@
 
 The start of issue 15's container proof: builds the image (deploy/image/image.sh, cached layers), starts a
 Tansu broker on a free loopback port and declares the topics with `services.declarations apply`, renders the
-chart with `helm template` pointed at that broker, takes the service's Deployment, its ConfigMap and Secret,
-sets `hostNetwork: true` (a pod's ports are then on 127.0.0.1; podman refuses containerPorts there, so the probes
-get the port numbers instead of the names, and POD_NAMESPACE its value, which podman's downward API lacks;
-nothing else changes: the chart's command, env, securityContext with
-runAsUser and a read-only root, /tmp emptyDir), and plays it with
-`podman kube play`. Passes when the container answers 200 on the chart's readiness probe path within the
-startup probe's budget. Needs the `local` extra on the host (the broker) and the dev tools (helm).
+chart with `helm template` pointed at that broker, and plays the service's Deployment with its ConfigMap and
+Secret with `podman kube play`: the chart's command, env, securityContext (user 10001, read-only root, no
+capabilities) and /tmp emptyDir as rendered. Changed for podman 4.3 on the host network, and only that:
+`hostNetwork: true` (the pod's ports are on 127.0.0.1), containerPorts dropped (podman refuses them there; the
+probes get the numbers instead of the names), POD_NAMESPACE given its value (podman's downward API lacks
+metadata.namespace), and the Secret put into podman's secret store (see below).
+
+Passes when the container answers 200 on the chart's readiness probe path within the startup probe's budget
+and (ingest) events sent to its gRPC port are accepted and land in events.raw. Needs the `local` extra on the
+host (the broker) and the dev tools (helm).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy/helm/lambda-pipeline"
 STATE = ROOT / ".local/podman"
 RELEASE = "lp"
+sys.path.insert(0, str(ROOT))  # the repository's services (the host side: broker, client), also without `pip -e`
 NAMESPACE = "lambda-pipeline"
 # Services that need only Kafka to become ready (the others need PostgreSQL, ClickHouse, S3 or Snowflake too).
 KAFKA_ONLY = ("ingest",)
@@ -72,7 +76,6 @@ def helm() -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    sys.path.insert(0, str(ROOT))
     from services.stack.settings import pick_free_ports
 
     return pick_free_ports(count)
@@ -174,6 +177,25 @@ def wait_ready(port: int, path: str, timeout_s: float) -> tuple[int | None, floa
     return status, time.monotonic() - started
 
 
+def publish_through_ingest(grpc_port: int, bootstrap: str, count: int = 200) -> str | None:
+    """Events through the container's gRPC API into events.raw: None when all were accepted and are in the topic."""
+    from datetime import UTC, datetime
+
+    from services.contracts.topics import EVENTS_RAW
+    from services.generator.model import Simulation
+    from services.ingest.client import IngestClient
+    from services.kit.kafka import count_messages
+
+    simulation = Simulation(7, 200, 100)
+    now = datetime.now(UTC)
+    with IngestClient(f"127.0.0.1:{grpc_port}") as client:
+        results = client.publish([simulation.next_event(now).to_record() for _ in range(count)])
+    accepted = sum(result.accepted for result in results)
+    stored = count_messages({"bootstrap.servers": bootstrap}, EVENTS_RAW)
+    print(f"ingest: {accepted}/{count} events accepted over gRPC, {stored} in {EVENTS_RAW}")
+    return None if accepted == count == stored else f"{accepted}/{count} accepted, {stored} in {EVENTS_RAW}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--service", default="ingest", choices=KAFKA_ONLY)
@@ -227,7 +249,13 @@ def main() -> int:
             print(logs.stdout + logs.stderr, file=sys.stderr)
             print(f"FAILED: {args.service} answered {status} on {probe} after {waited:.0f} s", file=sys.stderr)
             return 1
-        print(f"OK: {args.service} ({image}) ready on {probe} after {waited:.1f} s, {manifest}")
+        print(f"{args.service} ({image}) ready on {probe} after {waited:.1f} s")
+        problem = publish_through_ingest(grpc_port, bootstrap) if args.service == "ingest" else None
+        if problem:
+            print(logs.stdout + logs.stderr, file=sys.stderr)
+            print(f"FAILED: {problem}", file=sys.stderr)
+            return 1
+        print(f"OK: {args.service} in the container is ready and does its work ({manifest.name})")
         return 0
     finally:
         if played and not args.keep:
