@@ -573,11 +573,23 @@ def test_kind_values_create_dev_secrets_per_workload() -> None:
 
 def test_dockerfile_runs_modules_as_non_root() -> None:
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile
     assert 'ENTRYPOINT ["python", "-m"]' in dockerfile
     user_lines = [line for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert user_lines and user_lines[-1].split()[1].split(":")[0] not in ("root", "0")
-    assert "[local" not in dockerfile  # the embedded stand-ins stay out of the image
+    # Stages: name -> (base, instructions). Every stage starts from BASE_IMAGE or an earlier stage.
+    stages: dict[str, tuple[str, list[str]]] = {}
+    for block in dockerfile.split("\nFROM ")[1:]:
+        header, *body = block.replace("\\\n", " ").splitlines()
+        base, _, name = header.split()
+        stages[name] = (base, [line for line in body if line and not line.startswith("#")])
+    assert all(base == "${BASE_IMAGE}" or base in stages for base, _ in stages.values())
+    assert list(stages)[-1] == "runtime"  # the default target: no local stand-ins, no embedded Debezium
+    runtime = stages["runtime"][1]
+    assert runtime[0] == "COPY --from=deps /opt/venv /opt/venv" and runtime[-1] == "COPY services ./services"
+    deps = stages["deps"][1]  # the dependencies from the list in pyproject.toml, before (without) any code
+    assert any("requirements.py main" in line and "-c constraints.txt" in line for line in deps)
+    assert not any("services" in line or "local" in line for line in deps)
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored and ".local" in ignored
 
