@@ -27,6 +27,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,19 +39,25 @@ DEV_TOOLS = {"grpc_tools": "services/ingest/codegen.py regenerates the ingest AP
 LOCAL_MODE_IMPORTS = {"jpype": "services/cdc/engine.py"}  # the embedded engine; Kubernetes runs Debezium Server
 
 RUNTIME_VENV = ROOT / ".local" / "runtime-venv"
-# Every entry point the chart runs from the image (deploy/helm/lambda-pipeline), as `python -m <args>`.
-CHART_COMMANDS = [
-    ["services.generator"],
-    ["services.ingest"],
-    ["services.validator"],
-    ["services.clickhouse_sink"],
-    ["services.archiver"],
-    ["services.archiver", "compact", "all"],
-    ["services.snowflake_loader"],
-    ["services.reconcile", "--since=-7d", "--until=yesterday"],
-    ["services.operator"],
-    ["services.cdc", "preflight"],
-]
+CHART = ROOT / "deploy/helm/lambda-pipeline"
+
+
+def _chart_commands() -> list[list[str]]:
+    """Every `python -m ...` the chart runs from the image: each service's and job's module and arguments
+    (values.yaml), and the commands its templates name themselves (the operator, Debezium's preflight)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    services = values["services"]
+    commands = [[spec["module"], *spec.get("args", [])] for spec in services.values()]
+    for job in values.get("jobs", {}).values():
+        module = job.get("module") or services[job["service"]]["module"]
+        commands.append([module, *(str(arg) for arg in job.get("args", []))])
+    for template in sorted((CHART / "templates").glob("*.yaml")):
+        for listed in re.findall(r'args: (\["services\.[^\]]*\])', template.read_text()):
+            commands.append(json.loads(listed))
+    return [list(command) for command in dict.fromkeys(tuple(command) for command in commands)]
+
+
+CHART_COMMANDS = _chart_commands()
 
 
 def _normal(name: str) -> str:
@@ -137,6 +144,17 @@ def test_every_module_the_services_import_comes_with_the_main_dependencies() -> 
             continue
         missing[module] = f"{where}: provided by {sorted(providers)}"
     assert not missing, f"imported by services but only installed by an extra: {missing}"
+
+
+def test_the_chart_commands_are_read_right() -> None:
+    """The parametrised start-up test below covers the chart: services, jobs and the templates' own commands."""
+    assert {
+        ("services.ingest",),
+        ("services.archiver", "compact", "all"),
+        ("services.reconcile", "--since=-7d", "--until=yesterday"),
+        ("services.operator",),
+        ("services.cdc", "preflight"),
+    } <= {tuple(command) for command in CHART_COMMANDS}
 
 
 def test_the_closures_are_read_right() -> None:
