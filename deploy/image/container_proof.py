@@ -4,12 +4,12 @@
 
 The start of issue 15's container proof: builds the image (deploy/image/image.sh, cached layers), starts a
 Tansu broker on a free loopback port and declares the topics with `services.declarations apply`, renders the
-chart with `helm template` pointed at that broker, and plays the service's Deployment with its ConfigMap and
-Secret with `podman kube play`: the chart's command, env, securityContext (user 10001, read-only root, no
-capabilities) and /tmp emptyDir as rendered. Changed for podman 4.3 on the host network, and only that:
-`hostNetwork: true` (the pod's ports are on 127.0.0.1), containerPorts dropped (podman refuses them there; the
-probes get the numbers instead of the names), POD_NAMESPACE given its value (podman's downward API lacks
-metadata.namespace), and the Secret put into podman's secret store (see below).
+chart with `helm template` pointed at that broker, and plays the service's Deployment with the ConfigMap and
+Secrets it reads (ingest reads no Secret) with `podman kube play`: the chart's command, env, securityContext
+(user 10001, read-only root, no capabilities) and /tmp emptyDir as rendered. Changed for podman 4.3 on the host
+network, and only that: `hostNetwork: true` (the pod's ports are on 127.0.0.1), containerPorts dropped (podman
+refuses them there; the probes get the numbers instead of the names), POD_NAMESPACE given its value (podman's
+downward API lacks metadata.namespace), and Secrets put into podman's secret store (see below).
 
 Passes when the container answers 200 on the chart's readiness probe path within the startup probe's budget
 and (ingest) events sent to its gRPC port are accepted and land in events.raw. Needs the `local` extra on the
@@ -116,9 +116,8 @@ def render(service: str, image: str, bootstrap: str, http_port: int, grpc_port: 
         f"config.KAFKA_BOOTSTRAP_SERVERS={bootstrap}",
         "config.OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:9",  # no trace backend here: exports fail quietly
         "config.OTEL_SAMPLE_RATIO=0",
-        "secret.stringData.PGPASSWORD=unused",
     ]
-    typed = ["secret.create=true", f"services.{service}.port={http_port}"]
+    typed = [f"services.{service}.port={http_port}"]
     if service == "ingest":
         strings += [f"services.ingest.env.GRPC_PORT={grpc_port}", "services.ingest.extraPorts[0].name=grpc"]
         typed.append(f"services.ingest.extraPorts[0].port={grpc_port}")
@@ -133,7 +132,7 @@ def render(service: str, image: str, bootstrap: str, http_port: int, grpc_port: 
 
 
 def pod_documents(documents: list[dict[str, Any]], service: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
-    """The service's Deployment (host network, one replica) and the ConfigMap and Secret it reads."""
+    """The service's Deployment (host network, one replica) and the ConfigMaps and Secrets it reads."""
     deployments = [d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"].endswith(f"-{service}")]
     if len(deployments) != 1:
         sys.exit(f"expected one Deployment for {service}, rendered {[d['metadata']['name'] for d in deployments]}")
@@ -154,7 +153,12 @@ def pod_documents(documents: list[dict[str, Any]], service: str) -> tuple[list[d
         http_get = container.get(probe, {}).get("httpGet", {})
         if "port" in http_get:
             http_get["port"] = numbers.get(http_get["port"], http_get["port"])
-    wanted = {ref[kind]["name"] for ref in container.get("envFrom", []) for kind in ref}
+    wanted = {ref[kind]["name"] for ref in container.get("envFrom", []) for kind in ref} | {
+        ref["name"]
+        for variable in container.get("env", [])
+        for ref in variable.get("valueFrom", {}).values()
+        if "name" in ref  # secretKeyRef, configMapKeyRef (a fieldRef names no object)
+    }
     sources = [d for d in documents if d["kind"] in ("ConfigMap", "Secret") and d["metadata"]["name"] in wanted]
     # podman names the Deployment's pod <name>-pod-0 and its container <pod>-<container>.
     return [*sources, deployment], container, f"{deployment['metadata']['name']}-pod-0-{container['name']}"
@@ -216,8 +220,8 @@ def main() -> int:
         rendered = render(args.service, image, bootstrap, http_port, grpc_port)
         documents, container, container_name = pod_documents(rendered, args.service)
         # podman 4.3 stores a Secret of the played file as YAML, then fails to read it back ("not valid JSON"):
-        # the Secret's data goes into podman's secret store first, as the JSON map of base64 values envFrom's
-        # secretRef reads there.
+        # the Secret's data goes into podman's secret store first, as the JSON map of base64 values that
+        # secretRef and secretKeyRef read there. (Not exercised by ingest, which reads no Secret.)
         secrets = [d for d in documents if d["kind"] == "Secret"]
         for secret in secrets:
             name = secret["metadata"]["name"]
