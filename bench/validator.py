@@ -155,7 +155,8 @@ def run(ctx: BenchContext) -> list[Result]:
             "events/s",
             round(ceiling),
             "bare aiokafka consume-then-produce of the same records",
-            note="decode + rules + enrich + encode only, no Kafka: what limits the service",
+            note="decode + rules + enrich + encode only, no Kafka; batches of BATCH_MAX_RECORDS, the service's GC "
+            "settings: the share of the service's time that is validation",
         ),
         Result(
             "per-record peer (quix-streams) events/s",

@@ -51,13 +51,7 @@ class DedupeStore:
         entry = (namespace, key)
         if entry not in entries:
             entries[entry] = event_time + window
-        advance = event_time if now is None or event_time <= now else now
-        if self._watermark is None or advance > self._watermark:
-            self._watermark = advance
-            self._expire(advance)
-        while len(entries) > self.max_entries:
-            entries.popitem(last=False)
-            self.evicted_by_size += 1
+        self._advance(event_time, now)
 
     def admit(
         self,
@@ -90,14 +84,20 @@ class DedupeStore:
                 continue
             if expiry is None:
                 entries[entry] = event_time + window
-            advance = event_time if event_time <= now else now
-            if self._watermark is None or advance > self._watermark:
-                self._watermark = advance
-                self._expire(advance)
-            while len(entries) > self.max_entries:
-                entries.popitem(last=False)
-                self.evicted_by_size += 1
+            self._advance(event_time, now)
         return duplicates
+
+    def _advance(self, event_time: int, now: int | None) -> None:
+        """After remembering a key of `event_time`: move the watermark (never past `now`), expire what it passed,
+        and evict the oldest entries beyond the size bound."""
+        advance = event_time if now is None or event_time <= now else now
+        if self._watermark is None or advance > self._watermark:
+            self._watermark = advance
+            self._expire(advance)
+        entries = self._entries
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+            self.evicted_by_size += 1
 
     def _expire(self, watermark: int) -> None:
         entries = self._entries

@@ -197,83 +197,55 @@ _MONITOR_SPEC = {
         "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
     },
 }
+
+
+def _custom_resource(spec_required: list[str], spec_properties: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a custom resource whose spec allows only `spec_properties`."""
+    spec = {"type": "object", "additionalProperties": False, "required": spec_required, "properties": spec_properties}
+    return {"type": "object", "required": ["spec"], "properties": {"metadata": _METADATA, "spec": spec}}
+
+
+_KAFKA_TRIGGER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "metadata"],
+    "properties": {
+        "type": {"const": "kafka"},
+        "metadata": {**_STRING_MAP, "required": ["bootstrapServers", "consumerGroup", "topic", "lagThreshold"]},
+        "authenticationRef": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}},
+        },
+    },
+}
 EXTERNAL_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("keda.sh/v1alpha1", "ScaledObject"): {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "metadata": _METADATA,
-            "spec": {
+    ("keda.sh/v1alpha1", "ScaledObject"): _custom_resource(
+        ["scaleTargetRef", "triggers"],
+        {
+            "scaleTargetRef": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["scaleTargetRef", "triggers"],
-                "properties": {
-                    "scaleTargetRef": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["name"],
-                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {}},
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "advanced": {"type": "object"},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["type", "metadata"],
-                            "properties": {
-                                "type": {"const": "kafka"},
-                                "metadata": {
-                                    **_STRING_MAP,
-                                    "required": ["bootstrapServers", "consumerGroup", "topic", "lagThreshold"],
-                                },
-                                "authenticationRef": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["name"],
-                                    "properties": {"name": {"type": "string"}},
-                                },
-                            },
-                        },
-                    },
-                },
+                "required": ["name"],
+                "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {}},
             },
+            "minReplicaCount": {"type": "integer", "minimum": 0},
+            "maxReplicaCount": {"type": "integer", "minimum": 1},
+            "pollingInterval": {"type": "integer", "minimum": 1},
+            "cooldownPeriod": {"type": "integer", "minimum": 0},
+            "advanced": {"type": "object"},
+            "triggers": {"type": "array", "minItems": 1, "items": _KAFKA_TRIGGER},
         },
-    },
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "endpoints"],
-                "properties": {**_MONITOR_SPEC, "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
-            },
-        },
-    },
-    ("monitoring.coreos.com/v1", "PodMonitor"): {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "podMetricsEndpoints"],
-                "properties": {
-                    **_MONITOR_SPEC,
-                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-                },
-            },
-        },
-    },
+    ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom_resource(
+        ["selector", "endpoints"],
+        {**_MONITOR_SPEC, "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _custom_resource(
+        ["selector", "podMetricsEndpoints"],
+        {**_MONITOR_SPEC, "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
+    ),
 }
 
 
