@@ -345,6 +345,20 @@ def iceberg_events(stack_env: dict[str, str]) -> int | None:
     return len(set(ids.to_pylist()))
 
 
+def snowflake_events(stack: Any) -> int | None:
+    """Distinct event ids the loader container put into RAW.USER_EVENTS (fakesnow), read from the host."""
+    import snowflake.connector
+
+    try:
+        with snowflake.connector.connect(**stack.snowflake_connect_kwargs()) as connection:
+            cursor = connection.cursor()
+            cursor.execute("SELECT COUNT(DISTINCT EVENT_ID) FROM RAW.USER_EVENTS")
+            row = cursor.fetchone()
+    except Exception:  # not created or not loaded yet
+        return None
+    return int(row[0]) if row else None
+
+
 class Report:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str]] = []
@@ -419,14 +433,16 @@ def main() -> int:
                 budget = 30
             status, waited = wait_until(lambda p=probe: probe_status(p["port"], p["path"]) == 200, budget)
             user = podman("exec", container_name, "id", "-u").stdout.strip()
-            readonly = podman("exec", container_name, "touch", "/app/x").returncode != 0
+            readonly = podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", container_name).stdout.strip()
+            readonly_ok = readonly == "true" and podman("exec", container_name, "touch", "/x").returncode != 0
             detail = f"{probe['path']} on :{probe['port']} after {waited:.1f} s; uid {user}, read-only root {readonly}"
-            if status and user == "10001" and readonly:
+            if status and user == "10001" and readonly_ok:
                 ready.add(service)
                 report.add(f"{service}: ready", True, detail)
             else:
                 logs = podman("logs", "--tail", "8", container_name)
-                tail = " | ".join((logs.stdout + logs.stderr).strip().splitlines()[-3:])[-400:]
+                last = (logs.stdout + logs.stderr).strip().splitlines()[-1:] or [""]
+                tail = last[0][-240:]
                 expected = service == "operator"  # kopf needs a Kubernetes API; none exists here
                 report.add(
                     f"{service}: ready",
@@ -468,6 +484,13 @@ def main() -> int:
             "archiver container: Iceberg lp.user_events",
             count == processed,
             f"{count}/{processed} distinct event ids after {waited:.0f} s (pyiceberg, REST catalog on SeaweedFS)",
+        )
+        _, waited = wait_until(lambda: (snowflake_events(stack) or 0) >= processed, 120, 3)
+        count = snowflake_events(stack)
+        report.add(
+            "snowflake-loader container: Snowflake RAW.USER_EVENTS",
+            count == processed,
+            f"{count}/{processed} distinct event ids after {waited:.0f} s (fakesnow, from the Iceberg snapshots)",
         )
         report.add(
             "debezium (chart's Debezium Server)",
