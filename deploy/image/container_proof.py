@@ -412,6 +412,7 @@ def main() -> int:
             store_secret(secret)
             secrets.append(secret["metadata"]["name"])
         containers: dict[str, tuple[dict[str, Any], str]] = {}
+        played_at: dict[str, float] = {}
         for service in SERVICES:
             documents, container, container_name = pod_documents(rendered, service)
             secret_volumes_as_files(documents, work / "secret-files")
@@ -422,33 +423,42 @@ def main() -> int:
                 report.add(f"{service}: kube play", False, played.stderr.strip()[-300:])
                 continue
             containers[service] = (container, container_name)
+            played_at[service] = time.monotonic()
 
-        # Ready: 200 on the chart's readiness path within the startup probe's budget (the operator: its liveness).
+        # Ready: 200 on the chart's readiness path within the startup probe's budget, counted from the play (the
+        # operator: its liveness path, checked last so that its wait overlaps the event flow).
         ready: set[str] = set()
-        for service, (container, container_name) in containers.items():
+
+        def check_ready(service: str) -> None:
+            container, container_name = containers[service]
             probe = container["readinessProbe"]["httpGet"]
-            startup = container.get("startupProbe", {"periodSeconds": 15, "failureThreshold": 4})
+            # No startup probe (the operator): 30 s.
+            startup = container.get("startupProbe", {"periodSeconds": 15, "failureThreshold": 2})
             budget = startup["periodSeconds"] * startup["failureThreshold"]
-            if service == "operator":
-                budget = 30
-            status, waited = wait_until(lambda p=probe: probe_status(p["port"], p["path"]) == 200, budget)
+            left = budget - (time.monotonic() - played_at[service])
+            status, _ = wait_until(lambda: probe_status(probe["port"], probe["path"]) == 200, left)
+            waited = time.monotonic() - played_at[service]
             user = podman("exec", container_name, "id", "-u").stdout.strip()
             readonly = podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", container_name).stdout.strip()
             readonly_ok = readonly == "true" and podman("exec", container_name, "touch", "/x").returncode != 0
-            detail = f"{probe['path']} on :{probe['port']} after {waited:.1f} s; uid {user}, read-only root {readonly}"
+            detail = f"{probe['path']} on :{probe['port']}, {waited:.1f} s after play; uid {user}, read-only root "
+            detail += readonly
             if status and user == "10001" and readonly_ok:
                 ready.add(service)
                 report.add(f"{service}: ready", True, detail)
-            else:
-                logs = podman("logs", "--tail", "8", container_name)
-                last = (logs.stdout + logs.stderr).strip().splitlines()[-1:] or [""]
-                tail = last[0][-240:]
-                expected = service == "operator"  # kopf needs a Kubernetes API; none exists here
-                report.add(
-                    f"{service}: ready",
-                    None if expected else False,
-                    ("no Kubernetes API here: " if expected else "") + f"not ready after {waited:.0f} s: {tail}",
-                )
+                return
+            logs = podman("logs", "--tail", "8", container_name)
+            last = ((logs.stdout + logs.stderr).strip().splitlines() or [""])[-1][-240:]
+            expected = service == "operator"  # kopf needs a Kubernetes API; none exists here
+            report.add(
+                f"{service}: ready",
+                None if expected else False,
+                ("no Kubernetes API here: " if expected else "") + f"not ready {waited:.0f} s after play: {last}",
+            )
+
+        for service in containers:
+            if service != "operator":
+                check_ready(service)
 
         # Events in: 200 over the ingest container's gRPC API, then the generator container for a few seconds.
         if "ingest" in ready:
@@ -492,6 +502,8 @@ def main() -> int:
             count == processed,
             f"{count}/{processed} distinct event ids after {waited:.0f} s (fakesnow, from the Iceberg snapshots)",
         )
+        if "operator" in containers:
+            check_ready("operator")
         report.add(
             "debezium (chart's Debezium Server)",
             None,
