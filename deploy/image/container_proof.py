@@ -53,6 +53,7 @@ NAMESPACE = "lambda-pipeline"
 # Every Deployment of the chart; the operator last (it cannot become ready here: no Kubernetes API).
 SERVICES = ("validator", "clickhouse-sink", "archiver", "snowflake-loader", "ingest", "generator", "operator")
 GENERATOR = {"seed": 42, "users": 50, "products": 30}  # the generator container's simulation (its env below)
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 INGEST = {"seed": 7, "users": 40, "products": 20}  # the events sent to the ingest container
 
 
@@ -441,9 +442,12 @@ def main() -> int:
             user = podman("exec", container_name, "id", "-u").stdout.strip()
             readonly = podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", container_name).stdout.strip()
             readonly_ok = readonly == "true" and podman("exec", container_name, "touch", "/x").returncode != 0
-            detail = f"{probe['path']} on :{probe['port']}, {waited:.1f} s after play; uid {user}, read-only root "
-            detail += readonly
-            if status and user == "10001" and readonly_ok:
+            # Then every probe path of the chart (startup and liveness: /healthz) must answer 200 too.
+            paths = {container[kind]["httpGet"]["path"] for kind in PROBES if "httpGet" in container.get(kind, {})}
+            answers = {path: probe_status(probe["port"], path) for path in sorted(paths)}
+            shown = ", ".join(f"{path} {answer}" for path, answer in answers.items())
+            detail = f"{shown} on :{probe['port']}, {waited:.1f} s after play; uid {user}, read-only root {readonly}"
+            if status and set(answers.values()) == {200} and user == "10001" and readonly_ok:
                 ready.add(service)
                 report.add(f"{service}: ready", True, detail)
                 return
