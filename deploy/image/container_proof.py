@@ -386,7 +386,7 @@ class Report:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="runtime", choices=["runtime", "local"])
-    parser.add_argument("--keep", action="store_true", help="leave the pods, podman secrets and files behind (the stack still stops)")
+    parser.add_argument("--keep", action="store_true", help="leave pods, secrets, files (the stack stops)")
     args = parser.parse_args()
     started = time.monotonic()
     image = f"localhost/lambda-pipeline:{args.target}"
