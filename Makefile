@@ -95,7 +95,7 @@ IMAGE_TARGET ?= runtime
 image: ## build the image with podman (IMAGE_TARGET=runtime|local); installs podman and a local base image if missing
 	deploy/image/image.sh --target $(IMAGE_TARGET)
 
-container-proof: $(STAMP) ## run the ingest Deployment, rendered from the chart, in the image with podman kube play
+container-proof: $(STAMP) ## every chart Deployment in the image (podman kube play) on the local stack, events end to end (~2 min)
 	$(PY) deploy/image/container_proof.py
 
 # The validator benchmark's quix-streams peer runs in a virtualenv of its own: its pins conflict with ours.
