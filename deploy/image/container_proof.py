@@ -487,28 +487,32 @@ def main() -> int:
             processed == raw,
             f"{processed}/{raw} after {waited:.0f} s ({dead} dead-lettered)",
         )
-        _, waited = wait_until(lambda: (clickhouse_events(ports["query"]) or 0) >= processed, 120, 2)
-        count = clickhouse_events(ports["query"])
-        report.add(
-            "clickhouse-sink container (chDB): user_events_realtime",
-            count == processed,
-            f"{count}/{processed} distinct event ids after {waited:.0f} s (the sink's /query)",
-        )
         stack_env = stack.env()
-        _, waited = wait_until(lambda: (iceberg_events(stack_env) or 0) >= processed, 120, 3)
-        count = iceberg_events(stack_env)
-        report.add(
-            "archiver container: Iceberg lp.user_events",
-            count == processed,
-            f"{count}/{processed} distinct event ids after {waited:.0f} s (pyiceberg, REST catalog on SeaweedFS)",
-        )
-        _, waited = wait_until(lambda: (snowflake_events(stack) or 0) >= processed, 120, 3)
-        count = snowflake_events(stack)
-        report.add(
-            "snowflake-loader container: Snowflake RAW.USER_EVENTS",
-            count == processed,
-            f"{count}/{processed} distinct event ids after {waited:.0f} s (fakesnow, from the Iceberg snapshots)",
-        )
+        stores = [  # (check, how many distinct event ids it holds now, how it is read, poll interval)
+            (
+                "clickhouse-sink container (chDB): user_events_realtime",
+                lambda: clickhouse_events(ports["query"]),
+                "the sink's /query",
+                2,
+            ),
+            (
+                "archiver container: Iceberg lp.user_events",
+                lambda: iceberg_events(stack_env),
+                "pyiceberg, REST catalog on SeaweedFS",
+                3,
+            ),
+            (
+                "snowflake-loader container: Snowflake RAW.USER_EVENTS",
+                lambda: snowflake_events(stack),
+                "fakesnow, from the Iceberg snapshots",
+                3,
+            ),
+        ]
+        for check, held, how, interval in stores:
+            _, waited = wait_until(lambda held=held: (held() or 0) >= processed, 120, interval)
+            count = held()
+            detail = f"{count}/{processed} distinct event ids after {waited:.0f} s ({how})"
+            report.add(check, count == processed, detail)
         if "operator" in containers:
             check_ready("operator")
         report.add(
