@@ -120,7 +120,7 @@ def _processor_rate(simulation: Simulation, records: list[tuple[bytes, bytes]]) 
 
 def run(ctx: BenchContext) -> list[Result]:
     events = max(30_000, int(200_000 * ctx.scale))  # ~3 s of the service: the first batch and the 50 ms
-    # polling of its /metrics (`worker_rate`) each blur the rate by under 2 %
+    # polling of one counter of its /metrics (`worker_rate`) each blur the rate by under 2 %
     bootstrap = ctx.env["KAFKA_BOOTSTRAP_SERVERS"]
     report = apply_declarations(repo_root() / "deploy" / "k8s", bootstrap, cap_replication_factor=True)
     if not report.ok:

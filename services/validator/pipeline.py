@@ -135,8 +135,11 @@ class EventProcessor:
         repository, so decoding them later asks nothing). Raises `SchemaStoreUnavailable` when one must come
         from the schema store and the store cannot be read; a payload that is garbage is left to `process`."""
         current = self.decode.reader.header
-        for value in values:
-            if value is not None and value[:HEADER_SIZE] != current:
+        # one payload per distinct header: a batch has one or a few writers, and this runs once per batch
+        limit = self.decode.max_bytes  # an oversized payload is dead-lettered unread: its writer does not matter
+        by_header = {value[:HEADER_SIZE]: value for value in values if value is not None and len(value) <= limit}
+        for header, value in by_header.items():
+            if header != current:
                 self.decode.writer_of(value)
 
     # -- batches: the service's path ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from collections import Counter as Counter_
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from operator import attrgetter
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -202,7 +203,7 @@ class ValidatorProcessor:
             raise RetryBatchLater(SCHEMA_STORE, str(error)) from error
         finally:
             # counted per batch: a labelled metric per record costs more than a rule
-            for route, count in Counter_(map(_route_of, outputs)).items():
+            for route, count in Counter_(map(_ROUTE_OF, outputs)).items():
                 ROUTED.labels(route.value).inc(count)
             self._export_metrics()
         return outputs  # type: ignore[return-value]  # pipeline outputs are runtime outputs with a route
@@ -223,7 +224,7 @@ class ValidatorProcessor:
     def _process_events(self, batch: list[InputRecord]) -> list[Output]:
         """A batch of events.raw or events.raw.retry (one topic): judged together, outputs in input order."""
         now = self.engine.clock()
-        if batch[0].topic == self.topics.events_raw and not any(record.headers for record in batch):
+        if batch[0].topic == self.topics.events_raw and not _any_replayed(batch):
             return _sourced(batch, self.events.process_batch(batch, now))  # no replay, no retry
         outputs: list[Output | None] = [None] * len(batch)
         due: list[int] = []
@@ -432,8 +433,16 @@ def make_processor(settings: ValidatorSettings, *, follow_references: bool = Tru
     )
 
 
-def _route_of(output: Output) -> Route:
-    return output.route
+_ROUTE_OF = attrgetter("route")
+
+
+def _any_replayed(batch: Sequence[InputRecord]) -> bool:
+    """Whether a record of `batch` carries a replay header (most carry only their trace context: one pass)."""
+    for record in batch:
+        for name, _ in record.headers:
+            if name == REPLAY_SOURCE:
+                return True
+    return False
 
 
 def _sourced(batch: Sequence[InputRecord], outputs: list[Output]) -> list[Output]:

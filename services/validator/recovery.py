@@ -44,8 +44,8 @@ from typing import Any
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from services.contracts.headers import SOURCE
-from services.validator.runtime import AcceptedMemory, Header, Output
+from services.contracts.headers import SOURCE, TRACEPARENT
+from services.validator.runtime import AcceptedMemory, Header, Output, headers_with_trace
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,17 @@ def stamp_outputs(outputs: Sequence[Output]) -> list[bytes | None]:
     """The `lp-source` value of each output (None for an output without a source record).
 
     Outputs of one source are numbered in the order the processor returned them, which is the order the
-    runtime produces them. Hot path: a processor returns each record's outputs together, so runs of one source
-    are numbered in one pass (0.4 us an output here); a source that comes back later takes the general way."""
+    runtime produces them. Hot path (0.4 us an output here): the usual batch, one output per source, is stamped
+    by one comprehension; otherwise runs of one source are numbered in one pass (a processor returns each
+    record's outputs together), and a source that comes back later takes the general way."""
+    sources = [output.source for output in outputs]
+    distinct = set(map(id, sources))
+    if len(distinct) == len(sources) and id(None) not in distinct:
+        one_each: list[bytes | None] = [
+            b"%s:%d:%d:0/1" % (source.topic.encode(), source.partition, source.offset)  # type: ignore[union-attr]
+            for source in sources
+        ]
+        return one_each
     stamps: list[bytes | None] = []
     append = stamps.append
     seen: set[int] = set()
@@ -118,6 +127,24 @@ def parse_stamp(value: bytes | None) -> tuple[str, int, int, int, int] | None:
         return topic, int(partition), int(offset), int(index), int(count)
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def produced_headers(output: Output, fallback: Sequence[Header], stamp: bytes | None) -> list[Header]:
+    """What `output` is produced with: `with_stamp(headers_with_trace(output, fallback), stamp)`, in one pass for
+    the usual output, which carries its own trace context and no stamp (hot: once per output)."""
+    traced = False
+    for name, _ in output.headers:
+        if name == TRACEPARENT:
+            traced = True
+        elif name == SOURCE:
+            traced = False
+            break
+    if not traced:
+        return with_stamp(headers_with_trace(output, fallback), stamp)
+    headers = list(output.headers)
+    if stamp is not None:
+        headers.append((SOURCE, stamp))
+    return headers
 
 
 def with_stamp(headers: list[Header], stamp: bytes | None) -> list[Header]:

@@ -208,17 +208,21 @@ def check_outputs(outputs: object, max_record_bytes: int) -> list[Output]:
     the batch's other outputs were sent, and a too large one would be refused by the broker on every retry."""
     if not isinstance(outputs, list):
         raise InvalidOutput(f"processor returned {type(outputs).__name__}, not a list of Output")
-    for output in outputs:
+    for output in outputs:  # hot: once per output, so attributes are read once and no tuple is built
         if not isinstance(output, Output):
             raise InvalidOutput(f"processor returned a {type(output).__name__}, not an Output")
-        if type(output.topic) is not str or not output.topic:
-            raise InvalidOutput(f"output topic {output.topic!r} is not a topic name")
+        topic, key, value = output.topic, output.key, output.value
+        if type(topic) is not str or not topic:
+            raise InvalidOutput(f"output topic {topic!r} is not a topic name")
         size = 0
-        for part in (output.key, output.value):
-            if part is not None:
-                if type(part) is not bytes:
-                    raise InvalidOutput(f"output key/value is {type(part).__name__}, not bytes")
-                size += len(part)
+        if key is not None:
+            if type(key) is not bytes:
+                raise InvalidOutput(f"output key/value is {type(key).__name__}, not bytes")
+            size = len(key)
+        if value is not None:
+            if type(value) is not bytes:
+                raise InvalidOutput(f"output key/value is {type(value).__name__}, not bytes")
+            size += len(value)
         for header in output.headers:
             if type(header) is not tuple or len(header) != 2 or type(header[0]) is not str:
                 raise InvalidOutput(f"output header {header!r} is not a (str, bytes) pair")

@@ -61,10 +61,10 @@ from services.validator.recovery import (
     FloorStore,
     Partition,
     drop_emitted,
+    produced_headers,
     rebuild_memory,
     recover,
     stamp_outputs,
-    with_stamp,
 )
 from services.validator.runtime import (
     Batch,
@@ -76,7 +76,6 @@ from services.validator.runtime import (
     StreamRuntimeSettings,
     TopicsMissing,
     accepted_memory,
-    headers_with_trace,
     hold_hooks,
     load_processor,
     prepare_hook,
@@ -788,7 +787,7 @@ class BatchRunner(Service):
             if count is None:
                 count = await self._partition_count(producer, topic)
             partition = self._partition_for(output.key, count)
-            headers = with_stamp(headers_with_trace(output, fallback_headers), stamp)
+            headers = produced_headers(output, fallback_headers, stamp)
             builder = builders.get((topic, partition))
             if builder is None:
                 builder = builders[(topic, partition)] = producer.create_batch()

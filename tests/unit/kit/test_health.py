@@ -22,6 +22,7 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 def served():
     registry = CollectorRegistry()
     Counter("lp_demo_records", "demo", registry=registry).inc(3)
+    Counter("lp_demo_other", "demo", registry=registry).inc()
     health = Health(progress_budget_s=0.5, probe_timeout_s=0.3)
     server = HealthServer(health, 0, registry).start()
     yield health, server.port
@@ -61,6 +62,14 @@ def test_metrics_exposition(served):
     assert status == 200
     assert b"lp_demo_records_total 3.0" in body
     assert get(port, "/nope")[0] == 404
+
+
+def test_metrics_can_be_restricted_to_named_ones(served):
+    _, port = served
+    status, body = get(port, "/metrics?name[]=lp_demo_records_total")
+    assert status == 200
+    assert b"lp_demo_records_total 3.0" in body and b"lp_demo_other" not in body
+    assert b"lp_demo_other_total 1.0" in get(port, "/metrics")[1]
 
 
 def test_a_hung_check_makes_unready_within_the_probe_timeout_and_is_not_started_twice(served):

@@ -11,10 +11,11 @@ from services.validator.recovery import (
     drop_emitted,
     note_stamp,
     parse_stamp,
+    produced_headers,
     stamp_outputs,
     with_stamp,
 )
-from services.validator.runtime import Batch, Output, Record
+from services.validator.runtime import Batch, Output, Record, headers_with_trace
 from tests.unit.validator.test_runtime_stream import copy_to, make_runner, records
 
 
@@ -26,6 +27,32 @@ def test_every_output_is_stamped_with_its_input_and_its_place_among_that_inputs_
     assert stamps == [b"in:2:10:0/2", b"in:0:7:0/1", b"in:2:10:1/2", None]
     assert parse_stamp(stamps[2]) == ("in", 2, 10, 1, 2)
     assert parse_stamp(b"garbage") is None and parse_stamp(None) is None
+
+
+def test_one_output_per_source_is_stamped_as_the_general_way_would():
+    sources = [Record("in", offset % 3, offset, b"k", b"v") for offset in range(50)]
+    one_each = [Output("out", None, b"", source=source) for source in sources]
+    with_a_sourceless = [*one_each, Output("out", None, b"")]  # not one output per source: the general way
+    assert stamp_outputs(one_each) == stamp_outputs(with_a_sourceless)[:-1]
+    assert stamp_outputs(one_each)[4] == b"in:1:4:0/1"
+
+
+def test_produced_headers_are_the_trace_then_the_stamp_whatever_the_output_carries():
+    traced = Record("in", 0, 1, b"k", b"v", [("traceparent", b"00-source"), ("tracestate", b"s")])
+    untraced = Record("in", 0, 2, b"k", b"v", [("other", b"1")])
+    fallback = [("traceparent", b"00-batch")]
+    outputs = [
+        Output("out", None, b"", [("traceparent", b"00-own")], source=traced),  # the usual output
+        Output("out", None, b"", [("traceparent", b"00-own"), (SOURCE, b"in:9:9:0/1")], source=traced),
+        Output("out", None, b"", [(SOURCE, b"in:9:9:0/1")], source=traced),
+        Output("out", None, b"", [("h", b"1")], source=untraced),
+        Output("out", None, b"", ()),
+    ]
+    for output in outputs:
+        for stamp in (b"in:0:1:0/1", None):
+            expected = with_stamp(headers_with_trace(output, fallback), stamp)
+            assert produced_headers(output, fallback, stamp) == expected
+    assert produced_headers(outputs[0], fallback, b"s") == [("traceparent", b"00-own"), (SOURCE, b"s")]
 
 
 def test_a_copied_source_header_is_replaced_not_repeated():
