@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 ROWS_COMMITTED = Counter("lp_archiver_rows_committed_total", "Rows committed to the archive", ["table"])
 SNAPSHOTS = Counter("lp_archiver_snapshots_total", "Snapshots the archiver committed", ["table"])
+LAST_SNAPSHOT = Gauge(
+    "lp_archiver_last_snapshot_timestamp_seconds", "When the archiver last committed a snapshot (Unix time)", ["table"]
+)
 FENCED = Counter(
     "lp_archiver_fenced_total", "Commits refused because another committer wrote the partitions", ["table"]
 )
@@ -227,6 +230,7 @@ class ArchiverSink(Sink):
         del self.results[:-100]
         ROWS_COMMITTED.labels(name).inc(result.rows)
         SNAPSHOTS.labels(name).inc()
+        LAST_SNAPSHOT.labels(name).set_to_current_time()
         COMMIT_SECONDS.labels(name).observe(result.seconds)
         log.info(
             "committed %d rows to %s (snapshot %s, %.2fs)",

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.kit.kafka import scan_topic
 from services.testing.net import free_port
@@ -178,6 +179,15 @@ def sources(messages: list[Any]) -> Counter[tuple[int, int]]:
     return counts
 
 
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from a /metrics body."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def input_positions(bootstrap: str, topic: str) -> set[tuple[int, int]]:
     return {(m.partition(), m.offset()) for m in read(bootstrap, topic)}
 
@@ -227,7 +237,23 @@ def test_processor_errors_go_to_the_dead_letter_topic_with_headers(stack, start_
     group = f"g-{uuid.uuid4().hex[:6]}"
     worker = start_worker(topic, output, group)
     worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 1000, 60, "all committed")
+    metrics = samples(worker.get("/metrics")[1])
     assert worker.stop() == 0, worker.log()
+
+    # What an alert or a dashboard reads on /metrics (docs/observability.md), counted per batch.
+    dlq = f"{topic}.dlq"
+    assert metrics[("lp_dead_letters_total", (("code", "PROCESSOR_EXCEPTION"), ("rule", ""), ("topic", dlq)))] == 10
+    assert metrics[("lp_dead_letters_total", (("code", "PROCESSOR_OUTPUT_INVALID"), ("rule", ""), ("topic", dlq)))] == 1
+    assert metrics[("lp_validator_verdicts_total", (("verdict", "rejected"),))] == 11
+    assert metrics[("lp_validator_verdicts_total", (("verdict", "accepted"),))] == 989
+    assert metrics[("lp_validator_data_quality_ratio", ())] == pytest.approx(989 / 1000)
+    assert metrics[("lp_stage_records_in_total", (("stage", "validator"),))] == 1000
+    assert metrics[("lp_stage_records_out_total", (("stage", "validator"),))] == 989
+    assert metrics[("lp_stage_errors_total", (("stage", "validator"),))] == 11
+    for partition in (0, 1):  # caught up: nothing behind, so no delay either
+        labels = (("consumer_group", group), ("partition", str(partition)), ("topic", topic))
+        assert metrics[("lp_kafka_consumer_lag_records", labels)] == 0
+        assert metrics[("lp_kafka_consumer_lag_seconds", labels)] == 0
 
     dead = read(bootstrap, f"{topic}.dlq")
     assert sorted(m.value() for m in dead) == sorted(v for v in values if v.startswith((b"raise", b"badout")))
