@@ -650,11 +650,12 @@ class SinkRunner:
         if not batch.records:
             return None
         first, last = batch.records[0].timestamp_ms, batch.records[-1].timestamp_ms
-        now = time.time()
-        histogram = EVENT_TO_VISIBLE.labels(self.sink.name, batch.topic)
-        for timestamp_ms in {first, last}:
-            if timestamp_ms is not None and timestamp_ms > 0:
-                histogram.observe(max(0.0, now - timestamp_ms / 1000))
+        if self.sink.visible_on_write:
+            now = time.time()
+            histogram = EVENT_TO_VISIBLE.labels(self.sink.name, batch.topic)
+            for timestamp_ms in {first, last}:
+                if timestamp_ms is not None and timestamp_ms > 0:
+                    histogram.observe(max(0.0, now - timestamp_ms / 1000))
         return last
 
     # -- backpressure ----------------------------------------------------------------------------------------
