@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.reconcile import metrics as reconcile_metrics
 from services.reconcile.compare import Figures, compare
-from tests.unit.deploy.test_alert_rules import RULES_FILE, alert_rules
+from tests.unit.deploy.test_alert_rules import OBSERVABILITY_DOC, RULES_FILE, alert_rules
 from tests.unit.deploy.test_manifests_valid import REPO_ROOT
 
 SERVE_EVERY_SERVICE_REGISTRY = textwrap.dedent(
@@ -152,3 +152,23 @@ def test_every_metric_an_alert_uses_is_served_with_the_labels_it_uses(
 def test_the_rules_file_is_one_yaml_document_with_groups():
     document = yaml.safe_load(RULES_FILE.read_text())
     assert set(document) == {"groups"}
+
+
+def documented_metrics() -> dict[str, tuple[str, set[str]]]:
+    """docs/observability.md's metrics table: name -> (type, labels)."""
+    rows = re.findall(r"^\| `(lp_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", OBSERVABILITY_DOC.read_text(), re.MULTILINE)
+    return {name: (kind, {label.strip() for label in labels.split(",")} - {"-", ""}) for name, kind, labels in rows}
+
+
+def test_the_metrics_table_lists_every_metric_served_with_its_type_and_labels(
+    service_metrics: Served, reconcile_pushed: Served
+):
+    served: dict[str, tuple[str, set[str]]] = {}
+    for name, (kind, labels) in (service_metrics | reconcile_pushed).items():
+        if name.startswith("lp_") and not name.endswith("_created"):  # prometheus_client's creation times
+            served[re.sub(r"_(bucket|sum|count)$", "", name) if kind == "histogram" else name] = (kind, labels)
+    documented = documented_metrics()
+    assert sorted(set(served) - set(documented)) == [], "served but not in docs/observability.md"
+    assert sorted(set(documented) - set(served)) == [], "documented but served by nothing"
+    wrong = {name: (documented[name], served[name]) for name in served if documented[name] != served[name]}
+    assert wrong == {}, "type or labels differ (documented, served)"

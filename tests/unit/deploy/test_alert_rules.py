@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.deploy.test_manifests_valid import CHART_DIR, REPO_ROOT, helm_template
+from tests.unit.deploy.test_manifests_valid import CHART_DIR, REPO_ROOT, helm_template, validate_any
 
 RULES_FILE = CHART_DIR / "files/prometheus/lambda-pipeline.rules.yaml"
 RULE_TESTS = Path(__file__).parent / "prometheus/lambda-pipeline.rules.test.yaml"
@@ -99,6 +99,7 @@ def test_the_chart_renders_the_same_rules_file_as_a_prometheusrule_when_enabled(
         "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.prometheusRule.labels.release=prometheus"
     )
     (rule,) = [d for d in documents if d["kind"] == "PrometheusRule"]
+    validate_any(rule)  # against the prometheus-operator's rule schema
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["namespace"] == "data"
     assert rule["metadata"]["labels"]["release"] == "prometheus"
