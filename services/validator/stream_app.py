@@ -674,7 +674,8 @@ class BatchRunner(Service):
             raise
         span.set_attribute("lp.outputs", len(outputs))
         # Only a batch that has dead letters looks at its outputs again (their reason is in their headers).
-        reasons = _dead_letter_reasons(outputs) if any(map(is_dead_letter_topic, per_topic)) else None
+        dead_letter_topics = {topic for topic in per_topic if is_dead_letter_topic(topic)}
+        reasons = _dead_letter_reasons(outputs, dead_letter_topics) if dead_letter_topics else None
         return _Flight(acks, ack_counts, batch.next_offsets, counts, per_topic, started, span, reasons)
 
     # a dependency down: the same records again, later ------------------------------------------------------------
@@ -918,18 +919,17 @@ class BatchRunner(Service):
         )
 
 
-def _dead_letter_reasons(outputs: Sequence[Output]) -> dict[tuple[str, str, str], int]:
-    """(dead-letter topic, lp-dlq-error-code, lp-dlq-rule) -> count, over the outputs to dead-letter topics."""
+def _dead_letter_reasons(outputs: Sequence[Output], topics: set[str]) -> dict[tuple[str, str, str], int]:
+    """(dead-letter topic, lp-dlq-error-code, lp-dlq-rule) -> count, over the outputs to `topics`."""
     reasons: dict[tuple[str, str, str], int] = {}
-    for output in outputs:
-        if not is_dead_letter_topic(output.topic):
-            continue
+    for output in [output for output in outputs if output.topic in topics]:
         code = rule = ""
-        for name, value in output.headers:
+        for name, value in output.headers:  # the dead-letter builder writes the code, then the rule
             if name == DLQ_ERROR_CODE:
                 code = value.decode("utf-8", "replace")
             elif name == DLQ_RULE:
                 rule = value.decode("utf-8", "replace")
+                break
         key = (output.topic, code, rule)
         reasons[key] = reasons.get(key, 0) + 1
     return reasons
