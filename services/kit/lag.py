@@ -3,8 +3,10 @@
 A consumer calls `ConsumerLag.update` once per partition per handled batch (never per record) with the next offset
 it will handle, the partition's high watermark from its last fetch response (no extra request: right even on
 brokers whose ListOffsets is not, such as the local Tansu) and the timestamp of the last record it handled.
-The gauges are computed when /metrics is scraped, so a consumer that stops handling records (stuck on a store
-or a dependency, paused) shows its lag in seconds growing with the wall clock although it updates nothing:
+The gauges are computed when /metrics is scraped, with the client's current cached high watermark when the
+consumer gives a way to read it (`highwater`: the client's background fetches keep it fresh while the consumer's
+own loop is stuck). So a consumer that stops handling records (stuck on a store or a dependency, paused) shows
+its lag in seconds growing with the wall clock although it updates nothing:
 
 - `lp_kafka_consumer_lag_records`: high watermark minus next offset;
 - `lp_kafka_consumer_lag_seconds`: 0 when caught up, else the age of the last record handled. The next record
@@ -16,6 +18,7 @@ A consumer process that is gone exports nothing: Prometheus' `up` (the `TargetDo
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -40,9 +43,17 @@ class _Position:
 class ConsumerLag:
     """The lag of one consumer (one group) over the partitions it holds; exported by `LagCollector`."""
 
-    def __init__(self, consumer_group: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        consumer_group: str,
+        clock: Callable[[], float] = time.time,
+        highwater: Callable[[str, int], int | None] | None = None,
+    ) -> None:
+        """`highwater(topic, partition)`: the client's cached high watermark, read at scrape time from the
+        metrics thread (it must be cheap and must not block; a failure counts as unknown)."""
         self.consumer_group = consumer_group
         self.clock = clock
+        self.highwater = highwater
         self._positions: dict[tuple[str, int], _Position] = {}
         self._lock = threading.Lock()  # scrapes come from the health server's threads
         _COLLECTOR.track(self)
@@ -72,7 +83,11 @@ class ConsumerLag:
             positions = list(self._positions.items())
         out: dict[tuple[str, int], tuple[int, float]] = {}
         for key, position in positions:
-            records = max(0, position.high_watermark - position.next_offset)
+            high = position.high_watermark
+            if self.highwater is not None:
+                with contextlib.suppress(Exception):  # closing, revoked meanwhile: the last known one stands
+                    high = max(high, self.highwater(*key) or 0)
+            records = max(0, high - position.next_offset)
             seconds = 0.0
             if records and position.last_timestamp_s is not None:
                 seconds = max(0.0, now - position.last_timestamp_s)

@@ -208,13 +208,31 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._delivered: dict[TP, int] = {}
         self._held: dict[TP, asyncio.TimerHandle] = {}  # partitions paused until their first record is due
         self._lag: ConsumerLag | None = None
+        # per partition: next offset of a fetched batch -> its last record's timestamp, until the batch is delivered
+        self._fetched_times: dict[tuple[str, int], dict[int, int]] = {}
 
     @property
     def lag(self) -> ConsumerLag:
-        """lp_kafka_consumer_lag_*: per partition, from each fetch's last record (the group is Faust's app id)."""
+        """lp_kafka_consumer_lag_*: per partition, from the delivered offsets (the group is Faust's app id)."""
         if self._lag is None:
-            self._lag = ConsumerLag(str(self.app.conf.id))
+            self._lag = ConsumerLag(str(self.app.conf.id), highwater=self._current_highwater)
         return self._lag
+
+    def _note_fetched(self, tp: TP, first: Any, last: Any) -> None:
+        """Per partition per fetch: remember the last record's time for `mark_delivered`. A partition fetched for
+        the first time starts its lag at its first record (not handled yet: its age is the lag)."""
+        key = (tp.topic, tp.partition)
+        times = self._fetched_times.get(key)
+        if times is None:
+            times = self._fetched_times[key] = {}
+            self.lag.update(tp.topic, tp.partition, first.offset, self.highwater(tp), first.timestamp)
+        times[last.offset + 1] = last.timestamp
+        if len(times) > 64:  # batches dropped by a rebalance never come back: forget the oldest
+            del times[next(iter(times))]
+
+    def _current_highwater(self, topic: str, partition: int) -> int | None:
+        """aiokafka's high watermark from its latest fetch response (its fetcher goes on while a batch is stuck)."""
+        return cast(int | None, self.highwater(TP(topic, partition)))
 
     @property
     def runner(self) -> BatchRunner:
@@ -273,10 +291,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             by_topic.setdefault(tp.topic, []).extend(records)  # aiokafka fetches each partition in offset order
             next_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
             size += len(records)
-            highwater = self.highwater(tp)
-            self.lag.update(tp.topic, tp.partition, records[-1].offset + 1, highwater, records[-1].timestamp)
+            self._note_fetched(tp, records[0], records[-1])
             if monitor is not None:
-                monitor.track_tp_end_offset(tp, highwater)
+                monitor.track_tp_end_offset(tp, self.highwater(tp))
         if not size or generation != self.app.consumer_generation_id or not self.flow_active:
             return None
         return Batch(by_topic, next_offsets, size)
@@ -313,6 +330,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if offset > self._delivered.get(tp, -1):
                 self._delivered[tp] = offset
             inbound[tp] = now  # keeps Faust's livelock warnings ("stream idle") truthful
+            # the lag counts from what is delivered, not fetched: a batch stuck in processing is lag
+            timestamp = self._fetched_times.get((topic, partition), {}).pop(offset, None)
+            self.lag.update(topic, partition, offset, None, timestamp)
 
     # Faust's commit path: force_commit -> _filter_tps_with_pending_acks -> _filter_committable_offsets ->
     # _new_offset + _should_commit (offset > committed) -> _commit_offsets (producer.flush, commit).
@@ -360,6 +380,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)  # runs the app's handler: wait_empty, commit
         self.runner.forget([(tp.topic, tp.partition) for tp in revoked])
         self.lag.forget([(tp.topic, tp.partition) for tp in revoked])
+        for tp in revoked:
+            self._fetched_times.pop((tp.topic, tp.partition), None)
         for tp in revoked:
             self._delivered.pop(tp, None)
             held = self._held.pop(tp, None)

@@ -50,6 +50,8 @@ def tag(batch: list[InputRecord]) -> list[Output]:
         value = record.value or b""
         if value.startswith(b"raise"):
             raise ValueError(f"cannot handle {value[:20]!r}")
+        if value.startswith(b"stall-"):
+            time.sleep(float(value.removeprefix(b"stall-")))  # a processor stuck on a record: no batch completes
         body: Any = value.decode() if value.startswith(b"badout") else value  # str is not producible
         source = f"{record.partition}:{record.offset}".encode()
         outputs.append(Output(topic, record.key, body, [(SOURCE_HEADER, source)], source=record))
@@ -275,6 +277,35 @@ def test_processor_errors_go_to_the_dead_letter_topic_with_headers(stack, start_
         else:
             assert headers["lp-dlq-error-code"] == b"PROCESSOR_OUTPUT_INVALID"
             assert b"str, not bytes" in headers["lp-dlq-message"]
+
+
+def test_a_stuck_worker_shows_its_lag_in_seconds_growing_then_catching_up(stack, start_worker):
+    """What HighIngestionLag reads: the validator stops handling records (its processor blocks) and the lag in
+    seconds on /metrics grows with the clock; once the batch goes through, the lag is back to 0."""
+    bootstrap = stack.bootstrap_servers
+    topic, output = create_topics(bootstrap, partitions=1)
+    produce(bootstrap, topic, [f"event-{i}".encode() for i in range(50)])
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(topic, output, group)
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 50, 60, "the first records")
+    labels = (("consumer_group", group), ("partition", "0"), ("topic", topic))
+
+    def lag() -> tuple[float, float]:
+        metrics = samples(worker.get("/metrics")[1])
+        return metrics.get(("lp_kafka_consumer_lag_records", labels), -1), metrics.get(
+            ("lp_kafka_consumer_lag_seconds", labels), -1
+        )
+
+    assert lag() == (0, 0)
+    produce(bootstrap, topic, [b"stall-10"] + [f"late-{i}".encode() for i in range(50)])
+    worker.wait_for(lambda: lag()[0] > 0, 10, "lag while the processor is stuck")
+    first = lag()
+    time.sleep(2)
+    records, seconds = lag()
+    assert records >= first[0] > 0 and seconds >= first[1] + 1.5, (first, (records, seconds))
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 101, 60, "caught up")
+    worker.wait_for(lambda: lag() == (0, 0), 10, "the lag back to 0")
+    assert worker.stop() == 0, worker.log()
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_repeats_nothing(stack, start_worker):

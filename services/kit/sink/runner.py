@@ -200,7 +200,8 @@ class SinkRunner:
             )
         self.tracer = trace.get_tracer("services.kit.sink")
         self._labels = {"sink": sink.name}
-        self.lag = ConsumerLag(group_id)  # lp_kafka_consumer_lag_*, updated per written batch
+        # lp_kafka_consumer_lag_*: positions per written batch, the cached high watermark at scrape time
+        self.lag = ConsumerLag(group_id, highwater=lambda t, p: self.consumer.high_watermark(TopicPartition(t, p)))
         self._commit_retry: dict[TopicPartition, int] = {}
         self._throttled: set[TopicPartition] = set()
 

@@ -61,3 +61,23 @@ def test_windowed_share_counts_only_the_window_and_is_nan_when_empty():
     assert share.share() == 1.0
     clock.now = 600
     assert math.isnan(share.share())  # idle: no data, not a score
+
+
+def test_a_consumer_stuck_while_caught_up_shows_lag_from_the_clients_current_watermark():
+    """Its own loop updates nothing, but the client's fetcher saw new records: the scrape reads that watermark."""
+    clock = Clock(5_000.0)
+    watermarks = {("events.raw", 2): 500}
+
+    def highwater(topic: str, partition: int) -> int | None:
+        if (topic, partition) not in watermarks:
+            raise AssertionError("Partition is not assigned")  # what aiokafka does for a revoked one
+        return watermarks[(topic, partition)]
+
+    lag = ConsumerLag("g-live", clock=clock, highwater=highwater)
+    lag.update("events.raw", 2, next_offset=500, high_watermark=500, timestamp_ms=4_999_000)
+    assert lag.lag() == {("events.raw", 2): (0, 0.0)}
+    watermarks[("events.raw", 2)] = 530  # records arrived; the consumer is stuck
+    clock.now += 600
+    assert lag.lag() == {("events.raw", 2): (30, 601.0)}
+    del watermarks[("events.raw", 2)]  # the client cannot answer: the last known watermark stands
+    assert lag.lag() == {("events.raw", 2): (0, 0.0)}
