@@ -3,8 +3,8 @@
 Prometheus histograms answer "how is it now" on /metrics; run summaries and benchmarks need exact percentiles
 of a bounded run, so `LatencyRecorder` keeps a uniform reservoir sample alongside.
 
-The shared metrics let one alert or dashboard panel cover every stage (`stage` is the service's role: ingest,
-validator, clickhouse, archiver, snowflake_loader). They are updated once per batch, never per record.
+The shared metrics let one alert or dashboard panel cover every stage (`stage` is the service's role: generator,
+cdc, ingest, validator, clickhouse, archiver, snowflake_loader). They are updated once per batch, never per record.
 """
 
 from __future__ import annotations
