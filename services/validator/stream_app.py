@@ -47,6 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, TRACEPARENT
 from services.contracts.topics import RETRY_SUFFIX, is_dead_letter_topic
+from services.kit import metrics as shared_metrics  # the metrics every stage exports under one name
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer, HealthSettings
@@ -54,16 +55,7 @@ from services.kit.kafka import client_config, wait_for_broker
 from services.kit.lag import ConsumerLag
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
-from services.kit.metrics import (
-    DEAD_LETTERS as DEAD_LETTERS_BY_REASON,
-)
-from services.kit.metrics import (
-    LATENCY_BUCKETS,
-    STAGE_ERRORS,
-    STAGE_RECORDS_IN,
-    STAGE_RECORDS_OUT,
-    WindowedShare,
-)
+from services.kit.metrics import LATENCY_BUCKETS, WindowedShare
 from services.kit.reconnect import Backoff, one_line
 from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
 from services.validator.recovery import (
@@ -686,7 +678,7 @@ class BatchRunner(Service):
                     )
                 if result.dead_letters:
                     DEAD_LETTERS.labels(topic).inc(result.dead_letters)
-                    STAGE_ERRORS.labels(STAGE).inc(result.dead_letters)
+                    shared_metrics.STAGE_ERRORS.labels(STAGE).inc(result.dead_letters)
             stamps = stamp_outputs(outputs)
             if self._emitted:
                 outputs, stamps = self._drop_emitted(outputs, stamps, batch)
@@ -830,10 +822,10 @@ class BatchRunner(Service):
         VERDICTS.labels("accepted").inc(accepted)
         VERDICTS.labels("rejected").inc(rejected)
         self.quality.add(accepted, accepted + rejected)
-        STAGE_RECORDS_IN.labels(STAGE).inc(records_in)
-        STAGE_RECORDS_OUT.labels(STAGE).inc(produced)
+        shared_metrics.STAGE_RECORDS_IN.labels(STAGE).inc(records_in)
+        shared_metrics.STAGE_RECORDS_OUT.labels(STAGE).inc(produced)
         for (topic, code, rule), count in (flight.dead_letter_reasons or {}).items():
-            DEAD_LETTERS_BY_REASON.labels(topic, code, rule).inc(count)
+            shared_metrics.DEAD_LETTERS.labels(topic, code, rule).inc(count)
 
     async def _fail(self, error: BaseException) -> None:
         """Stop processing for good: nothing from this batch on is marked delivered, so nothing of it is committed."""
