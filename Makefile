@@ -14,7 +14,7 @@ RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
+.PHONY: help install promtool run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -30,6 +30,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install the platform with its local stand-ins
 
+# promtool (alert-rule tests) comes from Debian's prometheus package (2.42 in bookworm); installed when missing.
+promtool: ## promtool for the alert-rule tests: installs Debian's prometheus package if missing (root)
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" != 0 ]; then echo "needs promtool: sudo apt-get install -y prometheus" >&2; exit 1; fi; \
+		echo "installing promtool (Debian package prometheus)"; mkdir -p .local; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >.local/apt-prometheus.log 2>&1 \
+		|| { apt-get update -q >>.local/apt-prometheus.log 2>&1 \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >>.local/apt-prometheus.log 2>&1; } \
+		|| { tail -20 .local/apt-prometheus.log >&2; exit 1; }; }
+
 run: $(STAMP) ## start the local stack and every service, run a bounded demo (EVENTS, RATE, SEED), stop
 	$(PY) -m services.stack.demo --events $(EVENTS) --rate $(RATE) $(if $(SEED),--seed $(SEED))
 
@@ -42,7 +52,7 @@ down: $(STAMP) ## stop everything `make up` started
 status: $(STAMP) ## show the local stack's processes, ports and logs
 	$(PY) -m services.stack status
 
-test: $(STAMP) $(POLICY_STAMP) ## lint, unit and integration tests against the real local stack, then the container proof
+test: $(STAMP) $(POLICY_STAMP) promtool ## lint, unit and integration tests against the real local stack, then the container proof
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q
 	@# The container proof needs root (podman's store; it installs podman with apt when missing): CI runs it always.
@@ -52,7 +62,7 @@ test: $(STAMP) $(POLICY_STAMP) ## lint, unit and integration tests against the r
 		echo "container proof skipped: it needs root (sudo make container-proof); CI runs it"; \
 	fi
 
-test-unit: $(STAMP) $(POLICY_STAMP) ## unit tests only (seconds)
+test-unit: $(STAMP) $(POLICY_STAMP) promtool ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit
 
 test-integration: $(STAMP) ## integration tests only (start the embedded stack on free ports)

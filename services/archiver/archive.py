@@ -20,6 +20,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
 from services.kit.avro import SchemaRepository
+from services.kit.metrics import EVENT_TO_VISIBLE
 from services.kit.sink import (
     PartitionBatch,
     Rejection,
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ROWS_COMMITTED = Counter("lp_archiver_rows_committed_total", "Rows committed to the archive", ["table"])
 SNAPSHOTS = Counter("lp_archiver_snapshots_total", "Snapshots the archiver committed", ["table"])
+LAST_SNAPSHOT = Gauge(
+    "lp_archiver_last_snapshot_timestamp_seconds", "When the archiver last committed a snapshot (Unix time)", ["table"]
+)
 FENCED = Counter(
     "lp_archiver_fenced_total", "Commits refused because another committer wrote the partitions", ["table"]
 )
@@ -66,8 +70,18 @@ class ArchiveTable:
     retry_at: float = 0.0  # after a failed commit: not before (monotonic)
 
 
+def _event_span(topic: str, timestamps: Sequence[int | None]) -> dict[str, tuple[int, int]] | None:
+    """The first and last record's timestamps (records are in offset order: no pass over the batch)."""
+    first = next((t for t in timestamps if t is not None and t > 0), None)
+    last = next((t for t in reversed(timestamps) if t is not None and t > 0), None)
+    if first is None or last is None:
+        return None
+    return {topic: (min(first, last), max(first, last))}
+
+
 class ArchiverSink(Sink):
     name = "archiver"
+    visible_on_write = False  # rows are visible at the snapshot commit, observed there (`_reap`)
     decode_mode = "none"  # the columnar decoder checks every header and body itself, in `write`
 
     def __init__(
@@ -164,6 +178,7 @@ class ArchiverSink(Sink):
             rows,
             {(batch.topic, batch.partition): (batch.first_offset, batch.last_offset + 1)},
             columns.payload_bytes,
+            _event_span(batch.topic, columns.timestamps),
         )
         BUFFERED_ROWS.labels(entry.spec.name).set(committer.buffered_rows)
         rejections = [
@@ -227,6 +242,12 @@ class ArchiverSink(Sink):
         del self.results[:-100]
         ROWS_COMMITTED.labels(name).inc(result.rows)
         SNAPSHOTS.labels(name).inc()
+        LAST_SNAPSHOT.labels(name).set_to_current_time()
+        now_ms = time.time() * 1000  # visible once the snapshot is committed: its oldest and newest record per topic
+        for topic, span in result.event_ms.items():
+            visible = EVENT_TO_VISIBLE.labels(self.name, topic)
+            for timestamp_ms in set(span):
+                visible.observe(max(0.0, (now_ms - timestamp_ms) / 1000))
         COMMIT_SECONDS.labels(name).observe(result.seconds)
         log.info(
             "committed %d rows to %s (snapshot %s, %.2fs)",

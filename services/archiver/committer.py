@@ -90,6 +90,20 @@ class CommitResult:
     offsets: dict[TopicPartition, int]
     attempts: int
     seconds: float
+    event_ms: dict[str, tuple[int, int]] = field(default_factory=dict)  # topic -> oldest, newest record time (ms)
+
+
+EventSpans = dict[str, tuple[int, int]]
+
+
+def _merge_spans(*spans: EventSpans) -> EventSpans:
+    """Per topic, the oldest and the newest of the spans' record timestamps."""
+    out: EventSpans = {}
+    for span in spans:
+        for topic, (first, last) in span.items():
+            known = out.get(topic)
+            out[topic] = (min(first, known[0]), max(last, known[1])) if known else (first, last)
+    return out
 
 
 @dataclass
@@ -101,6 +115,7 @@ class _Buffer:
     payload_bytes: int = 0
     ranges: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)  # tp -> (first, next)
     oldest: float | None = None
+    event_ms: EventSpans = field(default_factory=dict)  # per topic, oldest and newest record time (event-to-visible)
 
     def then(self, later: _Buffer) -> _Buffer:
         """This buffer followed by `later` (a failed commit's rows back in front of the newer ones)."""
@@ -116,6 +131,7 @@ class _Buffer:
             payload_bytes=self.payload_bytes + later.payload_bytes,
             ranges=ranges,
             oldest=min(oldest) if oldest else None,
+            event_ms=_merge_spans(self.event_ms, later.event_ms),
         )
 
 
@@ -212,8 +228,15 @@ class TableCommitter:
     def buffer_age(self) -> float:
         return 0.0 if self._buffer.oldest is None else self.clock() - self._buffer.oldest
 
-    def add(self, rows: pa.Table, consumed: Mapping[TopicPartition, tuple[int, int]], payload_bytes: int = 0) -> int:
-        """Buffer `rows` (with `_kafka_*` columns) that stand for the records `consumed` = {tp: (first, next)}.
+    def add(
+        self,
+        rows: pa.Table,
+        consumed: Mapping[TopicPartition, tuple[int, int]],
+        payload_bytes: int = 0,
+        event_ms: EventSpans | None = None,
+    ) -> int:
+        """Buffer `rows` (with `_kafka_*` columns) that stand for the records `consumed` = {tp: (first, next)};
+        `event_ms`: per topic, the timestamps of their oldest and newest record (event-to-visible at commit).
 
         `consumed` also covers records that yielded no row (dead-lettered), so the stored offsets move past them.
         Rows at offsets below what is stored (a consumer that did not seek yet) are dropped here: they are in
@@ -238,6 +261,8 @@ class TableCommitter:
         self._buffer.payload_bytes += payload_bytes
         if self._buffer.oldest is None and consumed:
             self._buffer.oldest = self.clock()
+        if rows.num_rows and event_ms:
+            self._buffer.event_ms = _merge_spans(self._buffer.event_ms, event_ms)
         return rows.num_rows
 
     def _next_position(self, tp: TopicPartition) -> int | None:
@@ -261,7 +286,7 @@ class TableCommitter:
             delete_files(self.table, buffer.files)
             buffer.batches = buffer.written + buffer.batches
             buffer.files, buffer.written = [], []
-        keep = _Buffer(oldest=buffer.oldest)
+        keep = _Buffer(oldest=buffer.oldest, event_ms=buffer.event_ms)
         for batch in buffer.batches:
             for tp in gone:
                 batch = _drop_partition_rows(batch, tp)
@@ -340,7 +365,7 @@ class TableCommitter:
                 self.expected[tp] = nxt
         self.snapshots_committed += 1
         self.rows_committed += buffer.rows
-        return CommitResult(self.name, buffer.rows, snapshot_id, offsets, attempts, seconds)
+        return CommitResult(self.name, buffer.rows, snapshot_id, offsets, attempts, seconds, buffer.event_ms)
 
     def close(self) -> None:
         if self._executor is not None:

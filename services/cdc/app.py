@@ -52,7 +52,7 @@ from services.kit.dependencies import DependencyUnavailable, dsn_address, wait_f
 from services.kit.exits import ExitCode
 from services.kit.extras import LocalExtraMissing
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
-from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.metrics import LATENCY_BUCKETS, STAGE_RECORDS_OUT
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
 
@@ -272,6 +272,7 @@ class CdcService(Service[CdcSettings]):
                 span.set_attribute("lp.cdc.last_lsn", last_lsn)
         for (table, op), n in counts.items():
             EVENTS.labels(table, op).inc(n)
+        STAGE_RECORDS_OUT.labels("cdc").inc(sum(counts.values()))
         self.counts.update(counts)
         if heartbeats:
             HEARTBEATS.inc(heartbeats)

@@ -26,7 +26,7 @@ from services.kit.avro import AvroSerializer, Schema, SchemaRepository
 from services.kit.config import Dsn, ServiceSettings
 from services.kit.dependencies import dsn_address, wait_for_tcp
 from services.kit.kafka import KafkaProducer, client_config, require_topics
-from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.metrics import LATENCY_BUCKETS, STAGE_RECORDS_OUT
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
 
@@ -144,6 +144,7 @@ class Generator(Service[GeneratorSettings]):
                 self.producer.produce(s.events_topic, value, key=key, headers=record_headers)
             self.producer.poll(0)
         self.produced += len(records)
+        STAGE_RECORDS_OUT.labels("generator").inc(len(records))  # handed to the producer (faults included)
         PENDING.set(self.producer.pending())
         return True
 

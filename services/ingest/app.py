@@ -31,7 +31,7 @@ from services.ingest.v1 import ingest_pb2_grpc as pb_grpc
 from services.kit.avro import SchemaRepository
 from services.kit.config import BindHost, BindPort, ServiceSettings
 from services.kit.kafka import DeliveryFailed, KafkaProducer, client_config, require_topics
-from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.metrics import LATENCY_BUCKETS, STAGE_ERRORS, STAGE_RECORDS_IN, STAGE_RECORDS_OUT
 from services.kit.service import Service
 from services.kit.tracing import inject_headers
 
@@ -201,9 +201,12 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     "written: retrying is safe (consumers deduplicate on event_id)",
                 )
         rejected = len(results) - len(accepted)
+        STAGE_RECORDS_IN.labels("ingest").inc(len(results))  # the shared per-stage counters, once per request
         if accepted:
             EVENTS.labels("accepted", "").inc(len(accepted))
+            STAGE_RECORDS_OUT.labels("ingest").inc(len(accepted))
         if rejected:
+            STAGE_ERRORS.labels("ingest").inc(rejected)
             for result in results:
                 if result.status == pb.EventResult.REJECTED:
                     EVENTS.labels("rejected", reason_name(result.reason_code)).inc()

@@ -52,6 +52,11 @@ API_ACCESS: dict[tuple[str, str], tuple[str, ...]] = {
 RECONCILES = Counter(
     "lp_operator_reconciles_total", "Reconciliations by kind, trigger and Ready reason.", ["kind", "trigger", "reason"]
 )
+RECONCILE_ERRORS = Counter(
+    "lp_operator_reconcile_errors_total",
+    "Reconciliations that left a resource not Ready (Kafka errors, conflicts, invalid or incompatible specs).",
+    ["kind", "reason"],
+)
 DRIFT_REVERTED = Counter("lp_operator_drift_reverted_total", "Out-of-band changes the timer reverted.", ["kind"])
 RECONCILE_SECONDS = Histogram("lp_operator_reconcile_seconds", "Time of one reconciliation.", ["kind"])
 
@@ -168,6 +173,8 @@ def build_registry(config: OperatorConfig, reconciler: Reconciler) -> kopf.Opera
             give_up_s=config.operator_delete_give_up_s,
         )
         RECONCILES.labels("KafkaTopic", "delete", outcome.reason.value).inc()
+        if outcome.retry:
+            RECONCILE_ERRORS.labels("KafkaTopic", outcome.reason.value).inc()
         kind = "Normal" if outcome.reason is Reason.UPDATED else "Warning"
         event_reason = "Deleted" if outcome.reason is Reason.UPDATED else outcome.reason.value
         if outcome.retry:
@@ -261,6 +268,8 @@ def _report(
     if generation is not None:
         patch.status["observedGeneration"] = generation
     RECONCILES.labels(kind, trigger, outcome.reason.value).inc()
+    if outcome.ready is False:
+        RECONCILE_ERRORS.labels(kind, outcome.reason.value).inc()
     news = previous is None or (previous.get("reason"), previous.get("message")) != (
         condition["reason"],
         condition["message"],

@@ -38,6 +38,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
 from services.kit.exits import ExitCode
+from services.kit.metrics import STAGE_RECORDS_OUT
 from services.kit.reconnect import one_line
 from services.stores.iceberg import load_table
 from services.stores.snowflake import Warehouse
@@ -194,6 +195,7 @@ class Loader:
         result.status, result.rows, result.rows_read, result.files = "loaded", added, rows, len(files)
         result.seconds = round(time.perf_counter() - started, 3)
         ROWS.labels(table).inc(added)
+        STAGE_RECORDS_OUT.labels("snowflake_loader").inc(added)
         BATCHES.labels(table).inc()
         self._freshness(table, iceberg, batch.snapshot_id)
         log.info(

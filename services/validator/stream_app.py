@@ -45,14 +45,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.contracts.headers import TRACEPARENT
+from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, TRACEPARENT
+from services.contracts.topics import RETRY_SUFFIX, is_dead_letter_topic
+from services.kit import metrics as shared_metrics  # the metrics every stage exports under one name
 from services.kit.config import load_settings
 from services.kit.exits import ExitCode
 from services.kit.health import Health, HealthServer, HealthSettings
 from services.kit.kafka import client_config, wait_for_broker
+from services.kit.lag import ConsumerLag
 from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
-from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.metrics import LATENCY_BUCKETS, WindowedShare
 from services.kit.reconnect import Backoff, one_line
 from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
 from services.validator.recovery import (
@@ -126,6 +129,18 @@ MEMORY_SECONDS = Histogram(
 MEMORY_RECORDS = Counter(
     "lp_validator_runtime_memory_rebuilt_records_total", "Accepted records read back into the processor's memory"
 )
+VERDICTS = Counter(
+    "lp_validator_verdicts_total",
+    "Input records decided, by verdict: accepted (not dead-lettered) or rejected (dead-lettered); "
+    "records sent to a retry topic are decided when they come back",
+    ["verdict"],
+)
+DATA_QUALITY_WINDOW_S = 300.0
+DATA_QUALITY = Gauge(
+    "lp_validator_data_quality_ratio",
+    f"Share of decided input records accepted over the last {DATA_QUALITY_WINDOW_S:g} s (NaN when none)",
+)
+STAGE = "validator"  # the `stage` label of the shared lp_stage_* metrics
 MEMORY_ATTEMPTS = 4  # reading back accepted records: tries before the worker fails
 
 MAX_SPAN_LINKS = 64  # per batch span; the SDK keeps 128 at most anyway
@@ -183,6 +198,32 @@ class BatchConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         self._delivered: dict[TP, int] = {}
         self._held: dict[TP, asyncio.TimerHandle] = {}  # partitions paused until their first record is due
+        self._lag: ConsumerLag | None = None
+        # per partition: next offset of a fetched batch -> its last record's timestamp, until the batch is delivered
+        self._fetched_times: dict[tuple[str, int], dict[int, int]] = {}
+
+    @property
+    def lag(self) -> ConsumerLag:
+        """lp_kafka_consumer_lag_*: per partition, from the delivered offsets (the group is Faust's app id)."""
+        if self._lag is None:
+            self._lag = ConsumerLag(str(self.app.conf.id), highwater=self._current_highwater)
+        return self._lag
+
+    def _note_fetched(self, tp: TP, first: Any, last: Any) -> None:
+        """Per partition per fetch: remember the last record's time for `mark_delivered`. A partition fetched for
+        the first time starts its lag at its first record (not handled yet: its age is the lag)."""
+        key = (tp.topic, tp.partition)
+        times = self._fetched_times.get(key)
+        if times is None:
+            times = self._fetched_times[key] = {}
+            self.lag.update(tp.topic, tp.partition, first.offset, self.highwater(tp), first.timestamp)
+        times[last.offset + 1] = last.timestamp
+        if len(times) > 64:  # batches dropped by a rebalance never come back: forget the oldest
+            del times[next(iter(times))]
+
+    def _current_highwater(self, topic: str, partition: int) -> int | None:
+        """aiokafka's high watermark from its latest fetch response (its fetcher goes on while a batch is stuck)."""
+        return cast(int | None, self.highwater(TP(topic, partition)))
 
     @property
     def runner(self) -> BatchRunner:
@@ -241,6 +282,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             by_topic.setdefault(tp.topic, []).extend(records)  # aiokafka fetches each partition in offset order
             next_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
             size += len(records)
+            self._note_fetched(tp, records[0], records[-1])
             if monitor is not None:
                 monitor.track_tp_end_offset(tp, self.highwater(tp))
         if not size or generation != self.app.consumer_generation_id or not self.flow_active:
@@ -279,6 +321,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if offset > self._delivered.get(tp, -1):
                 self._delivered[tp] = offset
             inbound[tp] = now  # keeps Faust's livelock warnings ("stream idle") truthful
+            # the lag counts from what is delivered, not fetched: a batch stuck in processing is lag
+            timestamp = self._fetched_times.get((topic, partition), {}).pop(offset, None)
+            self.lag.update(topic, partition, offset, None, timestamp)
 
     # Faust's commit path: force_commit -> _filter_tps_with_pending_acks -> _filter_committable_offsets ->
     # _new_offset + _should_commit (offset > committed) -> _commit_offsets (producer.flush, commit).
@@ -325,6 +370,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self.runner.health.set_ready(False, "rebalancing")
         await super().on_partitions_revoked(revoked)  # runs the app's handler: wait_empty, commit
         self.runner.forget([(tp.topic, tp.partition) for tp in revoked])
+        self.lag.forget([(tp.topic, tp.partition) for tp in revoked])
+        for tp in revoked:
+            self._fetched_times.pop((tp.topic, tp.partition), None)
         for tp in revoked:
             self._delivered.pop(tp, None)
             held = self._held.pop(tp, None)
@@ -372,6 +420,7 @@ class _Flight:
     outputs: dict[str, int]
     started: float
     span: Span
+    dead_letter_reasons: dict[tuple[str, str, str], int] | None = None  # (topic, code, rule) -> dead letters
 
 
 class BatchRunner(Service):
@@ -431,6 +480,8 @@ class BatchRunner(Service):
         self._floors_version = 0  # moves with the floors; per input partition, the version last stored
         self._stored_version: dict[Partition, int] = {}
         self.suppressed = 0  # outputs not produced again (for tests)
+        self.quality = WindowedShare(DATA_QUALITY_WINDOW_S)
+        DATA_QUALITY.set_function(self.quality.share)  # computed at scrape: the window empties while idle
 
     # exactly once at the source --------------------------------------------------------------------------------
     def to_recover(self, partitions: Iterable[Partition]) -> None:
@@ -626,6 +677,7 @@ class BatchRunner(Service):
                     )
                 if result.dead_letters:
                     DEAD_LETTERS.labels(topic).inc(result.dead_letters)
+                    shared_metrics.STAGE_ERRORS.labels(STAGE).inc(result.dead_letters)
             stamps = stamp_outputs(outputs)
             if self._emitted:
                 outputs, stamps = self._drop_emitted(outputs, stamps, batch)
@@ -634,7 +686,10 @@ class BatchRunner(Service):
             span.end()
             raise
         span.set_attribute("lp.outputs", len(outputs))
-        return _Flight(acks, ack_counts, batch.next_offsets, counts, per_topic, started, span)
+        # Only a batch that has dead letters looks at its outputs again (their reason is in their headers).
+        dead_letter_topics = {topic for topic in per_topic if is_dead_letter_topic(topic)}
+        reasons = _dead_letter_reasons(outputs, dead_letter_topics) if dead_letter_topics else None
+        return _Flight(acks, ack_counts, batch.next_offsets, counts, per_topic, started, span, reasons)
 
     # a dependency down: the same records again, later ------------------------------------------------------------
     async def _prepare(self, batch: Batch, epoch: int | None) -> None:
@@ -744,9 +799,32 @@ class BatchRunner(Service):
             self.processed += count
         for topic, count in flight.outputs.items():
             OUTPUTS.labels(topic).inc(count)
+        self._account_verdicts(flight)
         BATCH_SECONDS.observe(monotonic() - flight.started)
         flight.span.end()
         self._update_idle()
+
+    def _account_verdicts(self, flight: _Flight) -> None:
+        """Per acknowledged batch: verdicts and the data-quality window from per-topic counts (no record is
+        looked at), the shared stage counters, dead letters by reason."""
+        records_in = sum(flight.records.values())
+        rejected = deferred = produced = 0
+        for topic, count in flight.outputs.items():
+            if is_dead_letter_topic(topic):
+                rejected += count
+            elif topic.endswith(RETRY_SUFFIX):
+                deferred += count
+            else:
+                produced += count
+        decided = max(0, records_in - deferred)
+        accepted = max(0, decided - rejected)
+        VERDICTS.labels("accepted").inc(accepted)
+        VERDICTS.labels("rejected").inc(rejected)
+        self.quality.add(accepted, accepted + rejected)
+        shared_metrics.STAGE_RECORDS_IN.labels(STAGE).inc(records_in)
+        shared_metrics.STAGE_RECORDS_OUT.labels(STAGE).inc(produced)
+        for (topic, code, rule), count in (flight.dead_letter_reasons or {}).items():
+            shared_metrics.DEAD_LETTERS.labels(topic, code, rule).inc(count)
 
     async def _fail(self, error: BaseException) -> None:
         """Stop processing for good: nothing from this batch on is marked delivered, so nothing of it is committed."""
@@ -852,6 +930,22 @@ class BatchRunner(Service):
             kind=trace.SpanKind.CONSUMER,
             attributes={"messaging.system": "kafka", "messaging.batch.message_count": batch.size},
         )
+
+
+def _dead_letter_reasons(outputs: Sequence[Output], topics: set[str]) -> dict[tuple[str, str, str], int]:
+    """(dead-letter topic, lp-dlq-error-code, lp-dlq-rule) -> count, over the outputs to `topics`."""
+    reasons: dict[tuple[str, str, str], int] = {}
+    for output in [output for output in outputs if output.topic in topics]:
+        code = rule = ""
+        for name, value in output.headers:  # the dead-letter builder writes the code, then the rule
+            if name == DLQ_ERROR_CODE:
+                code = value.decode("utf-8", "replace")
+            elif name == DLQ_RULE:
+                rule = value.decode("utf-8", "replace")
+                break
+        key = (output.topic, code, rule)
+        reasons[key] = reasons.get(key, 0) + 1
+    return reasons
 
 
 def _remote_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None:

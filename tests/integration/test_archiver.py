@@ -280,6 +280,11 @@ def test_two_archivers_on_the_same_table_are_fenced_and_never_duplicate(stack: L
         fenced = metric_totals(port_a).get("lp_archiver_fenced_total", 0) + metric_totals(port_b).get(
             "lp_archiver_fenced_total", 0
         )
+        # Event-to-visible is observed at each committed snapshot (its oldest and newest record), and the last
+        # snapshot's time is exported (docs/observability.md). One of the two may have lost every race.
+        totals = [metric_totals(port) for port in (port_a, port_b)]
+        assert sum(t.get("lp_sink_event_to_visible_seconds_count", 0) for t in totals) >= 2
+        assert max(t.get("lp_archiver_last_snapshot_timestamp_seconds", 0) for t in totals) > time.time() - 600
         assert stop(a) == 0, setup.tails()
         assert stop(b) == 0, setup.tails()
     finally:

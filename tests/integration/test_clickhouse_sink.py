@@ -346,6 +346,14 @@ def test_refused_records_go_to_the_dead_letter_topic_and_live_queries_answer(sta
     assert total[0] == "total" and total[1] == purchases and total[3] == pytest.approx(expected, abs=0.01)
     top = sink.query_cli("top-products")
     assert top.returncode == 0 and "Top products per 15 minutes" in top.stdout, top.stderr
+    # /metrics (docs/observability.md): dead letters and errors counted once acknowledged, caught up, latency seen
+    refused_total = len(bad_sent) + 1  # and the transaction the store refused
+    wait_for(lambda: sink.metric("lp_dead_letters_total") == refused_total, 30, "dead letters counted", sink.log)
+    assert sink.metric("lp_stage_errors_total") == refused_total
+    assert sink.metric("lp_stage_records_in_total") == len(good) + refused_total + 1
+    assert sink.metric("lp_stage_records_out_total") == len(good) + 1
+    assert sink.metric("lp_kafka_consumer_lag_records") == 0 and sink.metric("lp_kafka_consumer_lag_seconds") == 0
+    assert sink.metric("lp_sink_event_to_visible_seconds_count") >= 2  # per batch: its oldest and newest record
     assert sink.stop() == 0
 
     def dead_letters(topic: str) -> list[Any]:

@@ -270,6 +270,7 @@ def test_two_resources_for_one_topic_the_oldest_wins(
     kube.create(API, "kafkatopics", NAMESPACE, topic_resource("second", "op.shared", 5, deletionPolicy="Delete"))
     resource = wait_reason(kube, operator, "kafkatopics", "second", "ResourceConflict", f"{NAMESPACE}/first")
     assert resource["status"]["conditions"][0]["status"] == "False"
+    assert metric_totals(operator["metrics"]).get("lp_operator_reconcile_errors_total", 0) >= 1  # not Ready: an error
     assert partitions(bootstrap, "op.shared") == 2
     # The loser's Delete policy never deletes the winner's topic.
     kube.delete(API, "kafkatopics", NAMESPACE, "second")

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.kit.kafka import scan_topic
 from services.testing.net import free_port
@@ -49,6 +50,8 @@ def tag(batch: list[InputRecord]) -> list[Output]:
         value = record.value or b""
         if value.startswith(b"raise"):
             raise ValueError(f"cannot handle {value[:20]!r}")
+        if value.startswith(b"stall-"):
+            time.sleep(float(value.removeprefix(b"stall-")))  # a processor stuck on a record: no batch completes
         body: Any = value.decode() if value.startswith(b"badout") else value  # str is not producible
         source = f"{record.partition}:{record.offset}".encode()
         outputs.append(Output(topic, record.key, body, [(SOURCE_HEADER, source)], source=record))
@@ -178,6 +181,15 @@ def sources(messages: list[Any]) -> Counter[tuple[int, int]]:
     return counts
 
 
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from a /metrics body."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def input_positions(bootstrap: str, topic: str) -> set[tuple[int, int]]:
     return {(m.partition(), m.offset()) for m in read(bootstrap, topic)}
 
@@ -227,7 +239,23 @@ def test_processor_errors_go_to_the_dead_letter_topic_with_headers(stack, start_
     group = f"g-{uuid.uuid4().hex[:6]}"
     worker = start_worker(topic, output, group)
     worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 1000, 60, "all committed")
+    metrics = samples(worker.get("/metrics")[1])
     assert worker.stop() == 0, worker.log()
+
+    # What an alert or a dashboard reads on /metrics (docs/observability.md), counted per batch.
+    dlq = f"{topic}.dlq"
+    assert metrics[("lp_dead_letters_total", (("code", "PROCESSOR_EXCEPTION"), ("rule", ""), ("topic", dlq)))] == 10
+    assert metrics[("lp_dead_letters_total", (("code", "PROCESSOR_OUTPUT_INVALID"), ("rule", ""), ("topic", dlq)))] == 1
+    assert metrics[("lp_validator_verdicts_total", (("verdict", "rejected"),))] == 11
+    assert metrics[("lp_validator_verdicts_total", (("verdict", "accepted"),))] == 989
+    assert metrics[("lp_validator_data_quality_ratio", ())] == pytest.approx(989 / 1000)
+    assert metrics[("lp_stage_records_in_total", (("stage", "validator"),))] == 1000
+    assert metrics[("lp_stage_records_out_total", (("stage", "validator"),))] == 989
+    assert metrics[("lp_stage_errors_total", (("stage", "validator"),))] == 11
+    for partition in (0, 1):  # caught up: nothing behind, so no delay either
+        labels = (("consumer_group", group), ("partition", str(partition)), ("topic", topic))
+        assert metrics[("lp_kafka_consumer_lag_records", labels)] == 0
+        assert metrics[("lp_kafka_consumer_lag_seconds", labels)] == 0
 
     dead = read(bootstrap, f"{topic}.dlq")
     assert sorted(m.value() for m in dead) == sorted(v for v in values if v.startswith((b"raise", b"badout")))
@@ -249,6 +277,35 @@ def test_processor_errors_go_to_the_dead_letter_topic_with_headers(stack, start_
         else:
             assert headers["lp-dlq-error-code"] == b"PROCESSOR_OUTPUT_INVALID"
             assert b"str, not bytes" in headers["lp-dlq-message"]
+
+
+def test_a_stuck_worker_shows_its_lag_in_seconds_growing_then_catching_up(stack, start_worker):
+    """What HighIngestionLag reads: the validator stops handling records (its processor blocks) and the lag in
+    seconds on /metrics grows with the clock; once the batch goes through, the lag is back to 0."""
+    bootstrap = stack.bootstrap_servers
+    topic, output = create_topics(bootstrap, partitions=1)
+    produce(bootstrap, topic, [f"event-{i}".encode() for i in range(50)])
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(topic, output, group)
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 50, 60, "the first records")
+    labels = (("consumer_group", group), ("partition", "0"), ("topic", topic))
+
+    def lag() -> tuple[float, float]:
+        metrics = samples(worker.get("/metrics")[1])
+        return metrics.get(("lp_kafka_consumer_lag_records", labels), -1), metrics.get(
+            ("lp_kafka_consumer_lag_seconds", labels), -1
+        )
+
+    assert lag() == (0, 0)
+    produce(bootstrap, topic, [b"stall-10"] + [f"late-{i}".encode() for i in range(50)])
+    worker.wait_for(lambda: lag()[0] > 0, 10, "lag while the processor is stuck")
+    first = lag()
+    time.sleep(2)
+    records, seconds = lag()
+    assert records >= first[0] > 0 and seconds >= first[1] + 1.5, (first, (records, seconds))
+    worker.wait_for(lambda: sum(committed(bootstrap, group, topic).values()) == 101, 60, "caught up")
+    worker.wait_for(lambda: lag() == (0, 0), 10, "the lag back to 0")
+    assert worker.stop() == 0, worker.log()
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_repeats_nothing(stack, start_worker):

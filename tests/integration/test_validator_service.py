@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Message, Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.declarations.apply import apply_declarations
 from services.generator.bad_events import BAD_KINDS, BadEventGenerator
@@ -336,6 +337,16 @@ def test_service_routes_good_and_bad_events_load_and_replay(stack, service, tmp_
         metrics = response.read().decode()
     assert "lp_validator_rule_checked_total{" in metrics
     assert 'lp_validator_routed_total{route="processed"}' in metrics
+    # dead letters by reason, and the verdicts behind the data-quality score (docs/observability.md)
+    values = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    reasons = {dict(labels)["rule"] for name, labels in values if name == "lp_dead_letters_total"}
+    assert {"event_time_not_in_future", "amount_not_negative", ""} <= reasons  # failed rules named; decode: none
+    assert values[("lp_validator_verdicts_total", (("verdict", "rejected"),))] > 0
+    assert 0 < values[("lp_validator_data_quality_ratio", ())] < 1
 
 
 def with_invalid_utf8(payload: bytes, marker: bytes) -> bytes:

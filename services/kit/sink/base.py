@@ -86,6 +86,9 @@ class Sink(ABC):
     """A store the runner writes partition batches to. Keep `write` idempotent for a given `dedup_token`."""
 
     name: ClassVar[str] = "sink"
+    # The store shows a batch's records once `write` returns (the runner then observes their event-to-visible
+    # time). False for a sink that commits later on its own (the archiver: it observes at its snapshot commit).
+    visible_on_write: ClassVar[bool] = True
     decode_mode: ClassVar[DecodeMode] = "record"
     # True: the runner hands over the due batches of ALL its partitions at once (`write_group`), for stores
     # where every write costs a lot whatever its size (ClickHouse: a part and its views per insert).

@@ -20,7 +20,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository, SchemaStoreUnavailable
 from services.kit.health import Health
 from services.kit.kafka import KafkaConsumer, KafkaProducer
-from services.kit.metrics import LATENCY_BUCKETS
+from services.kit.lag import ConsumerLag
+from services.kit.metrics import (
+    DEAD_LETTERS,
+    EVENT_TO_VISIBLE,
+    LATENCY_BUCKETS,
+    STAGE_ERRORS,
+    STAGE_RECORDS_IN,
+    STAGE_RECORDS_OUT,
+)
 from services.kit.sink.base import (
     DeadLetterRoute,
     Rejection,
@@ -51,9 +59,6 @@ BACKPRESSURE = Counter("lp_sink_backpressure_total", "Writes refused as backpres
 WRITE_SECONDS = Histogram("lp_sink_write_seconds", "Sink.write of one batch", ["sink"], buckets=LATENCY_BUCKETS)
 PAUSED = Gauge("lp_sink_paused_partitions", "Partitions paused for backpressure or assignment", ["sink"])
 BUFFERED = Gauge("lp_sink_buffered_records", "Records consumed, not yet committed", ["sink"])
-LAG = Gauge(
-    "lp_sink_consumer_lag", "High watermark minus the next offset, per partition", ["sink", "topic", "partition"]
-)
 
 
 @dataclass
@@ -195,6 +200,8 @@ class SinkRunner:
             )
         self.tracer = trace.get_tracer("services.kit.sink")
         self._labels = {"sink": sink.name}
+        # lp_kafka_consumer_lag_*: positions per written batch, the cached high watermark at scrape time
+        self.lag = ConsumerLag(group_id, highwater=lambda t, p: self.consumer.high_watermark(TopicPartition(t, p)))
         self._commit_retry: dict[TopicPartition, int] = {}
         self._throttled: set[TopicPartition] = set()
 
@@ -274,6 +281,7 @@ class SinkRunner:
     def _forget(self, partitions: Sequence[TopicPartition]) -> None:
         """Drop these partitions. A group they were in is given up for its other members too: those restart
         from their committed offset and the store's cuts, as after an assignment."""
+        self.lag.forget(partitions)
         for tp in partitions:
             state = self.states.pop(tp, None)
             self._commit_retry.pop(tp, None)
@@ -587,13 +595,17 @@ class SinkRunner:
 
     def _dead_letter(self, rejected: Sequence[Rejection]) -> None:
         now = datetime.now(UTC)
+        reasons: dict[tuple[str, str], int] = {}
         for rejection in rejected:
             letter = self.dead_letter(rejection, now)
             self.producer.produce(letter.topic, letter.value, key=letter.key, headers=letter.headers)
+            reasons[(letter.topic, rejection.code)] = reasons.get((letter.topic, rejection.code), 0) + 1
         try:
             self.producer.flush(self.config.dlq_ack_timeout_s)
         except Exception as error:  # DeliveryFailed: not acknowledged, so the offsets must not be committed
             raise _DeadLettersNotAcknowledged(str(error)) from error
+        for (topic, code), count in reasons.items():
+            DEAD_LETTERS.labels(topic, code, "").inc(count)
 
     def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
@@ -625,9 +637,27 @@ class SinkRunner:
         ROWS_WRITTEN.labels(self.sink.name, topic).inc(result.written)
         for rejection in rejected:
             ROWS_REJECTED.labels(self.sink.name, topic, rejection.code).inc()
+        STAGE_RECORDS_IN.labels(self.sink.name).inc(len(batch.records) + len(member.decode_rejections))
+        STAGE_RECORDS_OUT.labels(self.sink.name).inc(result.written)
+        if rejected:
+            STAGE_ERRORS.labels(self.sink.name).inc(len(rejected))
+        last_timestamp_ms = self._observe_visible(batch)
         high = self.consumer.high_watermark(batch.topic_partition)
-        if high is not None:
-            LAG.labels(self.sink.name, topic, str(batch.partition)).set(max(0, high - batch.last_offset - 1))
+        self.lag.update(topic, batch.partition, batch.last_offset + 1, high, last_timestamp_ms)
+
+    def _observe_visible(self, batch: PartitionBatch) -> int | None:
+        """Event-to-visible of the batch's oldest and newest record (two observations per batch, not per record);
+        returns the newest record's timestamp (ms) for the lag in seconds."""
+        if not batch.records:
+            return None
+        first, last = batch.records[0].timestamp_ms, batch.records[-1].timestamp_ms
+        if self.sink.visible_on_write:
+            now = time.time()
+            histogram = EVENT_TO_VISIBLE.labels(self.sink.name, batch.topic)
+            for timestamp_ms in {first, last}:
+                if timestamp_ms is not None and timestamp_ms > 0:
+                    histogram.observe(max(0.0, now - timestamp_ms / 1000))
+        return last
 
     # -- backpressure ----------------------------------------------------------------------------------------
     def _delay(self, attempts: int, hint: float | None) -> float:

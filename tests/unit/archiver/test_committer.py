@@ -239,3 +239,32 @@ def test_commit_threads_yield_the_cpu_and_the_threads_they_start_inherit_it():
     thread.join()
     assert seen == {"worker": min(base + 7, 19), "child": min(base + 7, 19)}
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (its main thread) keeps its priority
+
+
+def test_a_commit_reports_its_oldest_and_newest_record_time_per_topic_also_after_a_failure(
+    table, builder, monkeypatch
+) -> None:
+    """What the archiver observes as event-to-visible when the snapshot is committed."""
+    committer = TableCommitter(table)
+    committer.claim([(TOPIC, 0)])
+    rows, consumed, size = batch(builder, 0, 0, 20)
+    committer.add(rows, consumed, size, {TOPIC: (1_000, 2_000)})
+    real = committer_module.commit_files
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("catalog unreachable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(committer_module, "commit_files", failing_once)
+    with pytest.raises(CommitError):
+        committer.commit()
+    rows, consumed, size = batch(builder, 0, 20, 5)
+    committer.add(rows, consumed, size, {TOPIC: (2_500, 3_000)})
+    result = committer.commit()
+    assert result is not None and result.event_ms == {TOPIC: (1_000, 3_000)}  # the failed commit's rows included
+    rows, consumed, size = batch(builder, 0, 25, 5)
+    committer.add(rows, consumed, size, {TOPIC: (4_000, 4_100)})
+    assert committer.commit().event_ms == {TOPIC: (4_000, 4_100)}  # type: ignore[union-attr]

@@ -220,6 +220,36 @@ _KAFKA_TRIGGER = {
         },
     },
 }
+# The prometheus-operator CRD's rule groups (alerting rules; recording rules would have `record`).
+_RULE_GROUPS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "rules"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "interval": {"type": "string"},
+            "rules": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["expr"],
+                    "properties": {
+                        "alert": {"type": "string"},
+                        "record": {"type": "string"},
+                        "expr": {"type": ["string", "integer"]},
+                        "for": {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"},
+                        "labels": _STRING_MAP,
+                        "annotations": _STRING_MAP,
+                    },
+                },
+            },
+        },
+    },
+}
 EXTERNAL_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): _custom_resource(
         ["scaleTargetRef", "triggers"],
@@ -246,6 +276,7 @@ EXTERNAL_KIND_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
         ["selector", "podMetricsEndpoints"],
         {**_MONITOR_SPEC, "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
     ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _custom_resource(["groups"], {"groups": _RULE_GROUPS}),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -629,3 +630,41 @@ def test_a_schema_store_outage_stalls_the_batch_never_dead_letters_and_it_is_wri
     assert sink.stored == [0, 1, 2] and producer.produced == []  # the v2 record decoded, nothing dead-lettered
     assert consumer.commits == [(TP, 3)]
     assert runner.readiness() is None and health.readiness()[0]
+
+
+def test_lag_dead_letters_stage_counters_and_event_to_visible_are_exported_per_batch():
+    sink = FakeSink(reject={1: "n too large for the column"})
+    runner, consumer, _producer, _clock = make_runner(sink)
+    now_ms = int(time.time() * 1000)
+    log = consumer.log.setdefault(TP, [])
+    for offset in range(5):  # records produced 30 s ago
+        log.append(
+            Message(topic=TOPIC, partition=0, offset=offset, value=payload(offset), timestamp=(1, now_ms - 30_000))
+        )
+    consumer.assign(TP)
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {
+        "dead": value("lp_dead_letters_total", topic="things.test.dlq", code="TOO_BIG", rule=""),
+        "in": value("lp_stage_records_in_total", stage="fake"),
+        "out": value("lp_stage_records_out_total", stage="fake"),
+        "errors": value("lp_stage_errors_total", stage="fake"),
+        "visible": value("lp_sink_event_to_visible_seconds_count", sink="fake", topic=TOPIC),
+        "slow": value("lp_sink_event_to_visible_seconds_bucket", sink="fake", topic=TOPIC, le="10.0"),
+    }
+    runner.step()
+    runner.step()  # the first batch (offsets 0-2) is written
+    lag = {"consumer_group": "group", "topic": TOPIC, "partition": "0"}
+    assert value("lp_kafka_consumer_lag_records", **lag) == 2  # two records behind the written batch
+    assert 30 <= value("lp_kafka_consumer_lag_seconds", **lag) < 40  # the last written record's age
+    assert value("lp_dead_letters_total", topic="things.test.dlq", code="TOO_BIG", rule="") - before["dead"] == 1
+    assert value("lp_stage_records_in_total", stage="fake") - before["in"] == 3
+    assert value("lp_stage_records_out_total", stage="fake") - before["out"] == 2
+    assert value("lp_stage_errors_total", stage="fake") - before["errors"] == 1
+    # one batch, one timestamp: one observation, 30 s old (not within 10 s)
+    assert value("lp_sink_event_to_visible_seconds_count", sink="fake", topic=TOPIC) - before["visible"] == 1
+    assert value("lp_sink_event_to_visible_seconds_bucket", sink="fake", topic=TOPIC, le="10.0") == before["slow"]
+    consumer.revoke(TP)
+    assert REGISTRY.get_sample_value("lp_kafka_consumer_lag_records", lag) is None  # the new owner exports it

@@ -13,6 +13,7 @@ from faust.types import TP
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.kit.health import Health
+from services.kit.lag import ConsumerLag
 from services.validator import stream_app
 from services.validator.recovery import Reread
 from services.validator.runtime import (
@@ -288,7 +289,11 @@ def test_the_consumer_commits_the_delivered_offsets():
     consumer._delivered = {}
     consumer._new_topicpartition = TP  # type: ignore[method-assign]
     consumer.app = type("App", (), {"monitor": None})()
+    consumer._fetched_times = {("in", 0): {10: 1_000}}  # the fetch that ended at offset 10: its last record's time
+    consumer._lag = ConsumerLag("g-unit", clock=lambda: 4.0)
     consumer.mark_delivered({("in", 0): 10, ("in", 1): 4})
+    assert consumer._lag.lag() == {("in", 0): (0, 0.0), ("in", 1): (0, 0.0)}  # the delivered position, caught up
+    assert consumer._fetched_times == {("in", 0): {}}
     consumer.mark_delivered({("in", 0): 7})  # never backwards
     assert consumer._new_offset(TP("in", 0)) == 10
     assert consumer._new_offset(TP("in", 2)) is None
