@@ -53,6 +53,7 @@ MESSAGE_ID = "messaging.message.id"
 BATCH_COUNT = "messaging.batch.message_count"
 # Set by `producer_span` on a root the caller already drew as sampled; the root sampler honours and drops it.
 _PRESAMPLED = "lp.presampled"
+DEAD_LETTER_SAMPLED = False  # the sampled flag a dead letter's traceparent carries
 
 _provider: TracerProvider | None = None
 _message_ratio = 0.0  # share of messages sampled at their producer; 0 while no exporter is configured
@@ -235,10 +236,12 @@ def sampled_context(headers: Sequence[tuple[str, bytes | None]] | None) -> SpanC
     return None
 
 
-def with_traceparent(headers: Sequence[tuple[str, bytes | None]], span_context: SpanContext) -> Headers:
-    """`headers` with their trace context replaced by `span_context`'s (sampled)."""
+def with_traceparent(
+    headers: Sequence[tuple[str, bytes | None]], span_context: SpanContext, sampled: bool = True
+) -> Headers:
+    """`headers` with their trace context replaced by `span_context`'s."""
     out: Headers = [(k, v) for k, v in headers if k not in (TRACEPARENT, TRACESTATE) and v is not None]
-    out.append((TRACEPARENT, traceparent(span_context)))
+    out.append((TRACEPARENT, traceparent(span_context, sampled)))
     return out
 
 
@@ -328,7 +331,9 @@ def dead_letter_span(
     tracer: trace.Tracer, parent: SpanContext, topic: str, code: str, stage: str, rule: str | None = None
 ) -> Span:
     """The `send <topic>.dlq` span that ends a dead-lettered sampled record's trace (PRODUCER, child of the span
-    that refused it); its context goes in the dead letter's traceparent."""
+    that refused it). Its context goes in the dead letter's traceparent with the sampled flag cleared
+    (`DEAD_LETTER_SAMPLED`): the dead letter keeps its trace id, and the trace ends here (archiving the dead
+    letter adds no span)."""
     attributes: dict[str, Any] = {"lp.dlq.code": code, "lp.dlq.stage": stage, "lp.dead_letter": True}
     if rule:
         attributes["lp.dlq.rule"] = rule

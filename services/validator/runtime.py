@@ -31,7 +31,7 @@ from services.contracts.deadletter import ConsumedRecord, Stage, build_dead_lett
 from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, DLQ_STAGE, TRACE_HEADERS, TRACEPARENT
 from services.contracts.topics import CDC_TOPIC_PREFIX, EVENTS_RAW, dead_letter_topic, is_dead_letter_topic
 from services.kit.config import ServiceSettings
-from services.kit.tracing import dead_letter_span, with_traceparent
+from services.kit.tracing import DEAD_LETTER_SAMPLED, dead_letter_span, with_traceparent
 
 Header = tuple[str, bytes]
 
@@ -349,7 +349,7 @@ def trace_outputs(tracer: Tracer, outputs: Sequence[Output], record_spans: Mappi
             stage = dlq[DLQ_STAGE].decode(errors="replace") if DLQ_STAGE in dlq else Stage.PROCESS.value
             letter = dead_letter_span(tracer, parent, output.topic, code, stage, rule or None)
             span.set_attribute("lp.dead_lettered", code)
-            output.headers = with_traceparent(output.headers, letter.get_span_context())
+            output.headers = with_traceparent(output.headers, letter.get_span_context(), DEAD_LETTER_SAMPLED)
             letter.end()
         else:
             output.headers = with_traceparent(output.headers, parent)

@@ -33,7 +33,14 @@ from services.kit.sink.base import (
 )
 from services.kit.sink.records import LazyRecords, PartitionBatch, SinkRecord, TopicPartition, check_header, messages_of
 from services.kit.sink.settings import RunnerConfig, backoff_delay
-from services.kit.tracing import batch_span, consumer_span, dead_letter_span, sampled_context, with_traceparent
+from services.kit.tracing import (
+    DEAD_LETTER_SAMPLED,
+    batch_span,
+    consumer_span,
+    dead_letter_span,
+    sampled_context,
+    with_traceparent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +633,7 @@ class SinkRunner:
             parent = (traced or {}).get((record.topic, record.partition, record.offset))
             if parent is not None:  # a sampled record: its trace ends in the dead-letter span
                 span = dead_letter_span(self.tracer, parent, letter.topic, rejection.code, str(rejection.stage))
-                headers = with_traceparent(headers, span.get_span_context())
+                headers = with_traceparent(headers, span.get_span_context(), DEAD_LETTER_SAMPLED)
                 span.end()
             self.producer.produce(letter.topic, letter.value, key=letter.key, headers=headers)
         try:

@@ -667,5 +667,5 @@ def test_a_sampled_record_gets_a_process_span_under_its_producer_and_its_dead_le
     assert letter.parent is not None and letter.parent.span_id == process[1].context.span_id
     assert letter.attributes["lp.dlq.code"] == "TOO_BIG"
     ((_topic, _key, _value, headers),) = producer.produced
-    assert dict(headers)["traceparent"] == b"00-%032x-%016x-01" % (letter.context.trace_id, letter.context.span_id)
+    assert dict(headers)["traceparent"] == b"00-%032x-%016x-00" % (letter.context.trace_id, letter.context.span_id)
     assert dict(headers)["lp-dlq-trace-id"] == b"4bf92f3577b34da6a3ce929d0e0e4736"

@@ -225,7 +225,7 @@ def test_a_dead_lettered_sampled_record_ends_its_trace_in_a_dead_letter_span():
         assert topic == "in.dlq" and letter.kind is SpanKind.PRODUCER
         assert letter.parent is not None and letter.parent.span_id == process.context.span_id
         assert letter.attributes is not None and letter.attributes["lp.dlq.code"] == "PROCESSOR_EXCEPTION"
-        assert headers["traceparent"] == b"00-%032x-%016x-01" % (letter.context.trace_id, letter.context.span_id)
+        assert headers["traceparent"] == b"00-%032x-%016x-00" % (letter.context.trace_id, letter.context.span_id)
         assert headers["lp-dlq-trace-id"] == TRACEPARENT.split(b"-")[1]  # the record's own trace, kept
 
     run(scenario())
