@@ -201,6 +201,12 @@ def set_message_sample_ratio(ratio: float) -> None:
     _message_ratio = ratio
 
 
+def traces_messages() -> bool:
+    """Whether this process spends anything on per-message spans: not at ratio 0 or without an exporter (then a
+    consumer does not even scan headers, and contexts pass through unchanged)."""
+    return _message_ratio > 0.0
+
+
 def message_sampled() -> bool:
     """Whether the message about to be produced gets a trace of its own (one random draw, no span)."""
     ratio = _message_ratio

@@ -342,6 +342,8 @@ def trace_outputs(tracer: Tracer, outputs: Sequence[Output], record_spans: Mappi
         if span is None:
             continue
         parent = span.get_span_context()
+        if not parent.is_valid:  # a no-op tracer
+            continue
         dlq = {name: value for name, value in output.headers if name in _DLQ_TRACED and value is not None}
         if DLQ_ERROR_CODE in dlq:
             code = dlq[DLQ_ERROR_CODE].decode(errors="replace")

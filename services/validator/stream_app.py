@@ -60,6 +60,7 @@ from services.kit.tracing import (
     sampled_context,
     setup_tracing,
     shutdown_tracing,
+    traces_messages,
     unsampled_headers,
 )
 from services.validator.recovery import (
@@ -850,7 +851,8 @@ class BatchRunner(Service):
         record costs the header scan only."""
         sampled: list[SpanContext] = []
         record_spans: dict[int, Span] = {}
-        for record in (record for records in batch.by_topic.values() for record in records):
+        traced = batch.by_topic.values() if traces_messages() else ()
+        for record in (record for records in traced for record in records):
             parent = sampled_context(record.headers)
             if parent is None:
                 continue

@@ -39,6 +39,7 @@ from services.kit.tracing import (
     consumer_span,
     dead_letter_span,
     sampled_context,
+    traces_messages,
     with_traceparent,
 )
 
@@ -570,7 +571,7 @@ class SinkRunner:
         # Sampled records (flag in their traceparent) get a `process` span each, child of the validator's; the
         # write is one span linked to them. An unsampled record costs the header read in `sampled_context`.
         sampled: list[tuple[Message, SpanContext]] = []
-        for batch in batches:
+        for batch in batches if traces_messages() else ():
             for message in messages_of(batch.records):
                 parent = sampled_context(message.headers())
                 if parent is not None:
@@ -590,6 +591,7 @@ class SinkRunner:
         group.traced = {
             (message.topic(), message.partition(), message.offset()): span.get_span_context()
             for (message, _), span in zip(sampled, record_spans, strict=True)
+            if span.get_span_context().is_valid
         }
         write_span = batch_span(
             self.tracer,

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection, parse_dead_letter
+from services.kit import tracing
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository, SchemaStoreUnavailable, WriterSchema
 from services.kit.health import Health
 from services.kit.kafka import DeliveryFailed
@@ -639,7 +640,8 @@ SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 UNSAMPLED = b"00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
 
-def test_a_sampled_record_gets_a_process_span_under_its_producer_and_its_dead_letter_ends_the_trace():
+def test_a_sampled_record_gets_a_process_span_under_its_producer_and_its_dead_letter_ends_the_trace(monkeypatch):
+    monkeypatch.setattr(tracing, "_message_ratio", 0.01)  # as a service with an exporter (setup_tracing)
     sink = FakeSink(reject={2: "too big"})
     runner, consumer, producer, _clock = make_runner(sink, batch_max_rows=3)
     exporter = InMemorySpanExporter()

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from services.kit import tracing
 from services.kit.health import Health
 from services.validator import stream_app
 from services.validator.recovery import Reread
@@ -166,6 +167,12 @@ def test_unkeyed_outputs_of_a_batch_share_one_partition():
     run(scenario())
 
 
+@pytest.fixture
+def tracing_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a service with an exporter and a ratio above 0 (`setup_tracing`)."""
+    monkeypatch.setattr(tracing, "_message_ratio", 0.01)
+
+
 def traced_runner(processor: Any) -> tuple[BatchRunner, FakeProducer, InMemorySpanExporter]:
     runner, _, producer = make_runner(processor, {"out": 1, "in.dlq": 1})
     exporter = InMemorySpanExporter()
@@ -175,6 +182,19 @@ def traced_runner(processor: Any) -> tuple[BatchRunner, FakeProducer, InMemorySp
     return runner, producer, exporter
 
 
+def test_without_message_tracing_a_sampled_records_output_continues_its_producers_context():
+    async def scenario() -> None:
+        sampled = Record("in", 3, 41, b"a", b"1", [("traceparent", TRACEPARENT)])
+        runner, producer, exporter = traced_runner(copy_to("out"))
+        await runner._start(Batch.of([sampled]))
+        (_, _, sent, _) = producer.sent[0]
+        assert dict(sent.records[0][2])["traceparent"] == TRACEPARENT
+        assert exporter.get_finished_spans() == ()
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("tracing_messages")
 def test_a_sampled_record_gets_a_process_span_and_its_output_is_that_spans_child():
     async def scenario() -> None:
         sampled = Record("in", 3, 41, b"a", b"1", [("traceparent", TRACEPARENT)])
@@ -210,6 +230,7 @@ def test_a_sampled_record_gets_a_process_span_and_its_output_is_that_spans_child
     run(scenario())
 
 
+@pytest.mark.usefixtures("tracing_messages")
 def test_a_dead_lettered_sampled_record_ends_its_trace_in_a_dead_letter_span():
     def fail(batch: list[InputRecord]) -> list[Output]:
         raise ValueError("no")
