@@ -315,7 +315,8 @@ def headers_with_trace(output: Output, fallback: Sequence[Header]) -> list[Heade
     """`output.headers` as a list, plus trace context if it has none: its source record's, else `fallback`.
 
     The source's context is copied rather than a new span made per record: spans per record would cost more
-    than the processing itself at 10k+ records/s (see docs/validator-runtime.md)."""
+    than the processing itself at 10k+ records/s (see docs/validator-runtime.md). Sampled records are the
+    exception: `trace_outputs` already put their `process` span's context in `headers`."""
     headers = list(output.headers)
     for name, _ in headers:
         if name == TRACEPARENT:
