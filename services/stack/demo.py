@@ -814,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     path = stack.state_dir / "run-summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, path)
+    spans = traces_file(stack.state_dir)
+    if spans.exists():
+        print(f"traces: {spans} (`make trace` lists the traced events, `make trace ID=<event id>` prints one)")
     return ExitCode.OK if summary["ok"] else ExitCode.FAILED
 
 

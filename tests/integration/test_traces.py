@@ -137,6 +137,7 @@ def test_a_sampled_events_trace_holds_every_stage_as_parent_and_child_with_the_c
     ]
     assert hops == sorted(hops) and " ms " in lines[hops[1]]
     assert "archiver" in printed and "~ clickhouse.write" in printed
+    print(printed)  # shown with -rP: what a user sees
 
 
 def test_cdc_changes_and_ingest_events_start_traces_the_validator_continues(run_spans):
@@ -177,7 +178,9 @@ def test_a_dead_lettered_events_trace_ends_in_the_dead_letter_span(run_spans):
         # Nothing follows the dead letter: every other span of the trace is on its path, the first a producer's.
         assert {s["span_id"] for s in trace} == {letter["span_id"], *(s["span_id"] for s in ancestors)}
         assert ancestors[-1]["kind"] == "PRODUCER" and ancestors[-1]["service"] in ("generator", "ingest", "cdc")
-    assert "DEAD LETTER" in trace_command(state_dir, letters[0]["trace_id"])
+    printed = trace_command(state_dir, letters[0]["trace_id"])
+    assert "DEAD LETTER" in printed.splitlines()[-1]  # the last hop
+    print(printed)
 
 
 def trace_command(state_dir: Path, wanted: str) -> str:
