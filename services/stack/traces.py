@@ -11,7 +11,6 @@ they are shown under the span they link to. The Snowflake load cannot link (the 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from services.kit.tracing import DESTINATION, MESSAGE_ID, OFFSET, PARTITION
 
 DEMO_SAMPLE_RATIO = "0.01"  # `make run` traces one event in a hundred unless OTEL_SAMPLE_RATIO is set
-_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+LAKE_WRITER = "archiver"  # the sink whose writes the Snowflake loader loads
 
 
 def traces_file(state_dir: Path) -> Path:
@@ -92,13 +91,14 @@ def build_trace(spans: list[dict[str, Any]], trace_id: str) -> Trace:
 
 
 def _attach_loads(spans: list[dict[str, Any]], nodes: dict[str, Node]) -> None:
-    """Loads whose offset ranges hold a record a `process` span of the trace consumed (the archiver's)."""
+    """Loads whose offset ranges hold a record the archiver's `process` span of the trace consumed (the loader
+    reads what the archiver wrote to the lake)."""
     loads = [s for s in spans if "lp.loader.offsets" in s.get("attributes", {})]
     if not loads:
         return
     for node in nodes.values():
         attributes = node.span.get("attributes", {})
-        if OFFSET not in attributes:
+        if OFFSET not in attributes or attributes.get("lp.sink") != LAKE_WRITER:
             continue
         where = (attributes.get(DESTINATION), str(attributes.get(PARTITION)), int(attributes[OFFSET]))
         for load in loads:
@@ -111,6 +111,10 @@ def _attach_loads(spans: list[dict[str, Any]], nodes: dict[str, Node]) -> None:
 
 def _ms(ns: int) -> str:
     return f"{ns / 1e6:,.1f} ms"
+
+
+def _offset(ns: int) -> str:
+    return f"{ns / 1e6:+,.1f} ms"
 
 
 def _details(span: dict[str, Any]) -> str:
@@ -140,12 +144,12 @@ def format_trace(found: Trace) -> str:
     for depth, node in found.walk():
         span = node.span
         lines.append(
-            f"{'+' + _ms(span['start_ns'] - found.start_ns):>12}  {_ms(span['end_ns'] - span['start_ns']):>11}  "
+            f"{_offset(span['start_ns'] - found.start_ns):>12}  {_ms(span['end_ns'] - span['start_ns']):>11}  "
             f"{span['service'] or '?':<18} {'  ' * depth}{span['name']}{_details(span)}"
         )
         for linked in node.linked:
             lines.append(
-                f"{'+' + _ms(linked['start_ns'] - found.start_ns):>12}  "
+                f"{_offset(linked['start_ns'] - found.start_ns):>12}  "
                 f"{_ms(linked['end_ns'] - linked['start_ns']):>11}  {linked['service'] or '?':<18} "
                 f"{'  ' * (depth + 1)}~ {linked['name']} (batch span, linked; trace {linked['trace_id'][:8]}...)"
             )

@@ -58,6 +58,21 @@ SPANS = [
             "messaging.destination.name": "events.processed",
             "messaging.destination.partition.id": "1",
             "messaging.kafka.offset": 5,
+            "lp.sink": "archiver",
+        },
+    ),
+    span(  # the same record in ClickHouse: the loader does not read ClickHouse
+        "process events.processed",
+        "clickhouse-sink",
+        "9" * 16,
+        "b" * 16,
+        41,
+        80,
+        attributes={
+            "messaging.destination.name": "events.processed",
+            "messaging.destination.partition.id": "1",
+            "messaging.kafka.offset": 5,
+            "lp.sink": "clickhouse",
         },
     ),
     span(
@@ -104,17 +119,20 @@ def test_a_trace_prints_as_a_tree_with_offsets_durations_and_what_links_to_it():
         (0, "generator"),
         (1, "validator"),
         (2, "archiver"),
+        (2, "clickhouse-sink"),
     ]
     lines = format_trace(found).splitlines()
-    assert lines[0].startswith(f"trace {TRACE}: 3 spans over 3 services, 90.0 ms")
+    assert lines[0].startswith(f"trace {TRACE}: 4 spans over 4 services, 90.0 ms")
     assert (
         "+10.0 ms" in lines[3]
         and "20.0 ms" in lines[3]
         and "    process events.raw  [partition 2 offset 7]" in lines[3]
     )
     assert "~ archiver.write (batch span, linked" in lines[4]
-    assert lines[-1].split()[:4] == ["+200.0", "ms", "200.0", "ms"] and "~ load events" in lines[-1]
-    assert sum("load events" in line for line in lines) == 1  # the later load does not hold offset 5
+    # The load that holds offset 5 of events.processed partition 1, under the archiver's span only.
+    assert "archiver" in lines[5] and "      process events.processed" in lines[5]
+    assert lines[6].split()[:4] == ["+200.0", "ms", "200.0", "ms"] and "~ load events" in lines[6]
+    assert sum("load events" in line for line in lines) == 1  # not the later load, not under ClickHouse's span
 
 
 def test_the_command_lists_traced_messages_and_prints_one(tmp_path: Path, capsys):
@@ -129,6 +147,8 @@ def test_the_command_lists_traced_messages_and_prints_one(tmp_path: Path, capsys
         "validator",
         ">",
         "archiver",
+        ">",
+        "clickhouse-sink",
     ]
     assert main(["trace", "e-1", "--file", str(path)]) == 0
     assert f"trace {TRACE}" in capsys.readouterr().out
