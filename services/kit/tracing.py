@@ -225,18 +225,21 @@ def unsampled_headers(span_context: SpanContext) -> Headers:
     return [(TRACEPARENT, traceparent(span_context, sampled=False))]
 
 
+_SAMPLED_LAST_HEX_DIGIT = frozenset(b"13579bdfBDF")  # the flags byte's low bit (sampled) is set
+
+
 def sampled_context(headers: Sequence[tuple[str, bytes | None]] | None) -> SpanContext | None:
     """The remote context of a record's `traceparent` if its sampled flag is set, else None. Parsed by hand
     (cheaper than the propagator); an unsampled record costs this header scan and no more."""
     for name, value in headers or ():
         if name == TRACEPARENT and value:
-            if len(value) != 55 or value[53:55] != b"01":  # 00-<32>-<16>-01; other flags: not per message
+            if len(value) != 55 or value[54] not in _SAMPLED_LAST_HEX_DIGIT:  # 00-<32>-<16>-<flags>
                 return None
             try:
                 trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
             except ValueError:
                 return None
-            if not trace_id or not span_id:
+            if not trace_id or not span_id or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
                 return None
             return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
     return None

@@ -90,7 +90,9 @@ def test_only_a_sampled_flag_makes_a_sampled_context():
     sampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     context = sampled_context([("lp-producer", b"generator"), ("traceparent", sampled)])
     assert context is not None and context.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736 and context.is_remote
-    for header in (sampled[:-2] + b"00", sampled[:-1], b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01", b"garbage"):
+    assert sampled_context([("traceparent", sampled[:-2] + b"03")]) is not None  # another flag beside sampled
+    unsampled = (sampled[:-2] + b"00", sampled[:-2] + b"02", sampled[:-1], sampled.replace(b"-", b"_"))
+    for header in (*unsampled, b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01", b"garbage"):
         assert sampled_context([("traceparent", header)]) is None
     assert sampled_context([]) is None
     batch = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=False)
