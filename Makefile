@@ -14,7 +14,7 @@ RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install promtool run up down status test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
+.PHONY: help install promtool run up down status trace test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ down: $(STAMP) ## stop everything `make up` started
 
 status: $(STAMP) ## show the local stack's processes, ports and logs
 	$(PY) -m services.stack status
+
+trace: $(STAMP) ## print one event's trace from the last `make run` (ID=<event id or trace id>; no ID: list them)
+	$(PY) -m services.stack trace $(ID)
 
 test: $(STAMP) $(POLICY_STAMP) promtool ## lint, unit and integration tests against the real local stack, then the container proof
 	$(MAKE) --no-print-directory lint

@@ -54,7 +54,14 @@ from services.kit.extras import LocalExtraMissing
 from services.kit.kafka import KafkaProducer, client_config, cluster_id, topic_exists, wait_for_broker
 from services.kit.metrics import LATENCY_BUCKETS, STAGE_RECORDS_OUT
 from services.kit.service import Service
-from services.kit.tracing import inject_headers
+from services.kit.tracing import (
+    MAX_LINKS,
+    TRACEPARENT,
+    message_sampled,
+    producer_span,
+    traceparent,
+    unsampled_headers,
+)
 
 EVENTS = PromCounter("lp_cdc_events_total", "Change events produced to Kafka", ["table", "op"])
 HEARTBEATS = PromCounter("lp_cdc_heartbeats_total", "Debezium heartbeat records produced")
@@ -237,7 +244,8 @@ class CdcService(Service[CdcSettings]):
         heartbeats = 0
         last_lsn = self.last_lsn
         with self.tracer.start_as_current_span("cdc.batch") as span:
-            base_headers = inject_headers()
+            base_headers = unsampled_headers(span.get_span_context())  # a sampled change gets its own trace
+            links = 0
             for topic, key, value in records:
                 if topic == self.plan.heartbeat_topic:
                     self.producer.produce(topic, value.encode() if value is not None else None, key, base_headers)
@@ -258,11 +266,21 @@ class CdcService(Service[CdcSettings]):
                     snapshot = source.get(SOURCE_SNAPSHOT)
                     if snapshot == "last" or snapshot not in SNAPSHOT_MARKERS:
                         self.streaming = True
-                headers = [*base_headers, (CDC_OP, op.encode())]
+                send = None
+                if message_sampled():
+                    send = producer_span(self.tracer, topic, attributes={"lp.cdc.op": op, "lp.cdc.table": table})
+                    headers = [(TRACEPARENT, traceparent(send.get_span_context())), (CDC_OP, op.encode())]
+                    if links < MAX_LINKS:
+                        span.add_link(send.get_span_context())
+                        links += 1
+                else:
+                    headers = [*base_headers, (CDC_OP, op.encode())]
                 if lsn is not None:
                     headers.append((CDC_LSN, str(lsn).encode()))
                     last_lsn = lsn
                 self.producer.produce(topic, value.encode() if value is not None else None, key, headers)
+                if send is not None:
+                    send.end()
                 counts[(table, op)] += 1
             # Before returning: Debezium commits the batch's offsets as soon as this handler returns.
             self.producer.flush(self.settings.cdc_flush_timeout_s)

@@ -28,7 +28,14 @@ from services.kit.dependencies import dsn_address, wait_for_tcp
 from services.kit.kafka import KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS, STAGE_RECORDS_OUT
 from services.kit.service import Service
-from services.kit.tracing import inject_headers
+from services.kit.tracing import (
+    MAX_LINKS,
+    TRACEPARENT,
+    message_sampled,
+    producer_span,
+    traceparent,
+    unsampled_headers,
+)
 
 EVENTS = Counter("lp_generator_events_total", "Events produced to Kafka", ["kind"])
 OLTP_ROWS = Counter("lp_generator_oltp_rows_total", "Rows written to PostgreSQL", ["table", "op"])
@@ -116,19 +123,19 @@ class Generator(Service[GeneratorSettings]):
         if due == 0:
             self.producer.poll(0.005)  # serve delivery callbacks while waiting for the next slot
             return True
-        records: list[tuple[str | None, bytes, str | None]] = []  # key, value, injected fault kind
+        records: list[tuple[str | None, bytes, str | None, str | None]] = []  # key, value, event id, fault kind
         transactions: list[Transaction] = []
         for offset in range(due):
             now = self._event_time(self.produced + offset)
             bad = self.bad.maybe(now)
             if bad is not None:
-                records.append((bad.key, self._encode_bad(bad), bad.kind))
+                records.append((bad.key, self._encode_bad(bad), None, bad.kind))
                 continue
             event = self.sim.next_event(now)
             self.bad.observe(event)
             if event.transaction is not None:
                 transactions.append(event.transaction)
-            records.append((event.key, self.serialize(event.to_record()), None))
+            records.append((event.key, self.serialize(event.to_record()), event.event_id, None))
         good = sum(1 for *_, fault in records if fault is None)
         self.kinds["good"] = self.kinds.get("good", 0) + good
         EVENTS.labels("good").inc(good)
@@ -136,12 +143,25 @@ class Generator(Service[GeneratorSettings]):
         with self.tracer.start_as_current_span("generator.batch") as span:
             span.set_attribute("messaging.batch.message_count", len(records))
             self._write_oltp(transactions, changes)  # before the events: enrichment then finds the rows
-            headers = inject_headers([(PRODUCER, b"generator")])
-            for key, value, fault in records:
+            # Unsampled events share the batch's context, flag cleared; a sampled one gets its own send span.
+            headers = [(PRODUCER, b"generator"), *unsampled_headers(span.get_span_context())]
+            links = 0
+            for key, value, event_id, fault in records:
+                record_headers = headers
+                send = None
+                if message_sampled():
+                    send = producer_span(self.tracer, s.events_topic, message_id=event_id)
+                    record_headers = [(PRODUCER, b"generator"), (TRACEPARENT, traceparent(send.get_span_context()))]
+                    if links < MAX_LINKS:
+                        span.add_link(send.get_span_context())
+                        links += 1
                 # The fault header lets tests and the run summary tell injected faults apart; the validator
                 # must never read it (it judges payloads, not labels).
-                record_headers = headers if fault is None else [*headers, (INJECTED_FAULT, fault.encode())]
+                if fault is not None:
+                    record_headers = [*record_headers, (INJECTED_FAULT, fault.encode())]
                 self.producer.produce(s.events_topic, value, key=key, headers=record_headers)
+                if send is not None:
+                    send.end()
             self.producer.poll(0)
         self.produced += len(records)
         STAGE_RECORDS_OUT.labels("generator").inc(len(records))  # handed to the producer (faults included)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, model_validator
@@ -33,7 +33,7 @@ from services.kit.config import BindHost, BindPort, ServiceSettings
 from services.kit.kafka import DeliveryFailed, KafkaProducer, client_config, require_topics
 from services.kit.metrics import LATENCY_BUCKETS, STAGE_ERRORS, STAGE_RECORDS_IN, STAGE_RECORDS_OUT
 from services.kit.service import Service
-from services.kit.tracing import inject_headers
+from services.kit.tracing import TRACEPARENT, message_sampled, producer_span, traceparent, unsampled_headers
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IngestService"].full_name  # lambda_pipeline.ingest.v1.IngestService
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED: how long the client should wait
@@ -171,13 +171,39 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 batch = service.backlog.admit(len(accepted), size)
             except Backpressure as error:
                 raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), s.retry_after_ms) from None
-            headers = inject_headers([(PRODUCER, SOURCE.encode())])  # the server span: consumers join the trace
+            # A client that traced its request has every event followed as a child of the server span; otherwise
+            # each event is drawn at the sample ratio and a sampled one starts its own trace. Unsampled events
+            # carry the server span's context with the sampled flag cleared (dead letters keep its trace id).
+            request = trace.get_current_span()
+            request_context = request.get_span_context()
+            caller = getattr(request, "parent", None)
+            follow_caller = caller is not None and caller.trace_flags.sampled and request_context.trace_flags.sampled
+            headers = [(PRODUCER, SOURCE.encode()), *unsampled_headers(request_context)]
             produced = 0
             try:
                 for event in accepted:
+                    event_headers = headers
+                    send = None
+                    if follow_caller or message_sampled():
+                        send = producer_span(
+                            service.tracer,
+                            s.events_topic,
+                            parent=request_context if follow_caller else None,
+                            message_id=event.event_id,
+                        )
+                        event_headers = [
+                            (PRODUCER, SOURCE.encode()),
+                            (TRACEPARENT, traceparent(send.get_span_context())),
+                        ]
                     service.producer.produce(
-                        s.events_topic, event.payload, key=event.key, headers=headers, on_delivery=batch.on_delivery
+                        s.events_topic,
+                        event.payload,
+                        key=event.key,
+                        headers=event_headers,
+                        on_delivery=batch.on_delivery,
                     )
+                    if send is not None:
+                        send.end()
                     produced += 1
             except Exception as error:  # e.g. KafkaException: the client is unusable; never leak reservations
                 unproduced = accepted[produced:]

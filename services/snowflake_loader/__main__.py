@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 def _one_shot(command: str) -> int:
     from services.kit.dependencies import DependencyUnavailable
     from services.kit.logs import configure_logging
+    from services.kit.tracing import setup_tracing, shutdown_tracing
     from services.stores.iceberg import open_catalog, wait_for_storage
     from services.stores.snowflake import CredentialError, Warehouse, connect, wait_for_warehouse
 
@@ -44,6 +45,12 @@ def _one_shot(command: str) -> int:
 
     settings = load_settings(LoaderSettings)
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    setup_tracing(
+        settings.service_name,
+        settings.otel_exporter_otlp_endpoint,
+        settings.otel_traces_file,
+        settings.otel_sample_ratio,
+    )
     logging.getLogger("pyiceberg").setLevel(logging.WARNING)
     try:
         wait_for_warehouse(settings, settings.dependency_wait_s)
@@ -74,6 +81,7 @@ def _one_shot(command: str) -> int:
         return ExitCode.FAILED
     finally:
         warehouse.close()
+        shutdown_tracing()  # flush the load spans
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 from prometheus_client import Counter, Gauge, Histogram
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
@@ -48,6 +51,7 @@ from .migrations import apply_migrations
 from .settings import LoaderSettings
 
 log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("services.snowflake_loader")
 
 ROWS = Counter("lp_snowflake_loader_rows_loaded_total", "Lake rows copied into RAW and merged.", ["table"])
 BATCHES = Counter("lp_snowflake_loader_batches_total", "Batches committed.", ["table"])
@@ -178,6 +182,7 @@ class Loader:
         if work_dir is not None:
             work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"lp-sf-{table}-", dir=work_dir))
+        span = load_span(table, batch)
         try:
             with self._timed(result, "write"):
                 files, rows, read_ends = self._write(iceberg, batch, work)
@@ -190,7 +195,9 @@ class Loader:
             self._fault("copy")
             with self._timed(result, "merge"):
                 self._merge(table, batch, added, batch.older_rows_after(read_ends))
+            span.set_attribute("lp.loader.rows", added)
         finally:
+            span.end()
             shutil.rmtree(work, ignore_errors=True)
         result.status, result.rows, result.rows_read, result.files = "loaded", added, rows, len(files)
         result.seconds = round(time.perf_counter() - started, 3)
@@ -316,6 +323,27 @@ class Loader:
                 self._failing.discard(table)
             progress()
         return results
+
+
+def load_span(table: str, batch: lake.Plan) -> Span:
+    """The load of one batch as one span (a batch operation). The lake keeps no Kafka headers, so it cannot
+    link to the records' traces; `lp.loader.offsets` names the offset ranges it loads (`topic:partition:from-to`,
+    end exclusive), by which a trace's last per-record hop (the archiver's) is matched to its load."""
+    since = batch.since or {}
+    ranges = [
+        f"{topic}:{partition}:{since.get((topic, partition), 0)}-{end}"
+        for (topic, partition), end in sorted(batch.offsets.items())
+    ]
+    return _TRACER.start_span(
+        f"load {table}",
+        context=Context(),
+        attributes={
+            "lp.loader.table": table,
+            "lp.loader.batch_id": batch.batch_id,
+            "lp.loader.snapshot_id": batch.snapshot_id,
+            "lp.loader.offsets": ranges,
+        },
+    )
 
 
 class _Timer:

@@ -1,9 +1,10 @@
-"""Command line for the local stack: ``python -m services.stack {up,down,status,env}`` (also ``lp-stack``).
+"""Command line for the local stack: ``python -m services.stack {up,down,status,env,trace}`` (also ``lp-stack``).
 
     up       start every stand-in detached (they keep running after the command exits); no-op if healthy
     down     stop everything recorded in <state>/stack.json; exit 0 when nothing runs
     status   per component: running/dead, pid, port, log
     env      ``export K=V`` lines for a shell: eval "$(python -m services.stack env)"
+    trace    one event's trace from the last ``make run`` as a tree with per-hop timings (no id: list them)
 
 Settings come from ``LP_*`` environment variables (see services/stack/settings.py); ``--state-dir``
 overrides ``LP_STATE_DIR``.
@@ -24,6 +25,7 @@ from services.kit.exits import ExitCode
 from services.stack.components import ComponentError, Postgres, tcp_open
 from services.stack.settings import StackSettings
 from services.stack.stack import LocalStack, StackError
+from services.stack.traces import build_trace, format_trace, list_traces, read_spans, trace_id_for, traces_file
 
 
 def _settings(args: argparse.Namespace) -> StackSettings:
@@ -138,6 +140,23 @@ def cmd_env(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else traces_file(_settings(args).state_dir)
+    if not path.exists():
+        print(f"error: no spans at {path}: `make run` writes them there", file=sys.stderr)
+        return ExitCode.FAILED
+    spans = read_spans(path)
+    if not args.id:
+        print(list_traces(spans))
+        return ExitCode.OK
+    trace_id = trace_id_for(spans, args.id)
+    if trace_id is None:
+        print(f"error: no trace or event {args.id!r} in {path} (only sampled events are traced)", file=sys.stderr)
+        return ExitCode.FAILED
+    print(format_trace(build_trace(spans, trace_id)))
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.stack",
@@ -156,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="stop everything").set_defaults(func=cmd_down)
     sub.add_parser("status", parents=[common], help="show each component").set_defaults(func=cmd_status)
     sub.add_parser("env", parents=[common], help="print export lines for a shell").set_defaults(func=cmd_env)
+    trace = sub.add_parser(
+        "trace", parents=[common], help="print one event's trace as a tree with per-hop timings (no id: list them)"
+    )
+    trace.add_argument("id", nargs="?", help="an event id or a trace id (32 hex digits)")
+    trace.add_argument("--file", help="spans file (default: <state dir>/traces/spans.jsonl, written by `make run`)")
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 

@@ -60,6 +60,7 @@ from services.stack.components import ComponentError
 from services.stack.processes import ServiceProcess
 from services.stack.settings import StackSettings, pick_free_ports
 from services.stack.stack import LocalStack, StackError
+from services.stack.traces import DEMO_SAMPLE_RATIO, traces_file
 
 
 class PartFailed(RuntimeError):
@@ -185,7 +186,14 @@ class DemoRun:
         generator_port, ingest_http_port, ingest_grpc_port, cdc_port, validator_port = pick_free_ports(5)
         clickhouse_port, clickhouse_query_port, archiver_port = pick_free_ports(3)
         self.ingest_target = f"127.0.0.1:{ingest_grpc_port}"
-        traces = {"OTEL_TRACES_FILE": str(self.state_dir / "traces" / "spans.jsonl")}
+        # Every service writes its spans to one JSON-lines file (`python -m services.stack trace` reads it), fresh
+        # each run. One event in a hundred is traced unless OTEL_SAMPLE_RATIO says otherwise.
+        spans_file = traces_file(self.state_dir)
+        spans_file.unlink(missing_ok=True)
+        traces = {
+            "OTEL_TRACES_FILE": str(spans_file),
+            "OTEL_SAMPLE_RATIO": os.environ.get("OTEL_SAMPLE_RATIO", DEMO_SAMPLE_RATIO),
+        }
         cdc = ServiceProcess(
             "cdc",
             "services.cdc",
@@ -294,7 +302,7 @@ class DemoRun:
         # The warehouse and the check of the three stores run once everything upstream has stopped: the loader
         # loads every new snapshot, then the reconciliation reads ClickHouse's folder, the lake and Snowflake.
         loader_env = {**self.stack.env(), **archiver_env, **warehouse.local_env(self.state_dir)}
-        load = self._load_warehouse(loader_env)
+        load = self._load_warehouse({**loader_env, **traces})
         warehouse_stats = warehouse.warehouse_stats(loader_env)
         self.out("reconciling ClickHouse, Iceberg and Snowflake ...")
         reconciled = reconciliation.run(
@@ -806,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     path = stack.state_dir / "run-summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, path)
+    spans = traces_file(stack.state_dir)
+    if spans.exists():
+        print(f"traces: {spans} (`make trace` lists the traced events, `make trace ID=<event id>` prints one)")
     return ExitCode.OK if summary["ok"] else ExitCode.FAILED
 
 

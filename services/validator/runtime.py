@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from opentelemetry.trace import Span, Tracer
 from pydantic import Field
 
 from services.contracts.deadletter import ConsumedRecord, Stage, build_dead_letter
-from services.contracts.headers import TRACE_HEADERS, TRACEPARENT
+from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, DLQ_STAGE, TRACE_HEADERS, TRACEPARENT
 from services.contracts.topics import CDC_TOPIC_PREFIX, EVENTS_RAW, dead_letter_topic, is_dead_letter_topic
 from services.kit.config import ServiceSettings
+from services.kit.tracing import DEAD_LETTER_SAMPLED, dead_letter_span, with_traceparent
 
 Header = tuple[str, bytes]
 
@@ -317,7 +319,8 @@ def headers_with_trace(output: Output, fallback: Sequence[Header]) -> list[Heade
     """`output.headers` as a list, plus trace context if it has none: its source record's, else `fallback`.
 
     The source's context is copied rather than a new span made per record: spans per record would cost more
-    than the processing itself at 10k+ records/s (see docs/validator-runtime.md)."""
+    than the processing itself at 10k+ records/s (see docs/validator-runtime.md). Sampled records are the
+    exception: `trace_outputs` already put their `process` span's context in `headers`."""
     headers = list(output.headers)
     for name, _ in headers:
         if name == TRACEPARENT:
@@ -332,6 +335,34 @@ def headers_with_trace(output: Output, fallback: Sequence[Header]) -> list[Heade
             return headers
     headers.extend(fallback)
     return headers
+
+
+def trace_outputs(tracer: Tracer, outputs: Sequence[Output], record_spans: Mapping[int, Span]) -> None:
+    """Outputs of sampled records (`record_spans`: their `process` spans by id() of the source record) carry
+    that span's context, so the next hop is its child; a dead letter's carries a dead-letter span's, child of
+    it, which ends the record's trace. Called only for batches with a sampled record."""
+    for output in outputs:
+        source = output.source
+        span = record_spans.get(id(source)) if source is not None else None
+        if span is None:
+            continue
+        parent = span.get_span_context()
+        if not parent.is_valid:  # a no-op tracer
+            continue
+        dlq = {name: value for name, value in output.headers if name in _DLQ_TRACED and value is not None}
+        if DLQ_ERROR_CODE in dlq:
+            code = dlq[DLQ_ERROR_CODE].decode(errors="replace")
+            rule = dlq[DLQ_RULE].decode(errors="replace") if DLQ_RULE in dlq else None
+            stage = dlq[DLQ_STAGE].decode(errors="replace") if DLQ_STAGE in dlq else Stage.PROCESS.value
+            letter = dead_letter_span(tracer, parent, output.topic, code, stage, rule or None)
+            span.set_attribute("lp.dead_lettered", code)
+            output.headers = with_traceparent(output.headers, letter.get_span_context(), DEAD_LETTER_SAMPLED)
+            letter.end()
+        else:
+            output.headers = with_traceparent(output.headers, parent)
+
+
+_DLQ_TRACED = (DLQ_ERROR_CODE, DLQ_RULE, DLQ_STAGE)
 
 
 # --- settings ------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode import Service
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.contracts.headers import DLQ_ERROR_CODE, DLQ_RULE, TRACEPARENT
@@ -57,7 +58,14 @@ from services.kit.logs import configure_logging
 from services.kit.memory import tune_gc_for_throughput
 from services.kit.metrics import LATENCY_BUCKETS, WindowedShare
 from services.kit.reconnect import Backoff, one_line
-from services.kit.tracing import inject_headers, setup_tracing, shutdown_tracing
+from services.kit.tracing import (
+    consumer_span,
+    sampled_context,
+    setup_tracing,
+    shutdown_tracing,
+    traces_messages,
+    unsampled_headers,
+)
 from services.validator.recovery import (
     Emitted,
     Floors,
@@ -85,6 +93,7 @@ from services.validator.runtime import (
     required_output_topics,
     resolve_input_topics,
     run_processor,
+    trace_outputs,
 )
 
 log = logging.getLogger("services.validator.stream_app")
@@ -451,6 +460,7 @@ class BatchRunner(Service):
         self.prepare = prepare_hook(processor)
         self.health = health
         self.tracer = tracer or trace.get_tracer(__name__)
+        self.consumer_group = settings.consumer_group
         self.max_in_flight = settings.max_in_flight_batches
         self.max_record_bytes = settings.producer_max_request_bytes - _REQUEST_OVERHEAD
         self.app: RuntimeApp | None = None
@@ -653,9 +663,9 @@ class BatchRunner(Service):
 
     async def _start(self, batch: Batch, epoch: int | None = None) -> _Flight:
         started = monotonic()
-        span = self._batch_span(batch)
+        span, record_spans = self._batch_span(batch)
         span_context = span.get_span_context()
-        fallback_headers = inject_headers(None, trace.set_span_in_context(span)) if span_context.is_valid else []
+        fallback_headers = unsampled_headers(span_context)  # flag cleared: no per-message span downstream
         batch_trace_id = f"{span_context.trace_id:032x}" if span_context.is_valid else None
         outputs: list[Output] = []
         counts: dict[str, int] = {}
@@ -681,10 +691,15 @@ class BatchRunner(Service):
             stamps = stamp_outputs(outputs)
             if self._emitted:
                 outputs, stamps = self._drop_emitted(outputs, stamps, batch)
+            if record_spans:
+                trace_outputs(self.tracer, outputs, record_spans)
             acks, ack_counts, per_topic = await self._produce(outputs, stamps, fallback_headers)
         except BaseException:
             span.end()
             raise
+        finally:
+            for record_span in record_spans.values():
+                record_span.end()
         span.set_attribute("lp.outputs", len(outputs))
         # Only a batch that has dead letters looks at its outputs again (their reason is in their headers).
         dead_letter_topics = {topic for topic in per_topic if is_dead_letter_topic(topic)}
@@ -907,29 +922,29 @@ class BatchRunner(Service):
         return count
 
     # tracing -------------------------------------------------------------------------------------------------
-    def _batch_span(self, batch: Batch) -> Span:
-        """One span per batch: child of the first record's producer span, linked to the next ones (up to
-        MAX_SPAN_LINKS), so a one-record batch continues its trace and a full one points at its sources."""
-        parent: SpanContext | None = None
-        links: list[Link] = []
-        for record in (record for records in batch.by_topic.values() for record in records):
-            context = _remote_context(record.headers)
-            if context is None:
-                continue
+    def _batch_span(self, batch: Batch) -> tuple[Span, dict[int, Span]]:
+        """One span per batch (a root, linked to its first MAX_SPAN_LINKS sampled records) and a `process` span
+        per sampled record, child of the record's producer context, keyed by the record's id(). An unsampled
+        record costs the header scan only."""
+        sampled: list[SpanContext] = []
+        record_spans: dict[int, Span] = {}
+        traced = batch.by_topic.values() if traces_messages() else ()
+        for record in (record for records in traced for record in records):
+            parent = sampled_context(record.headers)
             if parent is None:
-                parent = context
-            else:
-                links.append(Link(context))
-                if len(links) >= MAX_SPAN_LINKS:
-                    break
-        ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
-        return self.tracer.start_span(
+                continue
+            sampled.append(parent)
+            record_spans[id(record)] = consumer_span(
+                self.tracer, parent, record.topic, record.partition, record.offset, self.consumer_group
+            )
+        span = self.tracer.start_span(
             "validator.process_batch",
-            context=ctx,
-            links=links,
+            context=Context(),
+            links=[Link(context) for context in sampled[:MAX_SPAN_LINKS]],
             kind=trace.SpanKind.CONSUMER,
             attributes={"messaging.system": "kafka", "messaging.batch.message_count": batch.size},
         )
+        return span, record_spans
 
 
 def _dead_letter_reasons(outputs: Sequence[Output], topics: set[str]) -> dict[tuple[str, str, str], int]:

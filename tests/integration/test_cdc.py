@@ -405,10 +405,17 @@ def test_snapshot_then_insert_update_delete_arrive_as_envelopes_in_order(target:
     assert report["events"] == len(data) == 22 and report["streaming"] is True
     assert 'lp_cdc_events_total{op="u",table="users"} 3.0' in metrics
     assert "lp_cdc_streaming 1.0" in metrics
-    # One span per handler batch, and the records carry its trace.
-    spans = [json.loads(line) for line in traces.read_text().splitlines()]
-    batch_traces = {s["trace_id"] for s in spans if s["name"] == "cdc.batch"}
-    assert {r.headers["traceparent"].decode().split("-")[1] for r in data} <= batch_traces
+    # Every change sampled (OTEL_SAMPLE_RATIO 1): each starts its own trace with a `send` span, which the
+    # handler batch's span links to.
+    spans = {s["span_id"]: s for s in (json.loads(line) for line in traces.read_text().splitlines())}
+    linked = {link["span_id"] for s in spans.values() if s["name"] == "cdc.batch" for link in s["links"]}
+    for record in data:
+        _, trace_id, span_id, flags = record.headers["traceparent"].decode().split("-")
+        send = spans[span_id]
+        assert (send["trace_id"], send["parent_id"], send["kind"], flags) == (trace_id, None, "PRODUCER", "01")
+        topic = target.topic(record.table)
+        assert send["name"] == f"send {topic}" and send["attributes"]["messaging.destination.name"] == topic
+        assert span_id in linked
 
 
 def test_clean_restart_loses_nothing_repeats_nothing_and_does_not_snapshot_again(target: Target) -> None:

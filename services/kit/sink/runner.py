@@ -15,6 +15,7 @@ from typing import Any, cast
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from opentelemetry import trace
+from opentelemetry.trace import Span, SpanContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.kit.avro import HEADER_SIZE, AvroDeserializer, DecodeError, SchemaRepository, SchemaStoreUnavailable
@@ -40,13 +41,20 @@ from services.kit.sink.base import (
 )
 from services.kit.sink.records import LazyRecords, PartitionBatch, SinkRecord, TopicPartition, check_header, messages_of
 from services.kit.sink.settings import RunnerConfig, backoff_delay
-from services.kit.tracing import extract_context
+from services.kit.tracing import (
+    DEAD_LETTER_SAMPLED,
+    batch_span,
+    consumer_span,
+    dead_letter_span,
+    sampled_context,
+    traces_messages,
+    with_traceparent,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_STORE = "schema-store"  # the dependency /readyz names while writer schemas cannot be looked up
 
-TRACE_LINKS_PER_BATCH = 16  # a batch span links to at most this many producer traces
 MAX_POLL_WAIT_S = 0.1
 
 CONSUMED = Counter("lp_sink_records_consumed_total", "Records consumed and buffered for writing", ["sink", "topic"])
@@ -82,6 +90,8 @@ class _Group:
     waits_for_schemas: bool = False  # held back because the schema store could not be read
     attempts: int = 0
     next_attempt_at: float = 0.0
+    # (topic, partition, offset) of each sampled record -> its `process` span: a dead letter's span is its child.
+    traced: dict[tuple[str, int, int], SpanContext] = field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -199,6 +209,7 @@ class SinkRunner:
                 kafka_config, group_id, list(self.subjects), **callbacks, **dict(consumer_overrides or {})
             )
         self.tracer = trace.get_tracer("services.kit.sink")
+        self.group_id = group_id
         self._labels = {"sink": sink.name}
         # lp_kafka_consumer_lag_*: positions per written batch, the cached high watermark at scrape time
         self.lag = ConsumerLag(group_id, highwater=lambda t, p: self.consumer.high_watermark(TopicPartition(t, p)))
@@ -523,7 +534,7 @@ class SinkRunner:
                 self._schema_store_up()
             rejected = [r for m in group.members for r in m.decode_rejections + (m.result or WriteResult()).rejected]
             if rejected:
-                self._dead_letter(rejected)
+                self._dead_letter(rejected, group.traced)
         except SinkBackpressure as error:
             self._backoff(group, now, error.retry_after_s, str(error))
             return False
@@ -565,40 +576,77 @@ class SinkRunner:
 
     def _write(self, group: _Group) -> None:
         batches = [m.batch for m in group.members]
-        tail: list[Message] = []  # the last records of the write: their traces are linked
-        for batch in reversed(batches):
-            if len(tail) >= TRACE_LINKS_PER_BATCH:
-                break
-            tail = messages_of(batch.records)[-(TRACE_LINKS_PER_BATCH - len(tail)) :] + tail
-        links = []
-        for message in tail:
-            span_context = trace.get_current_span(extract_context(message.headers())).get_span_context()
-            if span_context.is_valid:
-                links.append(trace.Link(span_context))
-        parent = extract_context(tail[-1].headers()) if tail else None
-        with self.tracer.start_as_current_span(f"{self.sink.name}.write", context=parent, links=links) as span:
-            span.set_attribute("messaging.batch.message_count", sum(len(b.records) for b in batches))
-            span.set_attribute("lp.sink.batches", [b.dedup_token for b in batches])
-            started = time.perf_counter()
-            with_records = [b for b in batches if b.records]
-            if not with_records:
-                results: list[WriteResult] = []
-            elif self.sink.group_writes:
-                results = self.sink.write_group(with_records)
-            else:
-                results = [self.sink.write(b) for b in with_records]
-            WRITE_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
-            by_batch = dict(zip((id(b) for b in with_records), results, strict=True))
-            for member in group.members:
-                member.result = by_batch.get(id(member.batch), WriteResult())
-            span.set_attribute("lp.sink.rejected", sum(len(r.rejected) for r in results))
+        # Sampled records (flag in their traceparent) get a `process` span each, child of the validator's; the
+        # write is one span linked to them. An unsampled record costs the header read in `sampled_context`.
+        sampled: list[tuple[Message, SpanContext]] = []
+        for batch in batches if traces_messages() else ():
+            for message in messages_of(batch.records):
+                parent = sampled_context(message.headers())
+                if parent is not None:
+                    sampled.append((message, parent))
+        record_spans = [
+            consumer_span(
+                self.tracer,
+                parent,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                self.group_id,
+                attributes={"lp.sink": self.sink.name},
+            )
+            for message, parent in sampled
+        ]
+        group.traced = {
+            (message.topic(), message.partition(), message.offset()): span.get_span_context()
+            for (message, _), span in zip(sampled, record_spans, strict=True)
+            if span.get_span_context().is_valid
+        }
+        write_span = batch_span(
+            self.tracer,
+            f"{self.sink.name}.write",
+            "insert",
+            [parent for _, parent in sampled],
+            attributes={"lp.sink": self.sink.name},
+        )
+        try:
+            with trace.use_span(write_span, end_on_exit=True):
+                self._write_traced(group, batches, write_span)
+        finally:
+            for span in record_spans:
+                span.end()
 
-    def _dead_letter(self, rejected: Sequence[Rejection]) -> None:
+    def _write_traced(self, group: _Group, batches: list[PartitionBatch], span: Span) -> None:
+        span.set_attribute("messaging.batch.message_count", sum(len(b.records) for b in batches))
+        span.set_attribute("lp.sink.batches", [b.dedup_token for b in batches])
+        started = time.perf_counter()
+        with_records = [b for b in batches if b.records]
+        if not with_records:
+            results: list[WriteResult] = []
+        elif self.sink.group_writes:
+            results = self.sink.write_group(with_records)
+        else:
+            results = [self.sink.write(b) for b in with_records]
+        WRITE_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+        by_batch = dict(zip((id(b) for b in with_records), results, strict=True))
+        for member in group.members:
+            member.result = by_batch.get(id(member.batch), WriteResult())
+        span.set_attribute("lp.sink.rejected", sum(len(r.rejected) for r in results))
+
+    def _dead_letter(
+        self, rejected: Sequence[Rejection], traced: Mapping[tuple[str, int, int], SpanContext] | None = None
+    ) -> None:
         now = datetime.now(UTC)
         reasons: dict[tuple[str, str], int] = {}
         for rejection in rejected:
             letter = self.dead_letter(rejection, now)
-            self.producer.produce(letter.topic, letter.value, key=letter.key, headers=letter.headers)
+            headers = letter.headers
+            record = rejection.record
+            parent = (traced or {}).get((record.topic, record.partition, record.offset))
+            if parent is not None:  # a sampled record: its trace ends in the dead-letter span
+                span = dead_letter_span(self.tracer, parent, letter.topic, rejection.code, str(rejection.stage))
+                headers = with_traceparent(headers, span.get_span_context(), DEAD_LETTER_SAMPLED)
+                span.end()
+            self.producer.produce(letter.topic, letter.value, key=letter.key, headers=headers)
             reasons[(letter.topic, rejection.code)] = reasons.get((letter.topic, rejection.code), 0) + 1
         try:
             self.producer.flush(self.config.dlq_ack_timeout_s)

@@ -11,9 +11,14 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from services.contracts.deadletter import DeadLetterRecord, from_sink_rejection, parse_dead_letter
+from services.kit import tracing
 from services.kit.avro import AvroSerializer, Schema, SchemaRepository, SchemaStoreUnavailable, WriterSchema
 from services.kit.health import Health
 from services.kit.kafka import DeliveryFailed
@@ -668,3 +673,40 @@ def test_lag_dead_letters_stage_counters_and_event_to_visible_are_exported_per_b
     assert value("lp_sink_event_to_visible_seconds_bucket", sink="fake", topic=TOPIC, le="10.0") == before["slow"]
     consumer.revoke(TP)
     assert REGISTRY.get_sample_value("lp_kafka_consumer_lag_records", lag) is None  # the new owner exports it
+
+
+SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+UNSAMPLED = b"00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+def test_a_sampled_record_gets_a_process_span_under_its_producer_and_its_dead_letter_ends_the_trace(monkeypatch):
+    monkeypatch.setattr(tracing, "_message_ratio", 0.01)  # as a service with an exporter (setup_tracing)
+    sink = FakeSink(reject={2: "too big"})
+    runner, consumer, producer, _clock = make_runner(sink, batch_max_rows=3)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    runner.tracer = provider.get_tracer("test")
+    for offset, traceparent in enumerate((SAMPLED, UNSAMPLED, SAMPLED)):
+        consumer.log.setdefault(TP, []).append(
+            Message(
+                topic=TOPIC, partition=0, offset=offset, value=payload(offset), headers=[("traceparent", traceparent)]
+            )
+        )
+    consumer.assign(TP)
+    runner.step()
+    spans = exporter.get_finished_spans()
+    process = [s for s in spans if s.name == f"process {TOPIC}"]
+    assert [s.attributes["messaging.kafka.offset"] for s in process] == [0, 2]  # none for the unsampled record
+    for span in process:
+        assert span.kind is SpanKind.CONSUMER and span.parent is not None
+        assert span.parent.span_id == 0x00F067AA0BA902B7 and span.attributes["messaging.consumer.group.name"] == "group"
+    (write,) = [s for s in spans if s.name == "fake.write"]
+    assert write.parent is None and [link.context.span_id for link in write.links] == [0x00F067AA0BA902B7] * 2
+    assert write.attributes["messaging.batch.message_count"] == 3
+    (letter,) = [s for s in spans if s.name == f"send {TOPIC}.test.dlq"]
+    assert letter.parent is not None and letter.parent.span_id == process[1].context.span_id
+    assert letter.attributes["lp.dlq.code"] == "TOO_BIG"
+    ((_topic, _key, _value, headers),) = producer.produced
+    assert dict(headers)["traceparent"] == b"00-%032x-%016x-00" % (letter.context.trace_id, letter.context.span_id)
+    assert dict(headers)["lp-dlq-trace-id"] == b"4bf92f3577b34da6a3ce929d0e0e4736"

@@ -11,7 +11,11 @@ from typing import Any, NamedTuple
 import pytest
 from faust.types import TP
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
+from services.kit import tracing
 from services.kit.health import Health
 from services.kit.lag import ConsumerLag
 from services.validator import stream_app
@@ -28,6 +32,7 @@ from services.validator.runtime import (
 from services.validator.stream_app import BatchConsumer, BatchRunner, _remote_context
 
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+UNSAMPLED = b"00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
 
 class RecordMetadata(NamedTuple):
@@ -163,18 +168,87 @@ def test_unkeyed_outputs_of_a_batch_share_one_partition():
     run(scenario())
 
 
-def test_outputs_carry_trace_context_from_their_source_or_the_batch_span():
+@pytest.fixture
+def tracing_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a service with an exporter and a ratio above 0 (`setup_tracing`)."""
+    monkeypatch.setattr(tracing, "_message_ratio", 0.01)
+
+
+def traced_runner(processor: Any) -> tuple[BatchRunner, FakeProducer, InMemorySpanExporter]:
+    runner, _, producer = make_runner(processor, {"out": 1, "in.dlq": 1})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    runner.tracer = provider.get_tracer("test")
+    return runner, producer, exporter
+
+
+def test_without_message_tracing_a_sampled_records_output_continues_its_producers_context():
     async def scenario() -> None:
-        traced = Record("in", 0, 0, b"a", b"1", [("traceparent", TRACEPARENT)])
-        untraced = Record("in", 0, 1, b"b", b"2")
-        runner, _, producer = make_runner(copy_to("out"), {"out": 1})
-        await runner._start(Batch.of([traced, untraced]))
+        sampled = Record("in", 3, 41, b"a", b"1", [("traceparent", TRACEPARENT)])
+        runner, producer, exporter = traced_runner(copy_to("out"))
+        await runner._start(Batch.of([sampled]))
         (_, _, sent, _) = producer.sent[0]
-        first, second = (dict(headers) for _, _, headers in sent.records)
-        assert first["traceparent"] == TRACEPARENT
-        # The batch span continues the first record's trace, so the untraced record's output joins it too.
-        trace_id, span_id = second["traceparent"].split(b"-")[1:3]
-        assert trace_id == TRACEPARENT.split(b"-")[1] and span_id != TRACEPARENT.split(b"-")[2]
+        assert dict(sent.records[0][2])["traceparent"] == TRACEPARENT
+        assert exporter.get_finished_spans() == ()
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("tracing_messages")
+def test_a_sampled_record_gets_a_process_span_and_its_output_is_that_spans_child():
+    async def scenario() -> None:
+        sampled = Record("in", 3, 41, b"a", b"1", [("traceparent", TRACEPARENT)])
+        untraced = Record("in", 0, 1, b"b", b"2")
+        unsampled = Record("in", 0, 2, b"c", b"3", [("traceparent", UNSAMPLED)])
+        runner, producer, exporter = traced_runner(copy_to("out"))
+        flight = await runner._start(Batch.of([sampled, untraced, unsampled]))
+        (_, _, sent, _) = producer.sent[0]
+        first, second, third = (dict(headers) for _, _, headers in sent.records)
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        assert set(spans) == {"process in"}  # none for the unsampled records (the batch span ends on the acks)
+        process = spans["process in"]
+        assert process.kind is SpanKind.CONSUMER
+        assert process.parent is not None and process.parent.span_id == int(TRACEPARENT.split(b"-")[2], 16)
+        assert process.context.trace_id == int(TRACEPARENT.split(b"-")[1], 16)
+        assert dict(process.attributes or {}) == {
+            "messaging.system": "kafka",
+            "messaging.destination.name": "in",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.partition.id": "3",
+            "messaging.kafka.offset": 41,
+            "messaging.consumer.group.name": runner.consumer_group,
+        }
+        assert first["traceparent"] == b"00-%032x-%016x-01" % (process.context.trace_id, process.context.span_id)
+        # The batch span is a root linked to the sampled record; unsampled outputs carry it with flag 00.
+        batch = flight.span
+        assert batch.parent is None and [link.context.span_id for link in batch.links] == [process.parent.span_id]
+        trace_id, _, flags = second["traceparent"].split(b"-")[1:]
+        assert trace_id == b"%032x" % batch.context.trace_id and flags == b"00"
+        assert third["traceparent"] == UNSAMPLED  # its own context, kept
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("tracing_messages")
+def test_a_dead_lettered_sampled_record_ends_its_trace_in_a_dead_letter_span():
+    def fail(batch: list[InputRecord]) -> list[Output]:
+        raise ValueError("no")
+
+    async def scenario() -> None:
+        sampled = Record("in", 0, 0, b"a", b"1", [("traceparent", TRACEPARENT)])
+        runner, producer, exporter = traced_runner(fail)
+        await runner._start(Batch.of([sampled]))
+        (topic, _, sent, _) = producer.sent[0]
+        headers = dict(sent.records[0][2])
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        letter, process = spans["send in.dlq"], spans["process in"]
+        assert topic == "in.dlq" and letter.kind is SpanKind.PRODUCER
+        assert letter.parent is not None and letter.parent.span_id == process.context.span_id
+        assert letter.attributes is not None and letter.attributes["lp.dlq.code"] == "PROCESSOR_EXCEPTION"
+        assert headers["traceparent"] == b"00-%032x-%016x-00" % (letter.context.trace_id, letter.context.span_id)
+        assert headers["lp-dlq-trace-id"] == TRACEPARENT.split(b"-")[1]  # the record's own trace, kept
 
     run(scenario())
 
