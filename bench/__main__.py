@@ -17,6 +17,7 @@ from bench import (
     generator,
     ingest,
     snowflake_loader,
+    tracing,
     validator,
     validator_engines,
     validator_runtime,
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "clickhouse_sink": clickhouse_sink.run,
     "archiver": archiver.run,
     "snowflake_loader": snowflake_loader.run,
+    "tracing": tracing.run,  # last: it replaces events.raw
 }
 
 

@@ -134,19 +134,21 @@ def produce_all(
     bootstrap: str,
     topic: str,
     records: Iterable[tuple[str | bytes | None, bytes]],
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: list[tuple[str, bytes]] | Callable[[int], list[tuple[str, bytes]]] | None = None,
 ) -> None:
     """Produce (key, value) records with the platform's producer defaults, waiting out a full local queue;
-    raises if any is left undelivered. For seeding benchmark topics and for bare-produce ceilings."""
+    raises if any is left undelivered. For seeding benchmark topics and for bare-produce ceilings. `headers` is
+    the same for every record, or a function of the record's index."""
     from confluent_kafka import Producer
 
     from services.kit.kafka import PRODUCER_DEFAULTS
 
     producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap})
-    for key, value in records:
+    for index, (key, value) in enumerate(records):
+        record_headers = headers(index) if callable(headers) else headers
         while True:
             try:
-                producer.produce(topic, value, key=key, headers=headers)
+                producer.produce(topic, value, key=key, headers=record_headers)
                 break
             except BufferError:
                 producer.poll(0.05)

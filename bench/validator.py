@@ -68,15 +68,21 @@ def _seed_references(bootstrap: str, simulation: Simulation) -> None:
     produce_all(bootstrap, CDC_PRODUCTS, products)
 
 
-def _forget_accepted(bootstrap: str) -> None:
-    """An empty events.processed: the service reads back what it accepted before (its duplicate memory), so a
-    second run over the same events would otherwise find every one a duplicate and measure dead-lettering."""
+def recreate_topic(bootstrap: str, topic: str) -> None:
+    """`topic` emptied: deleted if it exists, then declared again from deploy/k8s."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics([EVENTS_PROCESSED], operation_timeout=30).values():
-        future.result()
+    if topic in admin.list_topics(timeout=10).topics:
+        for future in admin.delete_topics([topic], operation_timeout=30).values():
+            future.result()
     report = apply_declarations(repo_root() / "deploy" / "k8s", bootstrap, cap_replication_factor=True)
     if not report.ok:
         raise RuntimeError(f"declarations not applied:\n{report.table()}")
+
+
+def _forget_accepted(bootstrap: str) -> None:
+    """An empty events.processed: the service reads back what it accepted before (its duplicate memory), so a
+    second run over the same events would otherwise find every one a duplicate and measure dead-lettering."""
+    recreate_topic(bootstrap, EVENTS_PROCESSED)
 
 
 def _service_rate(env: dict[str, str], events: int, work_dir: Path) -> float:
