@@ -156,10 +156,8 @@ def test_commits_in_flight_keep_offsets_in_order(table, builder) -> None:
     committer.close()
 
 
-def test_a_failed_commit_keeps_its_rows_for_the_next_one(table, builder, monkeypatch) -> None:
-    committer = TableCommitter(table)
-    committer.claim([(TOPIC, 0)])
-    committer.add(*batch(builder, 0, 0, 40))
+def fail_the_first_commit(monkeypatch) -> None:
+    """The catalog unreachable for the next commit only."""
     real = committer_module.commit_files
     calls = []
 
@@ -170,6 +168,13 @@ def test_a_failed_commit_keeps_its_rows_for_the_next_one(table, builder, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(committer_module, "commit_files", failing_once)
+
+
+def test_a_failed_commit_keeps_its_rows_for_the_next_one(table, builder, monkeypatch) -> None:
+    committer = TableCommitter(table)
+    committer.claim([(TOPIC, 0)])
+    committer.add(*batch(builder, 0, 0, 40))
+    fail_the_first_commit(monkeypatch)
     with pytest.raises(CommitError, match="catalog unreachable"):
         committer.commit()
     assert committer.buffered_rows == 40
@@ -249,16 +254,7 @@ def test_a_commit_reports_its_oldest_and_newest_record_time_per_topic_also_after
     committer.claim([(TOPIC, 0)])
     rows, consumed, size = batch(builder, 0, 0, 20)
     committer.add(rows, consumed, size, {TOPIC: (1_000, 2_000)})
-    real = committer_module.commit_files
-    calls = []
-
-    def failing_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError("catalog unreachable")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(committer_module, "commit_files", failing_once)
+    fail_the_first_commit(monkeypatch)
     with pytest.raises(CommitError):
         committer.commit()
     rows, consumed, size = batch(builder, 0, 20, 5)
