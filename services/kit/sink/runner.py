@@ -211,8 +211,11 @@ class SinkRunner:
         self.tracer = trace.get_tracer("services.kit.sink")
         self.group_id = group_id
         self._labels = {"sink": sink.name}
-        # lp_kafka_consumer_lag_*: positions per written batch, the cached high watermark at scrape time
-        self.lag = ConsumerLag(group_id, highwater=lambda t, p: self.consumer.high_watermark(TopicPartition(t, p)))
+        # lp_kafka_consumer_lag_*: positions per written batch; high watermarks read by this thread after each poll
+        # (librdkafka's cached ones) and only looked up at scrape time: a scrape calling the consumer would wait
+        # for the poll in progress, longer than a scraper's timeout
+        self._high_watermarks: dict[tuple[str, int], int] = {}
+        self.lag = ConsumerLag(group_id, highwater=lambda t, p: self._high_watermarks.get((t, p)))
         self._commit_retry: dict[TopicPartition, int] = {}
         self._throttled: set[TopicPartition] = set()
 
@@ -228,9 +231,16 @@ class SinkRunner:
         messages = self.consumer.consume(self.config.poll_max_records, timeout)
         if messages:
             self._buffer(messages)
+        self._note_high_watermarks()
         self._flush_due(self.clock())
         self._export_gauges()
         return len(messages)
+
+    def _note_high_watermarks(self) -> None:
+        for tp in self.states:
+            high = self.consumer.high_watermark(tp)
+            if high is not None:
+                self._high_watermarks[(tp.topic, tp.partition)] = high
 
     def close(self, timeout_s: float = 20.0) -> None:
         """Flush and commit every partition (bounded by `timeout_s`), then leave the group.
@@ -294,6 +304,7 @@ class SinkRunner:
         from their committed offset and the store's cuts, as after an assignment."""
         self.lag.forget(partitions)
         for tp in partitions:
+            self._high_watermarks.pop((tp.topic, tp.partition), None)
             state = self.states.pop(tp, None)
             self._commit_retry.pop(tp, None)
             if state is None or state.group is None:
