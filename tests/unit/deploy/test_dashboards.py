@@ -2,8 +2,10 @@
 it decodes into grafana-foundation-sdk's models and back unchanged, and every metric a panel or variable queries is
 served by a service with the labels the query uses (the same scrape as the alert check: `served_metrics.py`).
 
-No Grafana binary exists here: the dashboards are not rendered, only checked against the SDK's schema and the
-metrics.
+The chart renders them as a ConfigMap for the Grafana sidecar, with the datasources they name; the kind profile's
+Grafana mounts that ConfigMap and Tempo remote-writes its span metrics to the kind Prometheus. No Grafana or Tempo
+binary exists here: the dashboards are not rendered, only checked against the SDK's schema and the metrics, and
+the manifests are rendered with `helm template` and validated offline.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from deploy.grafana import dashboards
 from tests.unit.deploy.served_metrics import Served, label_names, metric_names
+from tests.unit.deploy.test_kind_dependencies import containers, kind_dependencies, kind_platform, name_of
+from tests.unit.deploy.test_manifests_valid import helm_template, validate_builtin
 
 DATASOURCE_UIDS = {"prometheus", "tempo"}  # what the kind Grafana and the chart's datasource ConfigMap provision
 
@@ -114,3 +120,69 @@ def test_every_metric_a_dashboard_queries_is_served_with_the_labels_it_uses(
     if any(name.endswith("_bucket") for name in names):
         known.add("le")  # histogram_quantile groups buckets by their bound
     assert label_names(expr) <= known, f"{dashboard} {where!r}: labels none of its metrics has"
+
+
+# --- the chart: dashboards and datasources as ConfigMaps for Grafana; the kind profile's Grafana and Tempo ---
+
+
+def grafana_config_maps(*extra: str) -> dict[str, dict[str, Any]]:
+    return {
+        d["metadata"]["name"]: d
+        for d in helm_template(*extra)
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith(("-grafana-dashboards", "-grafana-datasources"))
+    }
+
+
+def test_the_chart_renders_the_checked_in_dashboards_for_the_grafana_sidecar():
+    assert grafana_config_maps() == {}, "off by default"
+    rendered = grafana_config_maps("--set", "metrics.grafana.dashboards.enabled=true")
+    (config_map,) = rendered.values()
+    validate_builtin(config_map)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "Lambda pipeline"}
+    assert set(config_map["data"]) == set(dashboards.DASHBOARDS)
+    for name, text in config_map["data"].items():
+        assert json.loads(text) == checked_in()[name], name
+
+
+def test_the_chart_renders_datasources_with_the_uids_the_dashboards_use():
+    rendered = grafana_config_maps(
+        "--set", "metrics.grafana.datasources.enabled=true", "--set", "metrics.grafana.datasources.tempoUrl=http://t:1"
+    )
+    (config_map,) = rendered.values()
+    validate_builtin(config_map)
+    assert config_map["metadata"]["labels"]["grafana_datasource"] == "1"
+    (provisioning,) = config_map["data"].values()
+    sources = {source["uid"]: source for source in yaml.safe_load(provisioning)["datasources"]}
+    assert set(sources) == DATASOURCE_UIDS
+    assert {uid: source["type"] for uid, source in sources.items()} == {"prometheus": "prometheus", "tempo": "tempo"}
+    assert sources["tempo"]["url"] == "http://t:1"
+
+
+def test_the_kind_grafana_loads_the_platform_dashboards_and_has_the_same_datasource_uids():
+    deps = {name_of(d): d for d in kind_dependencies()}
+    platform = {name_of(d): d for d in kind_platform()}
+    provisioned = yaml.safe_load(deps["ConfigMap/grafana-datasources"]["data"]["datasources.yaml"])
+    assert {source["uid"] for source in provisioned["datasources"]} == DATASOURCE_UIDS
+    assert not [name for name in platform if name.endswith("-grafana-datasources")], "kind provisions its own"
+    pod = deps["Deployment/grafana"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "dashboards"]
+    assert f"ConfigMap/{volume['configMap']['name']}" in platform, "the kind Grafana mounts what the platform renders"
+    assert volume["configMap"]["optional"] is True  # the platform release comes after this one
+    (mount,) = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "dashboards"]
+    provider = yaml.safe_load(deps["ConfigMap/grafana-dashboard-provider"]["data"]["lambda-pipeline.yaml"])
+    (source,) = provider["providers"]
+    assert source["type"] == "file" and source["options"]["path"] == mount["mountPath"]
+
+
+def test_the_kind_tempo_generates_service_graph_and_span_metrics_into_the_kind_prometheus():
+    deps = {name_of(d): d for d in kind_dependencies()}
+    tempo = yaml.safe_load(deps["ConfigMap/tempo"]["data"]["tempo.yaml"])
+    assert tempo["overrides"]["defaults"]["metrics_generator"]["processors"] == ["service-graphs", "span-metrics"]
+    assert tempo["metrics_generator"]["processor"]["service_graphs"]["enable_messaging_system_latency_histogram"]
+    (remote_write,) = tempo["metrics_generator"]["storage"]["remote_write"]
+    url = urlsplit(remote_write["url"])
+    assert (url.hostname, url.port, url.path) == ("prometheus", 9090, "/api/v1/write")
+    assert "Service/prometheus" in deps
+    (prometheus,) = containers(deps["Deployment/prometheus"])
+    assert "--web.enable-remote-write-receiver" in prometheus["args"]
