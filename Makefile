@@ -78,7 +78,7 @@ differential: $(STAMP) ## the validator's verdicts on EVENTS generated events: r
 		$(PY) -m services.testing.verdicts record --events $(EVENTS) $(if $(SEED),--seed $(SEED)) --out $(DIFFERENTIAL); \
 	fi
 
-lint: $(STAMP) ## ruff, the one-way layers contract, generated manifests in sync, Avro compatibility against git
+lint: $(STAMP) ## ruff, the one-way layers contract, generated manifests and dashboards in sync, Avro compatibility against git
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache --no-logo
@@ -86,6 +86,7 @@ lint: $(STAMP) ## ruff, the one-way layers contract, generated manifests in sync
 	$(PY) -m services.declarations schema-check
 	$(PY) -m services.ingest.codegen --check
 	$(PY) -m services.cdc server-properties --check
+	$(PY) -m deploy.grafana.dashboards --check
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -622,6 +622,8 @@ def test_the_loaders_liveness_outlasts_a_long_load() -> None:
         ("services.generator.secret.files[0].path=x", "path"),
         ("jobs.reconcile.secret.mountpath=/x", "mountpath"),
         ("metrics.serviceMonitor.enable=true", "enable"),
+        ("metrics.grafana.dashboards.enable=true", "Additional property enable"),
+        ("metrics.grafana.datasources.tempoURL=x", "tempoURL"),
         ("operator.peerin=x", "peerin"),
         ("debezium.javaopts=x", "javaopts"),
         ("image.digest=latest", "digest"),
