@@ -14,7 +14,7 @@ RATE   ?= 1000
 SEED   ?=
 DIFFERENTIAL ?= .local/differential-$(EVENTS).jsonl.gz
 
-.PHONY: help install promtool run up down status trace test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
+.PHONY: help install promtool prometheus run up down status trace test test-unit test-integration differential lint format manifests schema-check policy bench bench-peer image container-proof clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -40,10 +40,16 @@ promtool: ## promtool for the alert-rule tests: installs Debian's prometheus pac
 			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >>.local/apt-prometheus.log 2>&1; } \
 		|| { tail -20 .local/apt-prometheus.log >&2; exit 1; }; }
 
-run: $(STAMP) ## start the local stack and every service, run a bounded demo (EVENTS, RATE, SEED), stop
+# The local stack runs Prometheus from the same package when it is there; without root it runs without it.
+prometheus: ## Prometheus for the local stack: installs Debian's prometheus package if missing (root; else skipped)
+	@command -v prometheus >/dev/null || { \
+		if [ "$$(id -u)" != 0 ]; then echo "no prometheus binary: the local stack runs without it (sudo apt-get install -y prometheus)"; \
+		else $(MAKE) --no-print-directory promtool; fi; }
+
+run: $(STAMP) prometheus ## start the local stack and every service, run a bounded demo (EVENTS, RATE, SEED), stop
 	$(PY) -m services.stack.demo --events $(EVENTS) --rate $(RATE) $(if $(SEED),--seed $(SEED))
 
-up: $(STAMP) ## start the local stack in the background and keep it running (development)
+up: $(STAMP) prometheus ## start the local stack in the background and keep it running (development)
 	$(PY) -m services.stack up
 
 down: $(STAMP) ## stop everything `make up` started

@@ -1,4 +1,4 @@
-"""The local embedded stack: Kafka (Tansu), PostgreSQL, S3 (SeaweedFS) and Snowflake (fakesnow), no Docker.
+"""The local embedded stack: Kafka (Tansu), PostgreSQL, S3 (SeaweedFS), Snowflake (fakesnow), Prometheus; no Docker.
 
 See docs/local-stack.md. Public API::
 
@@ -14,6 +14,7 @@ from services.stack.components import (
     Postgres,
     SeaweedS3,
 )
+from services.stack.prometheus import Prometheus
 from services.stack.settings import StackSettings
 from services.stack.stack import LocalStack, StackAlreadyRunning, StackError, local_stack
 
@@ -25,6 +26,7 @@ __all__ = [
     "LocalStack",
     "PortInUseError",
     "Postgres",
+    "Prometheus",
     "SeaweedS3",
     "StackAlreadyRunning",
     "StackError",

@@ -70,6 +70,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Local stack is up in {time.monotonic() - t0:.1f}s.")
     for row in stack.status():
         print(f"  {row['name']:<10} pid {row['pid']:<8} port {row['port']:<6} log {row['log']}")
+    for name, why in stack.skipped.items():
+        print(f"  {name:<10} {why}")
+    if stack.prometheus_running:
+        print(f"Prometheus: {stack.prometheus.url} (alerts: {stack.prometheus.url}/alerts)")
     print(f"Logs: {stack.log_dir}")
     print('Environment for the services (or: eval "$(python -m services.stack env)"):')
     _print_env(stack.env())
@@ -160,7 +164,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.stack",
-        description="Start, check and stop the local embedded stack (Kafka, PostgreSQL, S3, Snowflake).",
+        description="Start, check and stop the local embedded stack (Kafka, PostgreSQL, S3, Snowflake, Prometheus).",
     )
     state_help = "state dir (default: $LP_STATE_DIR or <repo>/.local)"
     parser.add_argument("--state-dir", help=state_help)

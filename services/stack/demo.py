@@ -9,6 +9,7 @@ Ctrl-C or when a part fails; the message then names the part and its log file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -259,6 +260,9 @@ class DemoRun:
             "archiver", "services.archiver", self.stack.log_dir, env={**archiver_env, **traces}, http_port=archiver_port
         )
         archive_before = archive.table_stats({**self.stack.env(), **archiver_env})
+        services = (cdc, generator, ingest, validator, clickhouse, archiver)
+        if self.stack.prometheus_running:  # scraped from their start (file discovery picks the list up live)
+            self.stack.prometheus.register_targets({service.name: service.http_port for service in services})
         self._start(cdc)
         self._wait_for_metric(cdc, "lp_cdc_streaming", 1.0, timeout=180)  # JVM start + snapshot
         catch_up = self.chaos is not None and self.chaos.catch_up
@@ -288,6 +292,8 @@ class DemoRun:
         # Last: it archives every dead-letter topic, the sinks' too. Its Kafka commits run ahead of its tables
         # (the offsets that count are in the snapshots); SIGTERM below commits what it buffered.
         self._wait_until_consumed(archiver, archive.GROUP, archive.INPUTS, before)
+        # Before the services stop: each long-running one must have been scraped while it ran.
+        prometheus = self._prometheus_report(t0, [s.name for s in services if not s.bounded])
         for service in self.services:
             if service.bounded:
                 continue
@@ -309,7 +315,7 @@ class DemoRun:
             {**loader_env, **reconciliation.local_env(self.state_dir, clickhouse_query_port)},
             metrics_file=reports / "reconcile.prom",
         )
-        return self._summarise(
+        summary = self._summarise(
             started,
             t0,
             before,
@@ -322,6 +328,24 @@ class DemoRun:
             (load, warehouse_stats),
             reconciled,
         )
+        summary["prometheus"] = prometheus
+        if "targets_ever_up" in prometheus:
+            summary["checks"]["prometheus: every service's /metrics scraped successfully while it ran"] = all(
+                prometheus["targets_ever_up"].get(name) for name in prometheus["long_running"]
+            )
+            summary["ok"] = all(summary["checks"].values())
+        return summary
+
+    def _prometheus_report(self, t0: float, long_running: list[str]) -> dict[str, Any]:
+        """Scrape results and the alerts seen this run (report only: most rules' `for:` outlast a demo)."""
+        if not self.stack.prometheus_running:
+            return {"skipped": self.stack.skipped.get("prometheus", "not part of this stack")}
+        try:
+            report = self.stack.prometheus.run_report(time.monotonic() - t0, long_running)
+        except (OSError, RuntimeError, KeyError, ValueError) as error:  # Prometheus died or answered nonsense
+            self.out(f"prometheus: cannot query it ({error!r}); log: {self.stack.prometheus.log_path}")
+            report = {"url": self.stack.prometheus.url, "targets_ever_up": {}, "alerts": {}, "error": repr(error)}
+        return {**report, "long_running": long_running}
 
     def _unleash(self, chaos: Chaos) -> None:
         names = ("validator",) if chaos.catch_up else chaos.services
@@ -751,6 +775,19 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"    flagged (warn)  {count:>7}  {rule}")
     for stage, figures in summary["latency_ms"].items():
         print(f"  latency {stage}: {figures}")
+    prometheus = summary.get("prometheus", {})
+    if "skipped" in prometheus:
+        print(f"  prometheus        {prometheus['skipped']}")
+    elif prometheus:
+        up = prometheus["targets_ever_up"]
+        print(f"  prometheus        {prometheus['url']}: targets up at least once {sum(up.values())}/{len(up)}", end="")
+        never = [name for name, seen in up.items() if not seen]
+        print(f" (never up: {', '.join(never)})" if never else "")
+        alerts = prometheus["alerts"]
+        if not alerts:
+            print("    alerts          none pending or firing during the run")
+        for alert, state in alerts.items():
+            print(f"    alert           {state:<8} {alert}")
     for check, ok in summary["checks"].items():
         print(f"  [{'ok' if ok else 'FAILED'}] {check}")
 
@@ -792,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"starting the local stack (state and logs in {stack.state_dir}) ...")
             stack.start()
+        for name, why in stack.skipped.items():
+            print(f"{name}: {why}")
+        if stack.prometheus_running:
+            print(f"prometheus: {stack.prometheus.url} scrapes every service; alerts at {stack.prometheus.url}/alerts")
         summary = run.execute()
     except PartFailed as error:
         print(f"\nERROR: {error}", file=sys.stderr)
@@ -809,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
         run.halt_chaos()
         for service in run.services:
             service.stop()
+        if reuse and stack.prometheus_running:  # the services are gone: a stack left up scrapes nothing stale
+            with contextlib.suppress(OSError):
+                stack.prometheus.register_targets({})
         if not reuse:
             stack.stop()
     path = stack.state_dir / "run-summary.json"

@@ -67,6 +67,9 @@ class StackSettings(BaseSettings):
     # Keep Snowflake databases as DuckDB files under the state dir (False: in memory, lost on stop).
     snowflake_persist: bool = True
 
+    # Prometheus (Debian's package; the stack runs without it when the binary is missing).
+    prometheus_port: Port = 19090
+
     # Seconds to wait for each component to become ready / to exit after the stop signal.
     start_timeout: float = 60.0
     stop_timeout: float = 15.0

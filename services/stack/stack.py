@@ -41,6 +41,7 @@ from services.stack.components import (
     process_alive,
     process_create_time,
 )
+from services.stack.prometheus import Prometheus
 from services.stack.settings import HOST, StackSettings
 
 STATE_FILE = "stack.json"
@@ -56,13 +57,13 @@ class StackAlreadyRunning(StackError):
 
 
 class LocalStack:
-    """The four stand-ins (broker, postgres, s3, snowflake) under one state dir.
+    """The four stand-ins (broker, postgres, s3, snowflake) and Prometheus (when installed) under one state dir.
 
     Endpoint attributes (``bootstrap_servers``, ``postgres_dsn``, ``s3_endpoint``, ...) are known from the
     settings alone, before or after start.
     """
 
-    COMPONENT_NAMES: tuple[str, ...] = ("broker", "postgres", "s3", "snowflake")
+    COMPONENT_NAMES: tuple[str, ...] = ("broker", "postgres", "s3", "snowflake", "prometheus")
 
     def __init__(self, settings: StackSettings | None = None, only: Iterable[str] | None = None) -> None:
         """``only``: run just these components (names from COMPONENT_NAMES), e.g. ``["broker"]``."""
@@ -71,13 +72,24 @@ class LocalStack:
         self.postgres = Postgres(self.settings)
         self.s3 = SeaweedS3(self.settings)
         self.snowflake = FakeSnowflake(self.settings)
+        self.prometheus = Prometheus(self.settings)
         wanted = set(self.COMPONENT_NAMES if only is None else only)
         unknown = wanted - set(self.COMPONENT_NAMES)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {self.COMPONENT_NAMES}")
+        # Why a wanted component is left out (printed by `up` and `make run`).
+        self.skipped: dict[str, str] = {}
+        if "prometheus" in wanted and Prometheus.binary() is None:
+            wanted.discard("prometheus")
+            self.skipped["prometheus"] = (
+                "not started: no prometheus binary on PATH (`make up`/`make run` install Debian's package as root; "
+                "else: sudo apt-get install prometheus)"
+            )
         # Start order; stop goes in reverse.
         self.components: list[Component] = [
-            comp for comp in (self.broker, self.postgres, self.s3, self.snowflake) if comp.name in wanted
+            comp
+            for comp in (self.broker, self.postgres, self.s3, self.snowflake, self.prometheus)
+            if comp.name in wanted
         ]
         self.started_at: str | None = None
         self.detached = False
@@ -162,6 +174,11 @@ class LocalStack:
     @property
     def snowflake_database(self) -> str:
         return self.settings.snowflake_database
+
+    @property
+    def prometheus_running(self) -> bool:
+        """Whether this stack runs Prometheus (its binary is installed and it was not left out)."""
+        return self.prometheus in self.components
 
     def snowflake_connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``snowflake.connector.connect(**kwargs)``."""
@@ -358,6 +375,9 @@ class LocalStack:
         settings = StackSettings(**{**data.get("settings", {}), "state_dir": Path(state_dir)})
         records = data.get("components", {})
         stack = cls(settings, only=[name for name in cls.COMPONENT_NAMES if name in records])
+        if "prometheus" in records and not stack.prometheus_running:  # binary gone since: still stop its process
+            stack.components.append(stack.prometheus)
+            stack.skipped.pop("prometheus", None)
         stack.started_at = data.get("started_at")
         stack.detached = bool(data.get("detached"))
         stack._owns_state_file = True

@@ -38,7 +38,7 @@ def stack_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """A started LocalStack (broker, postgres, s3, snowflake) in a temporary state dir, on free ports.
+    """A started LocalStack (broker, postgres, s3, snowflake; prometheus if installed) in a temp state dir, free ports.
 
     Use ``stack.env()`` for the variables services read, or the attributes (``stack.bootstrap_servers``,
     ``stack.postgres_dsn``, ``stack.s3_endpoint``, ``stack.snowflake_connect_kwargs()``, ...).

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.stack import LocalStack, StackSettings
 from services.stack.cli import main as cli_main
+from services.stack.prometheus import RULES_FILE, SERVICES_JOB, Prometheus
 from services.stack.settings import (
     DEFAULT_STATE_DIR,
     SEAWEED_GRPC_OFFSET,
@@ -108,7 +112,8 @@ def test_stack_env_from_settings_only(tmp_path: Path) -> None:
     assert env["SNOWFLAKE_DATABASE"] == "LAMBDA_PIPELINE"
     assert env["AWS_REGION"] == "us-east-1"
     assert stack.snowflake_connect_kwargs()["port"] == 3333
-    assert [c.name for c in stack.components] == ["broker", "postgres", "s3", "snowflake"]
+    with_prometheus = ["prometheus"] if shutil.which("prometheus") else []
+    assert [c.name for c in stack.components] == ["broker", "postgres", "s3", "snowflake", *with_prometheus]
     assert [c.name for c in LocalStack(s, only=["s3", "broker"]).components] == ["broker", "s3"]
     with pytest.raises(ValueError):
         LocalStack(s, only=["kafka"])
@@ -120,3 +125,32 @@ def test_cli_env_and_status_without_a_stack(tmp_path: Path, capsys: pytest.Captu
     assert "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:19092" in out
     assert cli_main(["status", "--state-dir", str(tmp_path)]) == 3
     assert cli_main(["down", "--state-dir", str(tmp_path)]) == 0
+
+
+def test_stack_without_a_prometheus_binary_runs_without_it_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no prometheus on it
+    stack = LocalStack(StackSettings(state_dir=tmp_path))
+    assert [c.name for c in stack.components] == ["broker", "postgres", "s3", "snowflake"]
+    assert not stack.prometheus_running
+    assert "no prometheus binary" in stack.skipped["prometheus"]
+
+
+def test_prometheus_config_scrapes_registered_services_and_loads_the_charts_rules(tmp_path: Path) -> None:
+    prometheus = Prometheus(StackSettings(state_dir=tmp_path, prometheus_port=4444))
+    prometheus._prepare()
+    config = yaml.safe_load(prometheus.config_path.read_text())
+    assert config["rule_files"] == [str(RULES_FILE)]
+    assert RULES_FILE.is_file()
+    assert config["global"]["scrape_interval"] == "2s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["prometheus"]["static_configs"] == [{"targets": ["127.0.0.1:4444"]}]
+    assert jobs[SERVICES_JOB]["file_sd_configs"][0]["files"] == [str(prometheus.targets_file)]
+    assert json.loads(prometheus.targets_file.read_text()) == []
+    prometheus.register_targets({"validator": 5001, "cdc": 5002})
+    assert json.loads(prometheus.targets_file.read_text()) == [
+        {"targets": ["127.0.0.1:5002"], "labels": {"service": "cdc"}},
+        {"targets": ["127.0.0.1:5001"], "labels": {"service": "validator"}},
+    ]
+    assert f"--storage.tsdb.path={tmp_path / 'prometheus' / 'data'}" in prometheus.command()
