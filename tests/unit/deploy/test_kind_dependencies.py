@@ -182,11 +182,15 @@ def test_versions_match_the_local_stack() -> None:
 # --- one source for what the local stack also uses ---------------------------------------------------------------
 
 
+RULES_FILE = "deploy/helm/lambda-pipeline/files/prometheus/lambda-pipeline.rules.yaml"
+
+
 @pytest.mark.parametrize(
     ("link", "source"),
     [
         ("files/oltp.sql", "schemas/postgres/oltp.sql"),
         ("files/fakesnow_server.py", "services/stack/_fakesnow_server.py"),
+        ("files/lambda-pipeline.rules.yaml", RULES_FILE),
     ],
 )
 def test_files_are_links_to_the_repository_files(link: str, source: str) -> None:
@@ -205,6 +209,22 @@ def test_postgres_has_logical_wal_and_the_oltp_schema() -> None:
     assert {"name": "initdb", "mountPath": "/docker-entrypoint-initdb.d", "readOnly": True} in container["volumeMounts"]
     launcher = rendered["ConfigMap/fakesnow"]["data"]["fakesnow_server.py"]
     assert launcher == (REPO_ROOT / "services/stack/_fakesnow_server.py").read_text().strip()
+
+
+def test_prometheus_evaluates_the_platform_alert_rules(tmp_path: Path) -> None:
+    """The kind Prometheus loads the same rules file as the chart's PrometheusRule and the local stack, and
+    promtool accepts its rendered configuration with them."""
+    data = {name_of(d): d for d in kind_dependencies()}["ConfigMap/prometheus"]["data"]
+    assert data["lambda-pipeline.rules.yaml"].strip() == (REPO_ROOT / RULES_FILE).read_text().strip()
+    config = yaml.safe_load(data["prometheus.yml"])
+    assert config["rule_files"] == ["/etc/prometheus/lambda-pipeline.rules.yaml"]
+    config["rule_files"] = [str(tmp_path / "lambda-pipeline.rules.yaml")]  # where promtool finds it here
+    # Debian's promtool is built without Kubernetes service discovery: the pod job is checked by the real image only
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if "kubernetes_sd_configs" not in job]
+    (tmp_path / "lambda-pipeline.rules.yaml").write_text(data["lambda-pipeline.rules.yaml"])
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    checked = run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
+    assert "11 rules found" in checked, checked
 
 
 # --- values-kind.yaml points at these Services -------------------------------------------------------------------
